@@ -1,0 +1,342 @@
+"""Configuration: one dataclass per stage, named profiles, JSON/YAML files and overrides.
+
+Every field carries its meaning and source in ``metadata["help"]`` (shown by
+``python -m edgerlhf.config --help-fields``), like TRL's ``*Config`` classes.
+Defaults are the research plan's (``../shared/RESEARCH_PLAN.md``) or the cited
+paper's / library's. A *profile* (``tiny``, ``quick``, ``full``) is only a set of
+dotted overrides such as ``{"data.n_train": 512}``; values are applied in this
+order, later ones winning::
+
+    dataclass defaults -> profile -> config file -> papermill parameters -> CLI flags
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (mutable defaults copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every stage of one run."""
+
+    root: str = _f(".", "Project root (str). `data/`, `models/` and `results/` are resolved against it.")
+    run_dir: Optional[str] = _f(
+        None, "Folder of this run's records and figures (str). None: `results/runs/<run_id>` is created."
+    )
+    seed: int = _f(42, "Seed for `random`, NumPy and torch (int). Research plan: 42.")
+    deterministic: bool = _f(
+        True, "Deterministic algorithms, warn-only (bool). Research plan: cudnn.deterministic=True, benchmark=False."
+    )
+    device: str = _f("auto", "Device (str): `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`.")
+    vram_budget_gib: Optional[float] = _f(
+        8.0, "Device-memory cap in GiB (float) applied on CUDA so any card behaves like an 8 GB one; None: no cap."
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The base model every stage starts from."""
+
+    name: str = _f(
+        "distilgpt2",
+        "Base model (str): a registry name (`distilgpt2`, `smollm2-135m-instruct`, `tiny-gpt2`, `tiny-llama`), "
+        "a local folder, or a Hub id. Research plan: distilgpt2 (82 M parameters).",
+    )
+    models_dir: str = _f("models", "Folder for prepared base models and trained checkpoints (str).")
+
+
+@dataclass
+class DataConfig:
+    """Stage 1: preference pairs from HH-RLHF (Bai et al. 2022)."""
+
+    path: Optional[str] = _f(
+        None, "Explicit input file (.jsonl, .jsonl.gz, .json, .csv) in HH-RLHF format (str). Tried first."
+    )
+    local_path: str = _f(
+        "shared:data/hh-rlhf/harmless-base/test.jsonl.gz",
+        "Local copy tried second (str; `shared:` means the shared folder beside the checkout).",
+    )
+    hub_id: str = _f("Anthropic/hh-rlhf", "Hub data set tried last (str). Research plan: Anthropic/hh-rlhf.")
+    hub_data_dir: Optional[str] = _f(None, "Hub `data_dir` subset, e.g. `harmless-base` (str); None: all subsets.")
+    hub_split: str = _f("train", "Hub split to sample from (str).")
+    n_train: int = _f(5000, "Maximum training pairs after filtering (int). Research plan: 5,000.")
+    n_test: int = _f(1000, "Maximum held-out pairs after filtering (int). Research plan: 1,000.")
+    max_length: int = _f(
+        512, "Maximum tokens of rendered prompt + longer reply (int); longer rows are dropped. Research plan: 512."
+    )
+    out_dir: str = _f("data", "Output folder for `train_prefs.jsonl`, `test_prefs.jsonl`, `data_card.json` (str).")
+
+
+@dataclass
+class SFTConfig:
+    """Stage 2: supervised fine-tuning on prompt + chosen reply."""
+
+    strategy: str = _f("lora", "One of `lora`, `qlora`, `full`, `frozen`, `distill` (str).")
+    lora_r: int = _f(16, "LoRA rank r (int). Research plan: 16 (Hu et al. 2021 use 1-64).")
+    lora_alpha: int = _f(32, "LoRA scaling alpha (int). Research plan: 32.")
+    lora_dropout: float = _f(0.05, "LoRA dropout (float). Research plan: 0.05.")
+    target_modules: Optional[list] = _f(None, "LoRA target modules (list of str); None: chosen per architecture.")
+    frozen_layers: int = _f(0, "With `frozen`: number of first transformer blocks kept frozen (int).")
+    per_device_train_batch_size: int = _f(8, "Sequences per device per step (int). Research plan: 8.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (float). Research plan: 1e-4.")
+    num_train_epochs: float = _f(3.0, "Epochs (float). Research plan: 3.")
+    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.")
+    lr_scheduler_type: str = _f("linear", "`linear`, `cosine` or `constant_with_warmup` (str; transformers names).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (bool).")
+    max_length: int = _f(512, "Maximum tokens per prompt + reply (int).")
+    early_stopping_patience: int = _f(3, "Evaluations without eval-loss improvement before stopping (int).")
+    output_dir: str = _f("models/sft", "Output folder of the SFT model (str).")
+
+
+@dataclass
+class RewardConfig:
+    """Stage 3: Bradley-Terry reward models at several precisions."""
+
+    precisions: list = _f(["bf16", "int8", "int4"], "Precisions to train (list of `bf16`, `int8`, `int4`).")
+    per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
+    learning_rate: float = _f(2e-4, "Peak learning rate (float). Research plan: 2e-4.")
+    num_train_epochs: float = _f(1.0, "Epochs (float). Research plan: 1.")
+    max_length: int = _f(512, "Maximum tokens per prompt + reply (int). Research plan: 512.")
+    gradient_checkpointing: bool = _f(True, "Gradient checkpointing (bool). Research plan: on.")
+    lora_r: int = _f(16, "LoRA rank (int).")
+    lora_alpha: int = _f(32, "LoRA alpha (int).")
+    lora_dropout: float = _f(0.1, "LoRA dropout (float). Research plan: 0.1 against over-fitting.")
+    early_stopping_patience: int = _f(3, "Evaluations without accuracy improvement before stopping (int). Plan: 3.")
+    output_dir: str = _f("models/rm", "Output folder; one sub-folder per precision (str).")
+
+
+@dataclass
+class PPOConfig:
+    """Stage 4: PPO with a KL penalty to the SFT reference (Ziegler et al. 2019; Ouyang et al. 2022)."""
+
+    reward_precision: str = _f("bf16", "Reward model used for training: `bf16`, `int8` or `int4` (str).")
+    steps: int = _f(100, "PPO iterations, each one rollout batch (int).")
+    batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.")
+    mini_batch_size: int = _f(2, "Sequences per forward/backward (int). Research plan: 2.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int).")
+    ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")
+    learning_rate: float = _f(1.41e-5, "Adam learning rate (float). Research plan / TRL PPOConfig: 1.41e-5.")
+    response_length: int = _f(64, "Maximum new tokens per reply (int). Research plan: 64.")
+    temperature: float = _f(0.7, "Sampling temperature (float); log-probs use the same temperature.")
+    top_k: int = _f(0, "Top-k sampling (int); 0 disables it, so PPO samples the full distribution.")
+    top_p: float = _f(1.0, "Nucleus sampling (float); 1.0 disables it.")
+    init_kl_coef: float = _f(0.1, "Initial KL coefficient beta (float). Research plan: 0.1.")
+    adaptive_kl: bool = _f(True, "Adaptive KL controller of Ziegler et al. 2019 (bool).")
+    target_kl: float = _f(6.0, "Target KL (nats per sequence) of the adaptive controller (float). Plan: 6.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples (int). Ziegler et al.: 10,000.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator: `k1` (log ratio) or `k3` (Schulman 2020) (str).")
+    gamma: float = _f(1.0, "Discount gamma (float). Research plan: 1.0.")
+    lam: float = _f(0.95, "GAE lambda (float). Research plan: 0.95 (Schulman et al. 2016).")
+    cliprange: float = _f(0.2, "Policy ratio clip epsilon (float). Schulman et al. 2017: 0.2.")
+    cliprange_value: float = _f(0.2, "Value clip range (float). Research plan: 0.2.")
+    vf_coef: float = _f(0.1, "Value-loss coefficient (float). Research plan: 0.1.")
+    max_grad_norm: float = _f(0.5, "Gradient clipping norm (float). Research plan: 0.5.")
+    lora_r: int = _f(16, "LoRA rank of the PPO adapter (int).")
+    lora_alpha: int = _f(32, "LoRA alpha of the PPO adapter (int).")
+    reward_device: str = _f("cpu", "Device of the reward model (str). Research plan: CPU to save VRAM.")
+    output_dir: str = _f("models/ppo", "Output folder; one sub-folder per experiment (str).")
+
+
+@dataclass
+class Config:
+    """The whole pipeline's configuration; one section per stage."""
+
+    profile: str = _f("full", "Name of the profile the values started from (str).")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def to_dict(self) -> dict:
+        """Return the configuration as a nested plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+#: Named profiles: dotted overrides of the dataclass defaults. `full` is the research plan.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": {
+        "model.name": "smollm2-135m-instruct",
+        "data.n_train": 512,
+        "data.n_test": 128,
+        "data.max_length": 384,
+    },
+    "tiny": {
+        "model.name": "tiny-gpt2",
+        "data.n_train": 48,
+        "data.n_test": 16,
+        "data.max_length": 256,
+    },
+}
+
+
+def _allowed(tp: Any, value: Any) -> bool:
+    """True when ``value`` fits the annotation ``tp`` (int accepted for float fields)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_allowed(a, value) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is not None:
+        tp = origin
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def set_value(cfg: Config, key: str, value: Any, origin: str = "override") -> None:
+    """Set the dotted field ``key`` (e.g. ``"data.n_train"``) of ``cfg`` to ``value``.
+
+    Raises:
+        KeyError: unknown section or field; the message lists the valid names and ``origin``.
+        TypeError: the value does not fit the field's type; the message names field and origin.
+    """
+    section_name, _, name = key.partition(".")
+    target: Any = cfg
+    if name:
+        if section_name not in {f.name for f in dataclasses.fields(Config)} or section_name == "profile":
+            raise KeyError(f"{origin}: unknown config section {section_name!r} in {key!r}")
+        target = getattr(cfg, section_name)
+    else:
+        name = section_name
+    hints = typing.get_type_hints(type(target))
+    if name not in hints:
+        valid = ", ".join(sorted(hints))
+        raise KeyError(f"{origin}: unknown config field {key!r}; valid fields of this section: {valid}")
+    if not _allowed(hints[name], value):
+        raise TypeError(f"{origin}: field {key!r} expects {hints[name]}, got {value!r} ({type(value).__name__})")
+    hint = hints[name]
+    wants_float = hint is float or float in typing.get_args(hint)
+    if wants_float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    setattr(target, name, value)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Turn ``{"data": {"n_train": 5}}`` into ``{"data.n_train": 5}`` (``profile`` stays top-level)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into dotted overrides.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid JSON/YAML or not a mapping (message names the file).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    return flatten(tree)
+
+
+def load_config(
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[dict[str, Any]] | None = None,
+    cli: dict[str, Any] | None = None,
+) -> Config:
+    """Build a :class:`Config`: defaults, then ``profile``, file, ``overrides``, ``cli`` (later wins).
+
+    ``overrides`` are papermill parameters: one dict, or a list of dicts applied in order
+    (a notebook passes its ``overrides`` dict, then its named parameters). Entries whose
+    value is ``None`` are ignored so that a notebook parameter left at ``None`` keeps the
+    profile's value. ``profile`` None means the file's ``profile`` key, else ``full``.
+
+    Raises:
+        KeyError: unknown profile or field. TypeError: a value of the wrong type.
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    profile = profile or file_values.pop("profile", None) or "full"
+    file_values.pop("profile", None)
+    if profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    cfg = Config(profile=profile)
+    layers = [
+        (f"profile {profile!r}", PROFILES[profile]),
+        (f"config file {config_file}", file_values),
+    ]
+    for values in [overrides] if isinstance(overrides, dict) else (overrides or []):
+        layers.append(("parameter", {k: v for k, v in values.items() if v is not None}))
+    layers.append(("command-line flag", cli or {}))
+    for origin, values in layers:
+        for key, value in values.items():
+            set_value(cfg, key, value, origin)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as JSON (``.json``) or YAML (other suffixes); returns the path."""
+    path = Path(path)
+    tree = cfg.to_dict()
+    text = json.dumps(tree, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(tree, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def parse_cli_sets(items: list[str]) -> dict[str, Any]:
+    """Parse ``["data.n_train=100", "model.name=x"]`` (``--set`` flags) into typed overrides.
+
+    Values are read as YAML scalars/lists (``100`` -> int, ``null`` -> None, ``[a, b]`` -> list).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def field_help() -> str:
+    """Return a text table of every config field: key, type, default and help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        if section.name == "profile":
+            continue
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            lines.append(f"{section.name}.{f.name} = {default!r}\n    {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(field_help())

@@ -1,0 +1,230 @@
+"""Stage 1: preference data. Source -> parse -> filter -> de-duplicate -> split by prompt -> write.
+
+Outputs (in ``data.out_dir``): ``train_prefs.jsonl`` and ``test_prefs.jsonl`` with rows
+``{"prompt": [messages], "chosen": str, "rejected": str, "source_line": int}``, and
+``data_card.json`` (counts, drop reasons, token-length statistics, source, hashes, seed).
+Re-running with the same input, tokenizer and seed gives byte-identical files.
+
+Run without the notebook: ``python -m edgerlhf.data --profile quick``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, DataConfig
+from .files import atomic_write_text, sha256_file
+from .hh_rlhf import Pair, check_row, parse_pair, read_rows
+from .memory import measure
+from .models import load_tokenizer, prepare_base_model
+from .paths import resolve
+from .stage import StageContext, begin, cli_config, finish
+from .templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
+
+DROP_REASONS = (
+    "malformed_dialogue", "prompt_mismatch", "empty_reply", "identical_replies",
+    "role_marker_in_reply", "duplicate_prompt", "too_long",
+)
+
+
+class DataUnavailableError(RuntimeError):
+    """Neither the given path, nor the local copy, nor the Hub could provide the data."""
+
+
+@dataclass
+class Collected:
+    """Pairs that survived filtering, their token lengths, and what was dropped."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    lengths: list[dict[str, int]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    rows_read: int = 0
+
+
+def resolve_source(cfg: DataConfig, root: str | Path = ".") -> dict:
+    """Pick the input: ``cfg.path``, then the local copy ``cfg.local_path``, then the Hub.
+
+    Returns ``{"kind": "file" | "hub", "location": str, "tried": [...]}``.
+
+    Raises:
+        FileNotFoundError: ``cfg.path`` is given but does not exist (no silent fall-through).
+    """
+    if cfg.path:
+        path = resolve(cfg.path, root)
+        if not path.exists():
+            raise FileNotFoundError(f"data.path={cfg.path!r}: {path} does not exist")
+        return {"kind": "file", "location": str(path), "tried": [str(path)]}
+    local = resolve(cfg.local_path, root)
+    if local.exists():
+        return {"kind": "file", "location": str(local), "tried": [str(local)]}
+    return {"kind": "hub", "location": cfg.hub_id, "tried": [str(local), f"hub:{cfg.hub_id}"]}
+
+
+def iter_source(source: dict, cfg: DataConfig):
+    """Yield ``(line, row)`` from the resolved source (local file, or the Hub via ``datasets``).
+
+    Raises:
+        DataUnavailableError: the Hub cannot be reached and there is no local copy.
+    """
+    if source["kind"] == "file":
+        yield from read_rows(source["location"])
+        return
+    import datasets  # imported here: only the Hub path needs it
+
+    try:
+        ds = datasets.load_dataset(cfg.hub_id, data_dir=cfg.hub_data_dir, split=cfg.hub_split)
+    except Exception as exc:  # re-raised with the two ways to fix it; nothing is swallowed
+        raise DataUnavailableError(
+            f"no local copy at {source['tried'][0]} and the Hub data set {cfg.hub_id!r} could not be loaded "
+            f"({type(exc).__name__}: {exc}). Either set data.path / data.local_path to an HH-RLHF file, or run "
+            "where the Hugging Face Hub is reachable."
+        ) from exc
+    source["fingerprint"] = ds._fingerprint
+    for number, row in enumerate(ds, start=1):
+        yield number, check_row(row, f"hub:{cfg.hub_id} row {number}")
+
+
+def collect(rows, tokenizer, max_length: int) -> Collected:
+    """Parse, filter and de-duplicate rows; measure token lengths with the model's template.
+
+    A pair is ``too_long`` when its rendered prompt plus its longer reply exceeds
+    ``max_length`` tokens. Duplicated prompts keep their first occurrence.
+    """
+    out = Collected()
+    seen: set = set()
+    for line, row in rows:
+        out.rows_read += 1
+        pair = parse_pair(row, line)
+        if isinstance(pair, str):
+            out.dropped[pair] += 1
+            continue
+        if pair.prompt in seen:
+            out.dropped["duplicate_prompt"] += 1
+            continue
+        seen.add(pair.prompt)
+        messages = pair.messages()
+        prompt_len = count_tokens(tokenizer, render_prompt(tokenizer, messages))
+        chosen_len = count_tokens(tokenizer, render_dialogue(tokenizer, messages, pair.chosen))
+        rejected_len = count_tokens(tokenizer, render_dialogue(tokenizer, messages, pair.rejected))
+        if max(chosen_len, rejected_len) > max_length:
+            out.dropped["too_long"] += 1
+            continue
+        out.pairs.append(pair)
+        out.lengths.append(
+            {"prompt": prompt_len, "chosen": chosen_len - prompt_len, "rejected": rejected_len - prompt_len}
+        )
+    return out
+
+
+def split_by_prompt(n_pairs: int, n_train: int, n_test: int, seed: int) -> tuple[list[int], list[int]]:
+    """Shuffle indices with ``random.Random(seed)``; the first ``n_test`` are test, the next ``n_train`` train.
+
+    Prompts are unique after :func:`collect`, so splitting indices splits prompts.
+    """
+    order = list(range(n_pairs))
+    random.Random(seed).shuffle(order)
+    return order[n_test:n_test + n_train], order[:n_test]
+
+
+def check_no_leakage(train: list[Pair], test: list[Pair]) -> None:
+    """Raise ``ValueError`` if any prompt is in both splits."""
+    shared = {p.prompt for p in train} & {p.prompt for p in test}
+    if shared:
+        raise ValueError(f"{len(shared)} prompt(s) appear in both train and test")
+
+
+def length_stats(values: list[int]) -> dict[str, float]:
+    """min / mean / median / p95 / max of token counts (rounded to 0.01)."""
+    if not values:
+        return {}
+    a = np.asarray(values)
+    stats = {"min": a.min(), "mean": a.mean(), "median": np.median(a), "p95": np.percentile(a, 95), "max": a.max()}
+    return {k: round(float(v), 2) for k, v in stats.items()}
+
+
+def to_jsonl(pairs: list[Pair]) -> str:
+    """Serialise pairs as JSON Lines (UTF-8, one object per line, fixed key order)."""
+    rows = (
+        {"prompt": p.messages(), "chosen": p.chosen, "rejected": p.rejected, "source_line": p.line} for p in pairs
+    )
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def length_figure(lengths: dict[str, list[int]], path: Path) -> Path:
+    """Save a histogram of prompt / chosen / rejected token lengths to ``path`` (PNG)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2))
+    for ax, (name, values) in zip(fig.subplots(1, 3), lengths.items()):
+        ax.hist(values, bins=30, color="#4c72b0")
+        ax.set_title(f"{name} ({len(values)})")
+        ax.set_xlabel("tokens")
+    fig.axes[0].set_ylabel("pairs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def prepare(cfg: Config) -> dict:
+    """Run stage 1 end to end and write its record; returns the stage's results dict."""
+    ctx: StageContext = begin(cfg)
+    with measure(ctx.device) as m:
+        base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
+        tokenizer = load_tokenizer(base)
+        template = ensure_chat_template(tokenizer)
+        source = resolve_source(cfg.data, ctx.root)
+        got = collect(iter_source(source, cfg.data), tokenizer, cfg.data.max_length)
+        train_idx, test_idx = split_by_prompt(len(got.pairs), cfg.data.n_train, cfg.data.n_test, cfg.run.seed)
+        train, test = [got.pairs[i] for i in train_idx], [got.pairs[i] for i in test_idx]
+        check_no_leakage(train, test)
+        out_dir = ctx.path(cfg.data.out_dir)
+        texts = {"train_prefs.jsonl": to_jsonl(train), "test_prefs.jsonl": to_jsonl(test)}
+        for name, text in texts.items():
+            atomic_write_text(out_dir / name, text)
+        split_lengths = {
+            split: {k: length_stats([got.lengths[i][k] for i in idx]) for k in ("prompt", "chosen", "rejected")}
+            for split, idx in (("train", train_idx), ("test", test_idx))
+        }
+        card = {
+            "source": {k: v for k, v in source.items() if k != "tried"},
+            "source_sha256": sha256_file(source["location"]) if source["kind"] == "file" else None,
+            "tried": source["tried"],
+            "seed": cfg.run.seed,
+            "tokenizer": cfg.model.name,
+            "template": template,
+            "max_length": cfg.data.max_length,
+            "rows_read": got.rows_read,
+            "dropped": {reason: got.dropped.get(reason, 0) for reason in DROP_REASONS},
+            "kept": len(got.pairs),
+            "requested": {"train": cfg.data.n_train, "test": cfg.data.n_test},
+            "counts": {"train": len(train), "test": len(test)},
+            "token_lengths": split_lengths,
+            "files": {name: sha256_file(out_dir / name) for name in texts},
+        }
+        atomic_write_text(out_dir / "data_card.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        figure = length_figure(
+            {k: [got.lengths[i][k] for i in train_idx + test_idx] for k in ("prompt", "chosen", "rejected")},
+            ctx.run_dir / "figures" / "data_lengths.png",
+        )
+    results = {**card, "out_dir": str(out_dir), "figure": str(figure)}
+    results["record"] = str(
+        finish(ctx, "data", results, m, model_config={"base_model": cfg.model.name, "location": base},
+               training_config={}, data={"source": card["source"], "sha256": card["source_sha256"]})
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: ``python -m edgerlhf.data [--profile P] [--config F] [--set K=V ...]``."""
+    results = prepare(cli_config("Stage 1: prepare HH-RLHF preference pairs.", argv))
+    print(json.dumps({k: results[k] for k in ("rows_read", "dropped", "counts", "record")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

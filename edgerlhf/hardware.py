@@ -1,0 +1,104 @@
+"""Detect the compute device and recommend a profile and batch settings for it."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import psutil
+import torch
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn ``"auto"`` into ``cuda`` when a GPU is visible, else ``cpu``; pass others through.
+
+    Raises:
+        RuntimeError: a CUDA device was asked for but none is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})")
+    return dev
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware_report(device: str = "auto", disk_path: str | os.PathLike = ".") -> dict:
+    """Describe the machine: device, GPU name, VRAM (MiB), driver, CUDA, CPU, RAM (MiB), free disk (MiB).
+
+    GPU fields are None on a CPU-only machine.
+    """
+    dev = resolve_device(device)
+    report = {
+        "device": str(dev),
+        "gpu_name": None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "vram_total_mib": None,
+        "cuda_version": torch.version.cuda,
+        "driver_version": None,
+        "bf16_supported": False,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "ram_total_mib": round(psutil.virtual_memory().total / MIB),
+        "disk_free_mib": round(shutil.disk_usage(disk_path).free / MIB),
+        "platform": platform.platform(),
+    }
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        report.update(
+            gpu_name=props.name,
+            vram_total_mib=round(props.total_memory / MIB),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            driver_version=_nvidia_driver(),
+        )
+    return report
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version from ``/proc/driver/nvidia/version`` (None if absent)."""
+    path = Path("/proc/driver/nvidia/version")
+    if not path.exists():
+        return None
+    first = path.read_text(errors="replace").splitlines()[0]
+    words = [w for w in first.split() if w[:1].isdigit() and "." in w]
+    return words[0] if words else first.strip()
+
+
+def recommend(report: dict) -> dict:
+    """Recommend a profile and batch settings for the memory in ``report``.
+
+    Rules: a GPU with at least 7.5 GiB (an "8 GB" card shows ~7.6-8.0 GiB) gets the
+    ``full`` profile with the research plan's batches; a smaller GPU gets ``full`` with
+    halved micro-batches and doubled accumulation (same effective batch); a CPU gets
+    ``quick``. Returns ``{"profile", "reason", "overrides"}``.
+    """
+    vram = report.get("vram_total_mib")
+    if vram is None:
+        return {"profile": "quick", "reason": "no CUDA device: CPU-sized profile", "overrides": {}}
+    if vram >= 7.5 * 1024:
+        return {"profile": "full", "reason": f"GPU with {vram} MiB >= 7.5 GiB", "overrides": {}}
+    return {
+        "profile": "full",
+        "reason": f"GPU with {vram} MiB < 7.5 GiB: micro-batches halved, accumulation doubled",
+        "overrides": {
+            "sft.per_device_train_batch_size": 4,
+            "sft.gradient_accumulation_steps": 8,
+            "reward.per_device_train_batch_size": 2,
+            "reward.gradient_accumulation_steps": 8,
+            "ppo.mini_batch_size": 1,
+            "ppo.gradient_accumulation_steps": 8,
+        },
+    }

@@ -1,0 +1,86 @@
+"""Memory: the VRAM budget and a context manager that measures peaks and wall time."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import torch
+
+MIB = 1024**2
+GIB = 1024**3
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def apply_vram_budget(gib: float | None = 8.0, device: torch.device | str | None = None) -> dict:
+    """Cap this process's CUDA memory at ``gib`` GiB so any card behaves like an 8 GB one.
+
+    Uses ``torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)``; the
+    caching allocator then raises ``torch.OutOfMemoryError`` past the cap. Returns a dict
+    for the run record: ``{"budget_gib", "applied", "fraction", "device_total_mib"}``.
+    On CPU (or with ``gib=None``) nothing is capped and ``applied`` is False.
+
+    Raises:
+        ValueError: ``gib`` is not positive.
+    """
+    if gib is not None and gib <= 0:
+        raise ValueError(f"vram budget must be positive GiB, got {gib}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if gib is None or dev.type != "cuda":
+        return {"budget_gib": gib, "applied": False, "fraction": None, "device_total_mib": None}
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    return {"budget_gib": gib, "applied": True, "fraction": fraction, "device_total_mib": round(total / MIB)}
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False where not possible."""
+    if not _CLEAR_REFS.exists():
+        return False
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak_mib() -> float:
+    """Peak resident set size of this process in MiB (VmHWM; psutil's RSS where /proc is absent)."""
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return psutil.Process().memory_info().rss / MIB
+
+
+@contextmanager
+def measure(device: torch.device | str | None = None) -> Iterator[dict]:
+    """Measure wall time and peak memory of the ``with`` block; yields a dict filled on exit.
+
+    Keys (all floats, MiB or seconds): ``wall_time_s``, ``cpu_peak_rss_mib`` (process
+    peak resident memory inside the block when ``cpu_peak_scope == "block"``, else since
+    process start), ``cuda_peak_allocated_mib`` and ``cuda_peak_reserved_mib`` (None
+    without CUDA), and ``device``. CUDA peaks are reset on entry.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stats: dict = {"device": str(dev)}
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    scope = "block" if _reset_rss_peak() else "process"
+    start = time.perf_counter()
+    try:
+        yield stats
+    finally:
+        if on_cuda:
+            torch.cuda.synchronize(dev)
+        stats["wall_time_s"] = time.perf_counter() - start
+        stats["cpu_peak_rss_mib"] = _rss_peak_mib()
+        stats["cpu_peak_scope"] = scope
+        stats["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(dev) / MIB if on_cuda else None
+        stats["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / MIB if on_cuda else None

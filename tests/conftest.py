@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests never touch the Hub: HF_HUB_OFFLINE is set before transformers loads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from edgerlhf.paths import shared_dir  # noqa: E402
+
+HH_FILE = shared_dir() / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+GPT2_TOKENIZER = shared_dir() / "tokenizers" / "distilgpt2"
+
+
+@pytest.fixture(scope="session")
+def hh_file() -> Path:
+    assert HH_FILE.exists(), f"the shared HH-RLHF file is missing at {HH_FILE}"
+    return HH_FILE
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """One models/ folder per test session, so tiny base models are built once."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(models_dir) -> str:
+    from edgerlhf.models import prepare_base_model
+
+    return prepare_base_model("tiny-gpt2", models_dir)

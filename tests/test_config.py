@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from edgerlhf.config import PROFILES, Config, load_config, parse_cli_sets, read_config_file, save_config
+
+
+def test_defaults_are_the_research_plan():
+    cfg = load_config("full")
+    assert cfg.model.name == "distilgpt2"
+    assert (cfg.data.n_train, cfg.data.n_test) == (5000, 1000)
+    assert (cfg.sft.lora_r, cfg.sft.lora_alpha, cfg.sft.lora_dropout) == (16, 32, 0.05)
+    assert (cfg.reward.per_device_train_batch_size, cfg.reward.learning_rate) == (4, 2e-4)
+    assert (cfg.ppo.batch_size, cfg.ppo.learning_rate, cfg.ppo.init_kl_coef) == (32, 1.41e-5, 0.1)
+    assert cfg.run.seed == 42
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        if section.name == "profile":
+            continue
+        for f in dataclasses.fields(section.default_factory()):
+            assert f.metadata.get("help"), f"{section.name}.{f.name} has no help text"
+
+
+def test_profiles_apply_and_layers_override_in_order(tmp_path):
+    cfg = load_config("quick")
+    assert cfg.model.name == PROFILES["quick"]["model.name"]
+    assert cfg.data.n_train == PROFILES["quick"]["data.n_train"]
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  n_train: 7\n  n_test: 3\n")
+    cfg = load_config("quick", path, overrides={"data.n_train": 9, "data.n_test": None}, cli={"data.n_train": 11})
+    assert cfg.data.n_train == 11  # CLI beats parameter beats file beats profile
+    assert cfg.data.n_test == 3  # None parameter keeps the file's value
+    assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_file_profile_used_when_none_given(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"profile": "tiny", "ppo": {"steps": 3}}))
+    cfg = load_config(None, path)
+    assert cfg.profile == "tiny" and cfg.ppo.steps == 3 and cfg.model.name == "tiny-gpt2"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip(tmp_path, suffix):
+    cfg = load_config("tiny", overrides={"sft.target_modules": ["c_attn"], "run.vram_budget_gib": 6})
+    path = save_config(cfg, tmp_path / f"cfg{suffix}")
+    again = load_config(None, path)
+    assert again == cfg
+    assert isinstance(again.run.vram_budget_gib, float)
+
+
+def test_unknown_keys_and_bad_types_fail_clearly(tmp_path):
+    with pytest.raises(KeyError, match="unknown config field 'data.n_trian'"):
+        load_config("tiny", overrides={"data.n_trian": 3})
+    with pytest.raises(KeyError, match="unknown config section"):
+        load_config("tiny", overrides={"nope.x": 3})
+    with pytest.raises(TypeError, match="field 'data.n_train' expects"):
+        load_config("tiny", cli={"data.n_train": "many"})
+    with pytest.raises(KeyError, match="unknown profile"):
+        load_config("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        read_config_file(bad)
+    with pytest.raises(TypeError, match="config file"):
+        (tmp_path / "t.yaml").write_text("data:\n  n_train: lots\n")
+        load_config("tiny", tmp_path / "t.yaml")
+
+
+def test_cli_sets_are_typed():
+    assert parse_cli_sets(["data.n_train=100", "data.path=null", "reward.precisions=[bf16, int4]", "x=a=b"]) == {
+        "data.n_train": 100, "data.path": None, "reward.precisions": ["bf16", "int4"], "x": "a=b",
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_cli_sets(["novalue"])

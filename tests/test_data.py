@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from edgerlhf.config import load_config
+from edgerlhf.data import (
+    DataUnavailableError, check_no_leakage, collect, iter_source, prepare, resolve_source, split_by_prompt,
+)
+from edgerlhf.hh_rlhf import DataFormatError, Pair
+
+
+def dialogue(*turns):
+    roles = ["Human", "Assistant"]
+    return "".join(f"\n\n{roles[i % 2]}: {t}" for i, t in enumerate(turns))
+
+
+def test_collect_filters_dedups_and_measures(gpt2_tokenizer):
+    rows = [
+        (1, {"chosen": dialogue("q1", "yes"), "rejected": dialogue("q1", "no")}),
+        (2, {"chosen": dialogue("q1", "again"), "rejected": dialogue("q1", "dup")}),  # duplicate prompt
+        (3, {"chosen": dialogue("q2", "word " * 300), "rejected": dialogue("q2", "x")}),  # too long
+        (4, {"chosen": dialogue("q3", "same"), "rejected": dialogue("q3", "same")}),
+    ]
+    got = collect(rows, gpt2_tokenizer, max_length=64)
+    assert [p.line for p in got.pairs] == [1]
+    assert got.dropped == {"duplicate_prompt": 1, "too_long": 1, "identical_replies": 1}
+    assert got.rows_read == 4
+    lengths = got.lengths[0]
+    assert lengths["prompt"] > 0 and lengths["chosen"] >= 1
+
+
+def test_split_is_by_prompt_and_seeded():
+    train, test = split_by_prompt(100, n_train=60, n_test=20, seed=42)
+    assert len(train) == 60 and len(test) == 20 and not set(train) & set(test)
+    assert split_by_prompt(100, 60, 20, 42) == (train, test)
+    assert split_by_prompt(100, 60, 20, 43) != (train, test)
+    small_train, small_test = split_by_prompt(10, n_train=60, n_test=4, seed=0)
+    assert len(small_test) == 4 and len(small_train) == 6  # test is filled first
+
+
+def test_leakage_check_catches_a_shared_prompt():
+    a = Pair(prompt=(("user", "q"),), chosen="a", rejected="b", line=1)
+    b = Pair(prompt=(("user", "q"),), chosen="c", rejected="d", line=2)
+    with pytest.raises(ValueError, match="both train and test"):
+        check_no_leakage([a], [b])
+
+
+def test_source_resolution_order(tmp_path, hh_file):
+    cfg = load_config("tiny").data
+    assert resolve_source(cfg)["location"] == str(hh_file)  # the local copy
+    explicit = tmp_path / "mine.jsonl"
+    explicit.write_text("")
+    cfg.path = str(explicit)
+    assert resolve_source(cfg)["location"] == str(explicit)
+    cfg.path = str(tmp_path / "absent.jsonl")
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        resolve_source(cfg)
+    cfg.path, cfg.local_path = None, str(tmp_path / "no-copy.jsonl.gz")
+    source = resolve_source(cfg)
+    assert source["kind"] == "hub"
+    with pytest.raises(DataUnavailableError, match="no local copy .* data.path"):
+        next(iter_source(source, cfg))
+
+
+def tiny_cfg(tmp_path, models_dir, **over):
+    values = {"run.root": str(tmp_path), "model.models_dir": str(models_dir), **over}
+    return load_config("tiny", overrides=values)
+
+
+def test_prepare_writes_identical_files_twice(tmp_path, models_dir, hh_file):
+    first = prepare(tiny_cfg(tmp_path, models_dir))
+    data = tmp_path / "data"
+    snapshot = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert set(snapshot) == {"train_prefs.jsonl", "test_prefs.jsonl", "data_card.json"}
+    second = prepare(tiny_cfg(tmp_path, models_dir))
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == snapshot
+    assert first["record"] != second["record"]  # two runs, two records
+    card = json.loads(snapshot["data_card.json"])
+    assert card["counts"] == {"train": 48, "test": 16}
+    assert card["source_sha256"] == "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"
+    assert sum(card["dropped"].values()) + card["kept"] == card["rows_read"] == 2312
+    row = json.loads(snapshot["train_prefs.jsonl"].splitlines()[0])
+    assert set(row) == {"prompt", "chosen", "rejected", "source_line"}
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][-1]["role"] == "user"
+    train = [json.loads(x)["prompt"] for x in snapshot["train_prefs.jsonl"].splitlines()]
+    test = [json.loads(x)["prompt"] for x in snapshot["test_prefs.jsonl"].splitlines()]
+    assert not {json.dumps(p) for p in train} & {json.dumps(p) for p in test}
+
+
+def test_prepare_reports_bad_input_and_keeps_old_files(tmp_path, models_dir):
+    cfg = tiny_cfg(tmp_path, models_dir)
+    prepare(cfg)
+    before = (tmp_path / "data" / "train_prefs.jsonl").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": dialogue("q", "a"), "rejected": dialogue("q", "b")}) + "\n{\"chosen\": 1}\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'chosen' must be a string"):
+        prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(bad)}))
+    assert (tmp_path / "data" / "train_prefs.jsonl").read_bytes() == before

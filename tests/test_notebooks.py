@@ -1,0 +1,43 @@
+"""Integration: every notebook runs through papermill with the tiny profile."""
+import json
+
+import nbformat
+import pytest
+
+from edgerlhf.paths import REPO_ROOT
+from edgerlhf.run import NOTEBOOKS, main, run_notebooks, select
+
+
+def test_committed_notebooks_are_clean_and_parameterised():
+    for name in NOTEBOOKS:
+        nb = nbformat.read(REPO_ROOT / name, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell is not tagged"
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+
+
+def test_select():
+    assert select("00,1") == NOTEBOOKS[:2]
+    assert select(None) == NOTEBOOKS
+    with pytest.raises(ValueError, match="no notebook"):
+        select("09")
+
+
+def test_all_notebooks_run_with_tiny_profile(tmp_path):
+    run_dir = run_notebooks("tiny", root=tmp_path, progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok"
+    assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
+    assert (run_dir / "records" / "setup.json").exists() and (run_dir / "records" / "data.json").exists()
+    assert (tmp_path / "data" / "train_prefs.jsonl").exists()
+    assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
+
+
+def test_a_failing_notebook_stops_the_run_and_names_itself(tmp_path, capsys):
+    status = main(["--profile", "tiny", "--only", "01", "--root", str(tmp_path), "--no-progress",
+                   "--set", "data.path=missing.jsonl"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "01_Data_Preparation.ipynb failed at cell" in err and "FileNotFoundError" in err
+    manifest = json.loads(next(tmp_path.glob("results/runs/*/manifest.json")).read_text())
+    assert manifest["status"] == "failed" and manifest["notebooks"][0]["status"] == "failed"

@@ -1,0 +1,87 @@
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from edgerlhf.config import load_config
+from edgerlhf.files import atomic_write_text
+from edgerlhf.memory import apply_vram_budget, measure
+from edgerlhf.records import create_run_dir, load_records, make_record, read_record, write_record
+from edgerlhf.reproducibility import seed_everything
+
+
+def test_record_has_the_plan_shape_and_never_overwrites(tmp_path):
+    run_dir = create_run_dir(tmp_path / "results", "tiny")
+    cfg = load_config("tiny").to_dict()
+    rec = make_record("data", run_dir, cfg, {"n": 1}, measurement={"wall_time_s": 2.5, "cpu_peak_rss_mib": 10.0})
+    for key in ("experiment_id", "date", "model_config", "training_config", "results", "hardware", "software",
+                "data", "seed", "wall_time_s", "peak_memory"):
+        assert key in rec
+    assert rec["wall_time_s"] == 2.5 and rec["peak_memory"] == {"cpu_peak_rss_mib": 10.0}
+    assert rec["software"]["torch"] == torch.__version__
+    first = write_record(rec, run_dir)
+    second = write_record({**rec, "results": {"n": 2}}, run_dir)
+    assert first.name == "data.json" and second.name == "data.2.json"
+    assert read_record(first)["results"] == {"n": 1}  # the first record is untouched
+    table = load_records(run_dir)
+    assert list(table["results.n"]) == [1, 2]
+    assert "hardware.device" in table.columns
+
+
+def test_run_dirs_are_unique(tmp_path):
+    a = create_run_dir(tmp_path, "tiny")
+    b = create_run_dir(tmp_path, "tiny")
+    assert a != b and a.exists() and b.exists()
+
+
+def test_read_record_errors_name_the_file(tmp_path):
+    bad = tmp_path / "records" / "x.json"
+    bad.parent.mkdir()
+    bad.write_text("{\n oops")
+    with pytest.raises(ValueError, match="x.json: line 2"):
+        read_record(bad)
+    bad.write_text(json.dumps({"stage": "x"}))
+    with pytest.raises(ValueError, match="no field 'results'"):
+        read_record(bad)
+
+
+def test_atomic_write_leaves_no_temp_and_respects_overwrite(tmp_path):
+    path = atomic_write_text(tmp_path / "a.txt", "one")
+    with pytest.raises(FileExistsError):
+        atomic_write_text(path, "two", overwrite=False)
+    assert path.read_text() == "one"
+    atomic_write_text(path, "three")
+    assert path.read_text() == "three"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(123)
+    a = draw()
+    seed_everything(123)
+    assert draw() == a
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_measure_sees_a_large_allocation():
+    with measure("cpu") as small:
+        torch.ones(10)
+    with measure("cpu") as large:
+        x = torch.ones(64 * 2**20)  # 256 MiB of float32
+        x += 1
+    assert large["cpu_peak_rss_mib"] - small["cpu_peak_rss_mib"] > 200 or large["cpu_peak_scope"] == "process"
+    assert large["wall_time_s"] > 0 and large["cuda_peak_allocated_mib"] is None
+
+
+def test_vram_budget_is_recorded_as_not_applied_on_cpu():
+    assert apply_vram_budget(8, "cpu") == {"budget_gib": 8, "applied": False, "fraction": None,
+                                           "device_total_mib": None}
+    with pytest.raises(ValueError):
+        apply_vram_budget(0, "cpu")
