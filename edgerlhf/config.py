@@ -85,7 +85,12 @@ class DataConfig:
 class SFTConfig:
     """Stage 2: supervised fine-tuning on prompt + chosen reply."""
 
-    strategy: str = _f("lora", "One of `lora`, `qlora`, `full`, `frozen`, `distill` (str).")
+    strategy: str = _f(
+        "lora",
+        "One of `lora` (LoRA adapter), `qlora` (NF4 4-bit base + LoRA, Dettmers et al. 2023), `full` (all weights), "
+        "`frozen` (first `frozen_layers` blocks frozen), `distill` (on-policy distillation from `teacher`, TRL) (str).",
+    )
+    teacher: Optional[str] = _f(None, "With `distill`: teacher model, any registry name or folder sharing the tokenizer.")
     lora_r: int = _f(16, "LoRA rank r (int). Research plan: 16 (Hu et al. 2021 use 1-64).")
     lora_alpha: int = _f(32, "LoRA scaling alpha (int). Research plan: 32.")
     lora_dropout: float = _f(0.05, "LoRA dropout (float). Research plan: 0.05.")
@@ -100,26 +105,64 @@ class SFTConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (bool).")
     max_length: int = _f(512, "Maximum tokens per prompt + reply (int).")
+    overlong: str = _f(
+        "truncate_left",
+        "Pairs longer than `max_length`: `truncate_left` drops the oldest prompt turns until they fit (counted), "
+        "`drop` drops the pair (counted) (str).",
+    )
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training pairs (int); None: all.")
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out pairs for eval loss and perplexity.")
+    eval_steps: Optional[int] = _f(
+        None, "Evaluate and checkpoint every N optimizer steps (int); None: once per epoch."
+    )
+    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (int); -1: run all epochs.")
+    save_total_limit: int = _f(2, "Checkpoints kept in `output_dir/checkpoints` (int).")
+    resume: bool = _f(False, "Resume from the latest checkpoint in `output_dir/checkpoints` (bool).")
+    keep_checkpoints: bool = _f(False, "Keep `output_dir/checkpoints` after a successful run (bool).")
     early_stopping_patience: int = _f(3, "Evaluations without eval-loss improvement before stopping (int).")
+    n_samples: int = _f(4, "Held-out prompts answered before and after training, side by side (int).")
+    sample_max_new_tokens: int = _f(64, "Maximum new tokens of those sample replies (int).")
     output_dir: str = _f("models/sft", "Output folder of the SFT model (str).")
 
 
 @dataclass
 class RewardConfig:
-    """Stage 3: Bradley-Terry reward models at several precisions."""
+    """Stage 3: Bradley-Terry reward models (Ouyang et al. 2022) at several precisions."""
 
-    precisions: list = _f(["bf16", "int8", "int4"], "Precisions to train (list of `bf16`, `int8`, `int4`).")
+    precisions: list = _f(["bf16", "int8", "int4"], "Precisions to train under (list of `bf16`, `int8`, `int4`).")
+    post_training_quantization: bool = _f(
+        True, "Also load the trained bf16 model at every other precision without retraining (bool)."
+    )
     per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
     learning_rate: float = _f(2e-4, "Peak learning rate (float). Research plan: 2e-4.")
     num_train_epochs: float = _f(1.0, "Epochs (float). Research plan: 1.")
-    max_length: int = _f(512, "Maximum tokens per prompt + reply (int). Research plan: 512.")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (int); -1: run all epochs.")
+    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (str; transformers names).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
+    max_length: int = _f(512, "Maximum tokens per prompt + reply; prompts are truncated from the left (int). Plan: 512.")
     gradient_checkpointing: bool = _f(True, "Gradient checkpointing (bool). Research plan: on.")
     lora_r: int = _f(16, "LoRA rank (int).")
     lora_alpha: int = _f(32, "LoRA alpha (int).")
     lora_dropout: float = _f(0.1, "LoRA dropout (float). Research plan: 0.1 against over-fitting.")
-    early_stopping_patience: int = _f(3, "Evaluations without accuracy improvement before stopping (int). Plan: 3.")
-    output_dir: str = _f("models/rm", "Output folder; one sub-folder per precision (str).")
+    center_rewards_coefficient: Optional[float] = _f(
+        None, "TRL reward centering (Eisenstein et al. 2023, Eq. 2); 0.01 is TRL's recommendation (float)."
+    )
+    validation_fraction: float = _f(
+        0.1, "Share of training pairs held back for early stopping and temperature fitting (float)."
+    )
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training pairs (int); None: all.")
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out test pairs (int); None: all.")
+    eval_steps: Optional[int] = _f(None, "Validate and checkpoint every N optimizer steps (int); None: each epoch.")
+    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).")
+    save_total_limit: int = _f(2, "Checkpoints kept per precision (int).")
+    resume: bool = _f(False, "Resume each precision from its latest checkpoint (bool).")
+    keep_checkpoints: bool = _f(False, "Keep checkpoints after a successful run (bool).")
+    early_stopping_patience: int = _f(3, "Validations without accuracy improvement before stopping (int). Plan: 3.")
+    score_batch_size: int = _f(8, "Pairs per batch when scoring (int).")
+    output_dir: str = _f("models/rm", "Output folder; one sub-folder per reward model (str).")
 
 
 @dataclass
@@ -179,12 +222,48 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.n_train": 512,
         "data.n_test": 128,
         "data.max_length": 384,
+        "sft.num_train_epochs": 1.0,
+        "sft.per_device_train_batch_size": 4,
+        "sft.gradient_accumulation_steps": 2,
+        "sft.max_length": 384,
+        "sft.max_train_samples": 256,
+        "sft.max_eval_samples": 64,
+        "sft.eval_steps": 8,
+        "sft.logging_steps": 2,
+        "reward.per_device_train_batch_size": 4,
+        "reward.gradient_accumulation_steps": 2,
+        "reward.max_length": 384,
+        "reward.max_train_samples": 256,
+        "reward.max_eval_samples": 128,
+        "reward.eval_steps": 8,
+        "reward.logging_steps": 2,
+        "reward.gradient_checkpointing": False,
     },
     "tiny": {
         "model.name": "tiny-gpt2",
         "data.n_train": 48,
         "data.n_test": 16,
         "data.max_length": 256,
+        "sft.num_train_epochs": 1.0,
+        "sft.per_device_train_batch_size": 4,
+        "sft.gradient_accumulation_steps": 1,
+        "sft.learning_rate": 1e-3,
+        "sft.max_length": 256,
+        "sft.max_train_samples": 16,
+        "sft.max_eval_samples": 8,
+        "sft.eval_steps": 2,
+        "sft.logging_steps": 1,
+        "sft.n_samples": 2,
+        "sft.sample_max_new_tokens": 8,
+        "reward.per_device_train_batch_size": 4,
+        "reward.gradient_accumulation_steps": 1,
+        "reward.learning_rate": 1e-3,
+        "reward.max_length": 256,
+        "reward.max_train_samples": 24,
+        "reward.max_eval_samples": 16,
+        "reward.eval_steps": 2,
+        "reward.logging_steps": 1,
+        "reward.gradient_checkpointing": False,
     },
 }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from .config import Config, DataConfig
 from .files import atomic_write_text, sha256_file
@@ -23,6 +24,7 @@ from .hh_rlhf import Pair, check_row, parse_pair, read_rows
 from .memory import measure
 from .models import load_tokenizer, prepare_base_model
 from .paths import resolve
+from .plots import save
 from .stage import StageContext, begin, cli_config, finish
 from .templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
 
@@ -157,18 +159,13 @@ def to_jsonl(pairs: list[Pair]) -> str:
 
 def length_figure(lengths: dict[str, list[int]], path: Path) -> Path:
     """Save a histogram of prompt / chosen / rejected token lengths to ``path`` (PNG)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(9, 3.2))
     for ax, (name, values) in zip(fig.subplots(1, 3), lengths.items()):
         ax.hist(values, bins=30, color="#4c72b0")
         ax.set_title(f"{name} ({len(values)})")
         ax.set_xlabel("tokens")
     fig.axes[0].set_ylabel("pairs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save(fig, path)
 
 
 def prepare(cfg: Config) -> dict:

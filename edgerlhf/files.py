@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,3 +42,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def swap_in_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Replace folder ``target`` with the complete folder ``staging`` (two renames).
+
+    The old ``target`` is moved aside first and deleted only after the new one is in place,
+    so an interruption leaves either the old or the new folder (plus, at worst, a
+    ``.old-<name>`` folder to delete by hand), never a half-written one.
+    """
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f".old-{target.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target

@@ -57,30 +57,49 @@ def _rss_peak_mib() -> float:
     return psutil.Process().memory_info().rss / MIB
 
 
+_ACTIVE: list[dict] = []  # measurements in progress, outermost first
+
+
+def _fold_peaks(on_cuda: bool, dev: torch.device) -> None:
+    """Before a reset, carry the current peaks into every enclosing measurement."""
+    rss = _rss_peak_mib()
+    cuda = (torch.cuda.max_memory_allocated(dev) / MIB, torch.cuda.max_memory_reserved(dev) / MIB) if on_cuda else None
+    for outer in _ACTIVE:
+        outer["_rss"] = max(outer["_rss"], rss)
+        if cuda:
+            outer["_alloc"], outer["_reserved"] = max(outer["_alloc"], cuda[0]), max(outer["_reserved"], cuda[1])
+
+
 @contextmanager
 def measure(device: torch.device | str | None = None) -> Iterator[dict]:
     """Measure wall time and peak memory of the ``with`` block; yields a dict filled on exit.
 
-    Keys (all floats, MiB or seconds): ``wall_time_s``, ``cpu_peak_rss_mib`` (process
-    peak resident memory inside the block when ``cpu_peak_scope == "block"``, else since
-    process start), ``cuda_peak_allocated_mib`` and ``cuda_peak_reserved_mib`` (None
-    without CUDA), and ``device``. CUDA peaks are reset on entry.
+    Keys (MiB or seconds): ``wall_time_s``, ``cpu_peak_rss_mib`` (process peak resident
+    memory inside the block when ``cpu_peak_scope == "block"``, else since process start),
+    ``cuda_peak_allocated_mib`` and ``cuda_peak_reserved_mib`` (None without CUDA), and
+    ``device``. Peaks are reset on entry; measurements may be nested (an inner block's
+    reset does not hide its peak from the enclosing block).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stats: dict = {"device": str(dev)}
+    stats: dict = {"device": str(dev), "_rss": 0.0, "_alloc": 0.0, "_reserved": 0.0}
     on_cuda = dev.type == "cuda"
     if on_cuda:
         torch.cuda.synchronize(dev)
+    _fold_peaks(on_cuda, dev)
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     scope = "block" if _reset_rss_peak() else "process"
+    _ACTIVE.append(stats)
     start = time.perf_counter()
     try:
         yield stats
     finally:
         if on_cuda:
             torch.cuda.synchronize(dev)
+        _ACTIVE.remove(stats)
         stats["wall_time_s"] = time.perf_counter() - start
-        stats["cpu_peak_rss_mib"] = _rss_peak_mib()
+        stats["cpu_peak_rss_mib"] = max(_rss_peak_mib(), stats.pop("_rss"))
         stats["cpu_peak_scope"] = scope
-        stats["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(dev) / MIB if on_cuda else None
-        stats["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / MIB if on_cuda else None
+        alloc, reserved = stats.pop("_alloc"), stats.pop("_reserved")
+        stats["cuda_peak_allocated_mib"] = max(torch.cuda.max_memory_allocated(dev) / MIB, alloc) if on_cuda else None
+        stats["cuda_peak_reserved_mib"] = max(torch.cuda.max_memory_reserved(dev) / MIB, reserved) if on_cuda else None

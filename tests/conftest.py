@@ -39,3 +39,38 @@ def tiny_gpt2(models_dir) -> str:
     from edgerlhf.models import prepare_base_model
 
     return prepare_base_model("tiny-gpt2", models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, models_dir) -> Path:
+    """data/ prepared once with the tiny profile from the shared HH-RLHF file."""
+    from edgerlhf.config import load_config
+    from edgerlhf.data import prepare
+
+    root = tmp_path_factory.mktemp("tinyroot")
+    prepare(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir)}))
+    return root / "data"
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, models_dir, tiny_data):
+    """A factory of tiny-profile configs that share data and base models but write to tmp_path."""
+    from edgerlhf.config import load_config
+
+    def make(**over):
+        values = {"run.root": str(tmp_path), "model.models_dir": str(models_dir), "data.out_dir": str(tiny_data)}
+        return load_config("tiny", overrides=[values, over])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory, models_dir, tiny_data) -> Path:
+    """A tiny SFT model (one optimizer step), trained once per session; returns its sft.output_dir."""
+    from edgerlhf.config import load_config
+    from edgerlhf.sft import run_sft
+
+    root = tmp_path_factory.mktemp("sftroot")
+    run_sft(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir),
+                                           "data.out_dir": str(tiny_data), "sft.max_steps": 1}))
+    return root / "models" / "sft"

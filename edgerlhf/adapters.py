@@ -1,0 +1,118 @@
+"""Precision, quantization, LoRA targets and layer freezing, shared by SFT, reward models and PPO.
+
+All of it is configuration of the libraries (transformers' ``BitsAndBytesConfig``,
+peft's ``LoraConfig``); nothing here reimplements them.
+"""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig
+
+#: LoRA targets per architecture: attention and MLP projections (QLoRA, Dettmers et al. 2023,
+#: recommends all linear layers). GPT-2 uses Conv1D layers named c_attn / c_proj / c_fc.
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+PRECISIONS = ("bf16", "int8", "int4")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a CUDA device that supports it, else float32 (CPU training runs in fp32)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(precision: str, dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """``BitsAndBytesConfig`` for a precision, or None for ``bf16`` (16-bit weights, no quantization).
+
+    * ``int8``: LLM.int8() (Dettmers et al. 2022), outlier threshold 6.0 (bitsandbytes default).
+    * ``int4``: NF4 with double quantization and ``dtype`` compute (QLoRA, Dettmers et al. 2023).
+
+    ``skip_modules`` stay in full precision (a reward model's ``score`` head, for example).
+
+    Raises:
+        ValueError: unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "bf16":
+        return None
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip_modules,
+    )
+
+
+def lora_targets(model: torch.nn.Module, requested: list[str] | None = None) -> list[str]:
+    """LoRA target module names for ``model``: ``requested`` if given, else per architecture.
+
+    Raises:
+        ValueError: an unknown architecture without ``requested``, or a requested name that is
+            not a module of the model (the message lists the model's linear-layer names).
+    """
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if requested is None:
+        model_type = model.config.model_type
+        if model_type not in LORA_TARGETS:
+            raise ValueError(f"no default LoRA targets for architecture {model_type!r}; set sft.target_modules")
+        return [t for t in LORA_TARGETS[model_type] if t in names]
+    missing = [t for t in requested if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ValueError(f"target module(s) {missing} not in {model.config.model_type}; linear layers: {linear}")
+    return list(requested)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit")
+
+
+def lora_config(model, r: int, alpha: int, dropout: float, targets: list[str] | None, task_type: str,
+                modules_to_save: list[str] | None = None) -> LoraConfig:
+    """A peft ``LoraConfig`` (Hu et al. 2021) on :func:`lora_targets` of ``model``."""
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, targets),
+        task_type=task_type, modules_to_save=modules_to_save,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+    )
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (the ``ModuleList`` with ``num_hidden_layers`` entries).
+
+    Raises:
+        ValueError: no such list is found.
+    """
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def freeze_first_blocks(model: torch.nn.Module, n: int) -> None:
+    """Freeze the first ``n`` transformer blocks (``requires_grad=False``); the rest stays trainable.
+
+    Raises:
+        ValueError: ``n`` is negative or not below the number of blocks.
+    """
+    blocks = transformer_blocks(model)
+    if not 0 <= n < len(blocks):
+        raise ValueError(f"frozen_layers must be in [0, {len(blocks) - 1}], got {n}")
+    for block in list(blocks)[:n]:
+        block.requires_grad_(False)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int | float]:
+    """``{"trainable", "total", "trainable_share"}`` parameter counts (4-bit weights counted as stored)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_share": trainable / max(total, 1)}

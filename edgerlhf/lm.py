@@ -1,0 +1,132 @@
+"""Language-model utilities shared by the stages: prompt/completion encoding, padding,
+per-token log-probabilities and perplexity of completions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .templates import render_dialogue, render_prompt
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_prompt_completion(tokenizer, messages: list[dict], reply: str) -> tuple[list[int], int]:
+    """Tokenise prompt + reply with the chat template; returns ``(input_ids, completion_start)``.
+
+    The completion starts where the tokenised prompt (with its generation prompt) and
+    the tokenised prompt + reply diverge, exactly as TRL's ``SFTTrainer`` computes its
+    completion mask, so perplexity here and the SFT loss cover the same tokens.
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(render_dialogue(tokenizer, messages, reply), add_special_tokens=False)["input_ids"]
+    return full_ids, common_prefix(prompt_ids, full_ids)
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``input_ids`` and ``attention_mask``, both ``LongTensor[B, T]``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: ``cumsum(mask) - 1``, clamped at 0. Shape ``[B, T]``."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under ``logits`` without a ``[B, T, V]`` float32 log-softmax.
+
+    ``log p(y) = logit_y - logsumexp(logits)``, computed row by row of the batch to keep
+    peak memory at one ``[T, V]`` slice (the "selective log-softmax" of TRL/OpenRLHF).
+
+    Args:
+        logits: ``[B, T, V]`` (any float dtype).
+        labels: ``LongTensor[B, T]`` of vocabulary ids.
+    Returns:
+        ``FloatTensor[B, T]`` (float32).
+    """
+    out = []
+    for row_logits, row_labels in zip(logits, labels):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, examples: list[tuple[list[dict], str]], batch_size: int = 4) -> dict:
+    """Summed negative log-likelihood (nats) of each reply given its prompt.
+
+    Args:
+        examples: ``[(messages, reply), ...]``.
+    Returns:
+        ``{"nll": float total nats, "tokens": int completion tokens, "perplexity": exp(nll/tokens)}``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_prompt_completion(tokenizer, m, r) for m, r in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        ids, mask = pad_left([ids for ids, _ in batch], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        logp = token_logprobs(logits, ids[:, 1:])
+        width = ids.shape[1]
+        for row, (seq, start_tok) in enumerate(batch):
+            first = width - len(seq) + start_tok  # index of the first completion token
+            total -= logp[row, first - 1:].sum().item()  # logits at t predict token t+1
+            count += len(seq) - start_tok
+    model.train(was_training)
+    return {"nll": total, "tokens": count, "perplexity": math.exp(total / max(count, 1))}
+
+
+def fit_prompt(
+    tokenizer, messages: list[dict], replies: list[str], max_length: int, mode: str = "truncate_left"
+) -> tuple[list[dict] | None, bool]:
+    """Make prompt + the longest reply fit ``max_length`` tokens by truncating the prompt from the left.
+
+    Truncation works on whole turns: the oldest user/assistant exchange is dropped until
+    the rendered dialogue fits, so the chat template stays valid and the replies always
+    survive intact. Returns ``(messages, truncated)``; ``messages`` is None when the pair
+    must be dropped (``mode="drop"``, or even the last user turn alone is too long).
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode not in ("truncate_left", "drop"):
+        raise ValueError(f"overlong must be 'truncate_left' or 'drop', got {mode!r}")
+
+    def length(msgs: list[dict]) -> int:
+        return max(len(encode_prompt_completion(tokenizer, msgs, reply)[0]) for reply in replies)
+
+    if length(messages) <= max_length:
+        return messages, False
+    if mode == "drop":
+        return None, False
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while len(turns) > 1:
+        turns = turns[2:]  # drop the oldest user/assistant exchange
+        if length(system + turns) <= max_length:
+            return system + turns, True
+    return None, False

@@ -1,0 +1,132 @@
+"""Reward-model metrics on held-out preference pairs.
+
+All functions take the two reward vectors ``r_chosen`` and ``r_rejected`` (``float[N]``,
+one entry per pair) and use the Bradley-Terry preference probability
+``p = sigmoid(r_chosen - r_rejected)`` (Bradley & Terry 1952; Ouyang et al. 2022).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def pairwise_accuracy(r_chosen, r_rejected) -> dict:
+    """Strict pairwise accuracy (RewardBench / TRL rule): a pair is correct only if ``r_chosen > r_rejected``.
+
+    Returns ``{"accuracy", "ties", "n"}``; ties count as wrong and are reported.
+    """
+    delta = np.asarray(r_chosen, float) - np.asarray(r_rejected, float)
+    return {"accuracy": float(np.mean(delta > 0)), "ties": int(np.sum(delta == 0)), "n": int(delta.size)}
+
+
+def bootstrap_ci(r_chosen, r_rejected, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the strict accuracy (Efron & Tibshirani 1993).
+
+    Pairs are resampled with replacement ``n_boot`` times with ``numpy.random.default_rng(seed)``.
+    """
+    correct = (np.asarray(r_chosen, float) > np.asarray(r_rejected, float)).astype(float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, correct.size, size=(n_boot, correct.size))
+    means = correct[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def auc_roc(r_chosen, r_rejected) -> float:
+    """AUC-ROC of the preference probability, with each pair once in each order.
+
+    Order (chosen, rejected) has label 1 and score ``sigmoid(r_c - r_r)``; order
+    (rejected, chosen) has label 0 and score ``sigmoid(r_r - r_c)`` (scikit-learn's ``roc_auc_score``).
+    """
+    delta = np.asarray(r_chosen, float) - np.asarray(r_rejected, float)
+    scores = np.concatenate([_sigmoid(delta), _sigmoid(-delta)])
+    labels = np.concatenate([np.ones_like(delta), np.zeros_like(delta)])
+    return float(roc_auc_score(labels, scores))
+
+
+def calibration(delta, n_bins: int = 10, temperature: float = 1.0) -> dict:
+    """Expected calibration error of the Bradley-Terry probability (Guo et al. 2017).
+
+    With ``p = sigmoid(delta / T)`` each pair's confidence is ``max(p, 1 - p)`` and it is
+    correct when ``delta > 0``; confidences fall in ``n_bins`` equal-width bins over [0.5, 1]
+    (the range of ``max(p, 1-p)``) and ``ECE = sum_b (n_b / N) * |acc_b - conf_b|``.
+    A tie (``delta == 0``) has confidence 0.5 and counts as wrong.
+
+    Returns ``{"ece", "nll", "brier", "bins": [{"lo", "hi", "n", "accuracy", "confidence"}]}``;
+    NLL and Brier score are of the probability that the chosen reply is preferred.
+    """
+    delta = np.asarray(delta, float) / temperature
+    p = _sigmoid(delta)
+    confidence = np.maximum(p, 1 - p)
+    correct = (delta > 0).astype(float)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        mask = which == b
+        if mask.any():
+            acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+            ece += mask.mean() * abs(acc - conf)
+        else:
+            acc = conf = float("nan")
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(mask.sum()),
+                     "accuracy": acc, "confidence": conf})
+    eps = 1e-12
+    nll = float(-np.mean(np.log(np.clip(p, eps, 1.0))))
+    brier = float(np.mean((1.0 - p) ** 2))
+    return {"ece": float(ece), "nll": nll, "brier": brier, "bins": bins}
+
+
+def fit_temperature(delta, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature ``T`` minimising the NLL of ``sigmoid(delta / T)`` (temperature scaling, Guo et al. 2017).
+
+    Fitted by bounded scalar minimisation (SciPy) on the given validation deltas.
+    """
+    delta = np.asarray(delta, float)
+
+    def nll(t: float) -> float:
+        return float(np.mean(np.logaddexp(0.0, -delta / t)))  # -log sigmoid(delta / t), stable
+
+    return float(minimize_scalar(nll, bounds=bounds, method="bounded").x)
+
+
+def reward_stats(r_chosen, r_rejected) -> dict:
+    """Mean and standard deviation of rewards on chosen and rejected replies, and of the margin."""
+    c, r = np.asarray(r_chosen, float), np.asarray(r_rejected, float)
+    return {"chosen_mean": float(c.mean()), "chosen_std": float(c.std()), "rejected_mean": float(r.mean()),
+            "rejected_std": float(r.std()), "margin_mean": float((c - r).mean()), "margin_std": float((c - r).std())}
+
+
+def agreement(scores_a, scores_b, delta_a, delta_b) -> dict:
+    """Agreement of two reward models: Spearman correlation of their scores (all replies) and
+    the share of pairs both rank the same way (sign of the margin)."""
+    rho = spearmanr(np.asarray(scores_a, float), np.asarray(scores_b, float)).statistic
+    same = np.mean(np.sign(np.asarray(delta_a, float)) == np.sign(np.asarray(delta_b, float)))
+    return {"spearman": float(rho), "same_ranking": float(same)}
+
+
+def evaluate_pairs(r_chosen, r_rejected, validation_delta=None, seed: int = 0) -> dict:
+    """All pairwise metrics of one reward model on held-out pairs.
+
+    The temperature for ``ece_temperature_scaled`` is fitted on ``validation_delta`` (margins
+    ``r_chosen - r_rejected`` on a validation slice disjoint from these pairs); without it no
+    temperature is fitted and the scaled fields are None.
+    """
+    c, r = np.asarray(r_chosen, float), np.asarray(r_rejected, float)
+    delta = c - r
+    lo, hi = bootstrap_ci(c, r, seed=seed)
+    cal = calibration(delta)
+    temperature = fit_temperature(validation_delta) if validation_delta is not None and len(validation_delta) else None
+    scaled = calibration(delta, temperature=temperature)["ece"] if temperature else None
+    return {
+        **pairwise_accuracy(c, r), "accuracy_ci95": [lo, hi], "auc_roc": auc_roc(c, r),
+        "ece": cal["ece"], "nll": cal["nll"], "brier": cal["brier"], "reliability": cal["bins"],
+        "temperature": temperature, "ece_temperature_scaled": scaled,
+        **reward_stats(c, r),
+    }

@@ -1,0 +1,60 @@
+"""Figures written by the stages (matplotlib's object API, no global pyplot state)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG (100 dpi), creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def loss_figure(log_history: list[dict], path: str | Path) -> Path:
+    """Training and evaluation loss against optimizer step, from a Trainer's ``state.log_history``."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    for points, label, style in ((train, "train", "-"), (evaluation, "eval", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    return save(fig, path)
+
+
+def reliability_figure(models: dict[str, dict], path: str | Path) -> Path:
+    """Reliability diagram per reward model: accuracy against confidence in each bin (Guo et al. 2017)."""
+    fig = Figure(figsize=(3.2 * len(models), 3.2))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, (name, entry) in zip(axes, models.items()):
+        bins = [b for b in entry["reliability"] if b["n"]]
+        ax.plot([0.5, 1], [0.5, 1], ":", color="grey")
+        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=0.045, alpha=0.7)
+        ax.set_title(f"{name}\nECE {entry['ece']:.3f}")
+        ax.set_xlim(0.5, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+    axes[0].set_ylabel("accuracy")
+    return save(fig, path)
+
+
+def margin_figure(models: dict[str, dict], path: str | Path) -> Path:
+    """Histogram of reward margins ``r_chosen - r_rejected`` on held-out pairs, per reward model."""
+    fig = Figure(figsize=(3.2 * len(models), 3.0))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, (name, entry) in zip(axes, models.items()):
+        margins = [c - r for c, r in zip(entry["scores_chosen"], entry["scores_rejected"])]
+        ax.hist(margins, bins=20, color="#55a868")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("r_chosen - r_rejected")
+    axes[0].set_ylabel("pairs")
+    return save(fig, path)

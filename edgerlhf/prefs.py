@@ -1,0 +1,61 @@
+"""Reading the preference files that stage 1 writes (``train_prefs.jsonl``, ``test_prefs.jsonl``).
+
+Every later stage reads them through :func:`read_prefs`, which validates each row and
+names the file, line and field of anything malformed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .hh_rlhf import DataFormatError
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_prompt(prompt: object, where: str) -> list[dict[str, str]]:
+    if not isinstance(prompt, list) or not prompt:
+        raise DataFormatError(f"{where}: field 'prompt' must be a non-empty list of messages")
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
+            message.get("content"), str
+        ):
+            raise DataFormatError(
+                f"{where}: field 'prompt[{i}]' must be {{'role': one of {ROLES}, 'content': str}}, got {message!r:.80}"
+            )
+    if prompt[-1]["role"] != "user":
+        raise DataFormatError(f"{where}: field 'prompt' must end with a user message")
+    return prompt
+
+
+def read_prefs(path: str | Path) -> list[dict]:
+    """Read a preference JSONL file into ``[{"prompt": [messages], "chosen": str, "rejected": str, ...}]``.
+
+    Raises:
+        FileNotFoundError: the file is missing (message says to run stage 1 first).
+        DataFormatError: the file is empty, a line is not JSON, or a field is missing or
+            of the wrong type; the message is ``"<file>:<line>: field '<name>' ..."``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; run 01_Data_Preparation (python -m edgerlhf.data) first")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
+            _check_prompt(row.get("prompt"), where)
+            for name in ("chosen", "rejected"):
+                if not isinstance(row.get(name), str) or not row[name].strip():
+                    raise DataFormatError(f"{where}: field {name!r} must be a non-empty string")
+            rows.append(row)
+    if not rows:
+        raise DataFormatError(f"{path}: the file has no rows")
+    return rows

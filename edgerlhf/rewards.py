@@ -1,0 +1,177 @@
+"""Reward models: building, saving, loading at a precision, and scoring (the API PPO uses).
+
+A reward model is a ``*ForSequenceClassification`` model with one output (``num_labels=1``)
+whose head (``score``) is never quantized. Its folder holds ``rm_info.json``, ``tokenizer/`` and
+
+* ``model/`` - complete full-precision weights (the bf16-trained model, adapter merged). It
+  loads at bf16, or at int8/int4 (post-training quantization, quantized on load); or
+* ``adapter/`` - the LoRA adapter and trained head of a model trained under int8/int4
+  quantization, on top of the SFT backbone named (and hashed) in ``rm_info.json``, which is
+  quantized on load exactly as during training.
+
+Quantization is always done on load by bitsandbytes (deterministic), so nothing is stored in
+bitsandbytes' serialization format (which does not round-trip GPT-2's Conv1D layers at int8).
+The score is the head's output at the last non-pad token (transformers' sequence
+classification pooling, which finds it for left and right padding alike).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from .adapters import compute_dtype, quantization_config
+from .files import sha256_file
+from .lm import encode_prompt_completion, fit_prompt, pad_left, position_ids
+from .models import load_tokenizer
+from .templates import ensure_chat_template, ensure_pad_token
+
+HEAD = "score"
+INFO = "rm_info.json"
+
+
+class RewardModelError(ValueError):
+    """A reward-model folder is incomplete or does not match what was asked of it."""
+
+
+def load_backbone(location: str, precision: str, device: torch.device | str):
+    """A one-output sequence-classification model from ``location`` at ``precision``; head in full precision.
+
+    Returns ``(model, missing_keys)``; ``missing_keys`` lists weights the checkpoint lacked
+    (``score.weight`` when starting from a causal LM).
+    """
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        location, num_labels=1, dtype=dtype, quantization_config=quantization_config(precision, dtype, [HEAD]),
+        device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+    )
+    return model, set(info["missing_keys"])
+
+
+def tokenizer_fingerprint(folder: str | Path) -> str:
+    """SHA-256 of a saved tokenizer's ``tokenizer.json`` (to detect a mismatched tokenizer)."""
+    return sha256_file(Path(folder) / "tokenizer.json")
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """SHA-256 of a checkpoint's ``model.safetensors`` (to detect a changed backbone)."""
+    return sha256_file(Path(folder) / "model.safetensors")
+
+
+def write_info(folder: Path, **info) -> None:
+    """Write ``rm_info.json`` (precision, layout, how it was made, fingerprints)."""
+    (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_info(path: str | Path) -> dict:
+    """Read a reward-model folder's ``rm_info.json``.
+
+    Raises:
+        RewardModelError: the folder has no ``rm_info.json``.
+    """
+    info_path = Path(path) / INFO
+    if not info_path.exists():
+        raise RewardModelError(f"{path} is not a reward-model folder: {INFO} is missing")
+    return json.loads(info_path.read_text())
+
+
+def state_dict_mib(model: torch.nn.Module) -> float:
+    """Bytes of the model's state dict in MiB: quantized weights with their quantization
+    constants, full-precision head, adapters - the size its weights take when saved."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+
+
+def load_reward_model(path: str | Path, precision: str | None = None, device: torch.device | str = "cpu"):
+    """Load a saved reward model for scoring; returns ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        path: a folder written by stage 3 (``models/rm/<precision>``).
+        precision: ``bf16``, ``int8`` or ``int4``; None means the precision it was trained at. A
+            ``model/`` layout (bf16-trained) loads at any precision: int8/int4 is post-training
+            quantization. An ``adapter/`` layout loads only at the precision it was trained under.
+        device: where the model runs (the reward model may live on the CPU while the policy is on a GPU).
+    Raises:
+        RewardModelError: missing head, a tokenizer or backbone that differs from the one the model
+            was trained with, or a precision the folder cannot provide.
+    """
+    path = Path(path)
+    info = read_info(path)
+    precision = precision or info["precision"]
+    if info["layout"] == "adapter" and precision != info["precision"]:
+        raise RewardModelError(f"{path} was trained under {info['precision']} quantization (adapter layout) and "
+                               f"cannot be loaded at {precision}; only a model/ layout is quantized on load")
+    tokenizer = load_tokenizer(str(path / "tokenizer"))
+    if tokenizer_fingerprint(path / "tokenizer") != info["tokenizer_sha256"]:
+        raise RewardModelError(f"{path / 'tokenizer'}: tokenizer differs from the one the reward model was trained with")
+    ensure_chat_template(tokenizer)
+    ensure_pad_token(tokenizer)
+    if info["layout"] == "model":
+        model, missing = load_backbone(str(path / "model"), precision, device)
+        if f"{HEAD}.weight" in missing:
+            raise RewardModelError(f"{path / 'model'} has no trained {HEAD!r} head (score.weight missing)")
+    else:
+        from peft import PeftModel
+
+        backbone = info["backbone"]
+        if not Path(backbone).exists() or weights_fingerprint(backbone) != info["backbone_sha256"]:
+            raise RewardModelError(f"{path}: its backbone {backbone} is missing or changed since training; "
+                                   "retrain the reward model (stage 3)")
+        model, _ = load_backbone(backbone, precision, device)
+        if not (path / "adapter" / "adapter_model.safetensors").exists():
+            raise RewardModelError(f"{path / 'adapter'} has no adapter weights")
+        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+        if not hasattr(model.base_model.model, HEAD) or not hasattr(getattr(model.base_model.model, HEAD),
+                                                                     "modules_to_save"):
+            raise RewardModelError(f"{path / 'adapter'} does not contain the trained {HEAD!r} head")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_length: int) -> tuple[list, int]:
+    """Token ids of prompt + reply for each item, prompts truncated from the left to fit.
+
+    Returns ``(token_lists, n_truncated)``.
+
+    Raises:
+        ValueError: an item that does not fit even with only its last user turn.
+    """
+    out, truncated = [], 0
+    for i, (messages, reply) in enumerate(zip(prompts, replies)):
+        fitted, cut = fit_prompt(tokenizer, messages, [reply], max_length, "truncate_left")
+        if fitted is None:
+            raise ValueError(f"item {i}: reply with its last user turn exceeds max_length={max_length} tokens")
+        truncated += int(cut)
+        out.append(encode_prompt_completion(tokenizer, fitted, reply)[0])
+    return out, truncated
+
+
+@torch.inference_mode()
+def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 8,
+          max_length: int = 512) -> torch.Tensor:
+    """Rewards of ``replies`` to ``prompts`` (chat messages) under a reward model.
+
+    Items are sorted by length and batched (left padding, with ``position_ids`` that skip
+    the padding) to avoid padding waste, then put back in input order. Runs on the model's own device, under inference mode.
+
+    Args:
+        prompts: ``N`` prompts, each a list of ``{"role", "content"}`` messages.
+        replies: ``N`` reply strings.
+    Returns:
+        ``FloatTensor[N]`` (float32, on the CPU).
+    """
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    device = next(model.parameters()).device
+    encoded, _ = encode_pairs(tokenizer, prompts, replies, max_length)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    rewards = torch.empty(len(encoded), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        rewards[idx] = logits[:, 0].float().cpu()
+    return rewards

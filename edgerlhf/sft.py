@@ -1,0 +1,227 @@
+"""Stage 2: supervised fine-tuning of the base model on prompt + chosen reply (TRL ``SFTTrainer``).
+
+data -> tokenizer -> model -> trainer -> train (resuming from the last checkpoint) -> save -> evaluate.
+
+Outputs in ``sft.output_dir`` (default ``models/sft``)::
+
+    checkpoints/checkpoint-<step>/   while training (removed after success unless keep_checkpoints)
+    model/merged/                    full weights with any adapter merged, + tokenizer: what stages 3-4 load
+    model/adapter/                   the LoRA adapter (lora, qlora, distill)
+    model/sft_info.json              strategy, dtype, base model, metrics
+
+``model/`` is replaced only after a run succeeds, so a failed run leaves the last good model.
+Run without the notebook: ``python -m edgerlhf.sft --profile quick`` (or under ``accelerate launch -m``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import EarlyStoppingCallback
+
+from .adapters import compute_dtype, count_parameters, freeze_first_blocks, lora_config, quantization_config
+from .config import Config, SFTConfig
+from .files import atomic_write_text, swap_in_dir
+from .generation import generate
+from .lm import completion_nll, fit_prompt
+from .memory import measure
+from .models import load_causal_lm, load_tokenizer, prepare_base_model
+from .plots import loss_figure
+from .prefs import read_prefs
+from .stage import begin, cli_config, finish
+from .templates import ensure_chat_template, ensure_pad_token
+from .training import checkpoint_to_resume, trainer_arguments
+
+STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
+
+
+def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) -> tuple[list[dict], dict]:
+    """Conversational prompt-completion rows for TRL, fitted to ``max_length`` tokens.
+
+    Returns ``(examples, counts)`` with ``examples[i] = {"prompt": [messages], "completion":
+    [{"role": "assistant", "content": chosen}]}`` and ``counts = {"kept", "truncated", "dropped"}``.
+    """
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    for row in rows:
+        messages, truncated = fit_prompt(tokenizer, row["prompt"], [row["chosen"]], max_length, overlong)
+        if messages is None:
+            counts["dropped"] += 1
+            continue
+        counts["truncated"] += int(truncated)
+        examples.append({"prompt": messages, "completion": [{"role": "assistant", "content": row["chosen"]}]})
+    counts["kept"] = len(examples)
+    return examples, counts
+
+
+def build_model(location: str, cfg: SFTConfig, device: torch.device) -> torch.nn.Module:
+    """The model to train for ``cfg.strategy``: LoRA/QLoRA-wrapped, fully trainable, or partly frozen.
+
+    Raises:
+        ValueError: unknown strategy or target module, or ``frozen_layers`` out of range.
+    """
+    dtype = compute_dtype(device)
+    if cfg.strategy == "qlora":
+        model = load_causal_lm(location, dtype, quantization_config=quantization_config("int4", dtype),
+                               device_map={"": str(device)})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model = load_causal_lm(location, dtype).to(device)
+    if cfg.strategy in ("lora", "qlora", "distill"):
+        config = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, "CAUSAL_LM")
+        model = get_peft_model(model, config)
+    elif cfg.strategy == "frozen":
+        freeze_first_blocks(model, cfg.frozen_layers)
+    return model
+
+
+def training_arguments(cfg: SFTConfig, checkpoints: Path, device: torch.device, seed: int) -> dict:
+    """TRL trainer arguments; evaluation on eval loss, except for ``distill`` (no eval set)."""
+    metric = None if cfg.strategy == "distill" else "eval_loss"
+    return trainer_arguments(cfg, checkpoints, device, seed, metric, greater_is_better=False)
+
+
+def make_trainer(model, tokenizer, cfg: SFTConfig, args: dict, train: list[dict], evaluation: list[dict],
+                 teacher_location: str | None):
+    """TRL's ``SFTTrainer`` (completion-only loss, early stopping on eval loss) or, for
+    ``distill``, TRL's ``DistillationTrainer`` (on-policy generalized JSD to the teacher)."""
+    from datasets import Dataset
+
+    if cfg.strategy == "distill":
+        from trl import DistillationConfig, DistillationTrainer
+
+        teacher = load_causal_lm(teacher_location, compute_dtype(model.device)).to(model.device)
+        config = DistillationConfig(**args, max_completion_length=cfg.sample_max_new_tokens)
+        prompts = Dataset.from_list([{"prompt": e["prompt"]} for e in train])
+        return DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=prompts,
+                                   processing_class=tokenizer)
+    from trl import SFTConfig as TRLSFTConfig, SFTTrainer
+
+    config = TRLSFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True, packing=False)
+    return SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
+        processing_class=tokenizer, callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience)],
+    )
+
+
+def merged_model(trained, cfg: SFTConfig, base_location: str, adapter_dir: Path | None, device: torch.device):
+    """The trained weights as one plain model in the compute dtype (adapter merged).
+
+    QLoRA's adapter is merged into the base loaded in full precision, not into 4-bit weights.
+    """
+    if adapter_dir is None:
+        return trained
+    if cfg.strategy == "qlora":
+        base = load_causal_lm(base_location, compute_dtype(device)).to(device)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return trained.merge_and_unload()
+
+
+def samples_table(prompts: list[list[dict]], before: list[str], after: list[str]) -> list[dict]:
+    """Rows ``{"prompt": last user turn, "before": reply, "after": reply}`` for the notebook."""
+    return [{"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+
+
+def run_sft(cfg: Config) -> dict:
+    """Run stage 2 end to end and write its record; returns the stage's results.
+
+    Raises:
+        ValueError: unknown strategy, target module or overlong mode; empty data after fitting.
+        FileExistsError: checkpoints of an interrupted run exist and ``sft.resume`` is False.
+        DataFormatError / FileNotFoundError: bad or missing preference files.
+    """
+    s = cfg.sft
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"sft.strategy={s.strategy!r} is unknown; choose one of {STRATEGIES}")
+    if s.strategy == "distill" and not s.teacher:
+        raise ValueError("sft.strategy='distill' needs sft.teacher (a registry name or model folder)")
+    ctx = begin(cfg)
+    out_dir, data_dir = ctx.path(s.output_dir), ctx.path(cfg.data.out_dir)
+    checkpoints = out_dir / "checkpoints"
+    last = checkpoint_to_resume(checkpoints, s.resume, "sft.resume")
+    with measure(ctx.device) as m:
+        # data
+        train_rows = read_prefs(data_dir / "train_prefs.jsonl")[: s.max_train_samples]
+        eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: s.max_eval_samples]
+        # tokenizer
+        base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
+        tokenizer = load_tokenizer(base)
+        template = ensure_chat_template(tokenizer)
+        ensure_pad_token(tokenizer)
+        train, train_counts = sft_examples(train_rows, tokenizer, s.max_length, s.overlong)
+        evaluation, eval_counts = sft_examples(eval_rows, tokenizer, s.max_length, s.overlong)
+        if not train or not evaluation:
+            raise ValueError(f"no SFT examples left after fitting to sft.max_length={s.max_length}: "
+                             f"train {train_counts}, eval {eval_counts}")
+        pairs = [(e["prompt"], e["completion"][0]["content"]) for e in evaluation]
+        sample_prompts = [e["prompt"] for e in evaluation[: s.n_samples]]
+        # model, and the "before" measurements on the untouched base
+        reference = load_causal_lm(base, compute_dtype(ctx.device)).to(ctx.device)
+        before = completion_nll(reference, tokenizer, pairs)
+        samples_before = generate(reference, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
+        del reference
+        teacher = prepare_base_model(s.teacher, ctx.path(cfg.model.models_dir)) if s.teacher else None
+        model = build_model(base, s, ctx.device)
+        parameters = count_parameters(model)
+        # trainer, train
+        trainer = make_trainer(model, tokenizer, s, training_arguments(s, checkpoints, ctx.device, cfg.run.seed),
+                               train, evaluation, teacher)
+        output = trainer.train(resume_from_checkpoint=last)
+        # save (into a staging folder, swapped in only when complete)
+        staging = out_dir / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        adapter_dir = staging / "adapter" if isinstance(trainer.model, PeftModel) else None
+        if adapter_dir is not None:
+            trainer.model.save_pretrained(adapter_dir)
+        final = merged_model(trainer.model, s, base, adapter_dir, ctx.device)
+        final.save_pretrained(staging / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(staging / "merged")
+        # evaluate the merged model: what stages 3 and 4 load
+        after = completion_nll(final, tokenizer, pairs)
+        samples_after = generate(final, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
+        results = {
+            "strategy": s.strategy, "dtype": str(compute_dtype(ctx.device)).replace("torch.", ""),
+            "template": template, "parameters": parameters,
+            "data": {"train": train_counts, "eval": eval_counts},
+            "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+            "eval_tokens": before["tokens"], "global_step": trainer.state.global_step,
+            "resumed_from": Path(last).name if last else None,
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+            if trainer.state.best_model_checkpoint else None,
+            "train_runtime_s": output.metrics.get("train_runtime"),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "tokens_per_second": trainer.state.num_input_tokens_seen / max(output.metrics.get("train_runtime", 0), 1e-9),
+            "log_history": trainer.state.log_history,
+            "samples": samples_table(sample_prompts, samples_before, samples_after),
+        }
+        atomic_write_text(staging / "sft_info.json", json.dumps(
+            {k: v for k, v in results.items() if k not in ("log_history", "samples")} | {"base_model": base},
+            indent=2) + "\n")
+        swap_in_dir(staging, out_dir / "model")
+        if not s.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    results["model_dir"] = str(out_dir / "model")
+    results["figure"] = str(loss_figure(trainer.state.log_history, ctx.run_dir / "figures" / "sft_loss.png"))
+    results["record"] = str(finish(
+        ctx, "sft", results, m, model_config={"base_model": cfg.model.name, "strategy": s.strategy,
+                                              "lora_rank": s.lora_r if s.strategy in ("lora", "qlora", "distill")
+                                              else None},
+        training_config={k: getattr(s, k) for k in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
+            "max_length", "warmup_ratio", "lr_scheduler_type")},
+        data={"train_file": str(data_dir / "train_prefs.jsonl"), "test_file": str(data_dir / "test_prefs.jsonl")},
+    ))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: ``python -m edgerlhf.sft [--profile P] [--config F] [--set K=V ...]``."""
+    results = run_sft(cli_config("Stage 2: supervised fine-tuning.", argv))
+    print(json.dumps({k: results[k] for k in ("strategy", "perplexity_before", "perplexity_after",
+                                              "tokens_per_second", "model_dir", "record")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

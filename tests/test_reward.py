@@ -1,0 +1,114 @@
+import json
+import shutil
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from edgerlhf import reward
+from edgerlhf.lm import encode_prompt_completion
+from edgerlhf.rewards import RewardModelError, load_backbone, load_reward_model, score
+
+
+@pytest.fixture
+def rm_cfg(tiny_cfg, tiny_sft):
+    def make(**over):
+        return tiny_cfg(**{"sft.output_dir": str(tiny_sft), **over})
+    return make
+
+
+def test_score_is_read_at_the_last_real_token_for_any_padding(tiny_sft):
+    model, _ = load_backbone(str(tiny_sft / "model" / "merged"), "bf16", "cpu")
+    from edgerlhf.models import load_tokenizer
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    tok = load_tokenizer(str(tiny_sft / "model" / "merged"))
+    ensure_chat_template(tok)
+    model.config.pad_token_id = ensure_pad_token(tok)
+    model.eval()
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question " * 5}]]
+    replies = ["short", "a longer reply with several words"]
+    batched = score(model, tok, prompts, replies, batch_size=2)
+    with torch.no_grad():
+        single = torch.tensor([model(input_ids=torch.tensor([encode_prompt_completion(tok, p, r)[0]])).logits[0, 0]
+                               for p, r in zip(prompts, replies)])
+        ids = [encode_prompt_completion(tok, p, r)[0] for p, r in zip(prompts, replies)]
+        width = max(map(len, ids))
+        right = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in ids])
+        mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in ids])[:, None]).long()
+        right_scores = model(input_ids=right, attention_mask=mask).logits[:, 0]
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert torch.allclose(right_scores, single, atol=1e-5)
+
+
+def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
+    results = reward.run_reward(rm_cfg(**{"reward.max_steps": 2}))
+    models = results["models"]
+    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq"}
+    for name, entry in models.items():
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["auc_roc"] <= 1 and entry["weights_mib"] > 0
+    expected = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}
+    for name in ("int8", "int4", "int8-ptq", "int4-ptq"):
+        entry = models[name]
+        model, _ = load_reward_model(entry["folder"], entry["precision"], "cpu")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        assert any(isinstance(m, expected[entry["precision"]]) for m in base.modules())
+        head = base.score.modules_to_save["default"] if hasattr(base.score, "modules_to_save") else base.score
+        assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    assert models["int8-ptq"]["spearman"] > 0.9 and models["int4-ptq"]["spearman"] > 0.8
+    assert models["bf16"]["weights_mib"] > models["int8-ptq"]["weights_mib"] > models["int4-ptq"]["weights_mib"]
+    assert json.load(open(results["record"]))["results"]["table"][0]["model"] == "bf16"
+
+
+def test_loading_errors_are_clear(rm_cfg, tmp_path):
+    results = reward.run_reward(rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16", "int4"],
+                                          "reward.post_training_quantization": False}))
+    int4 = tmp_path / "int4"
+    shutil.copytree(results["models"]["int4"]["folder"], int4)
+    with pytest.raises(RewardModelError, match="cannot be loaded at bf16"):
+        load_reward_model(int4, "bf16")
+    (int4 / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(RewardModelError, match="no adapter weights"):
+        load_reward_model(int4)
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(results["models"]["bf16"]["folder"], bf16)
+    tok = bf16 / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text() + " ")  # any change to the tokenizer file
+    with pytest.raises(RewardModelError, match="tokenizer differs"):
+        load_reward_model(bf16)
+    with pytest.raises(RewardModelError, match="rm_info.json is missing"):
+        load_reward_model(tmp_path)
+
+
+def test_a_failed_run_keeps_the_previous_model(rm_cfg, monkeypatch):
+    cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False})
+    first = reward.run_reward(cfg)
+    weights = open(f"{first['models']['bf16']['folder']}/model/model.safetensors", "rb").read()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(reward, "save_trained", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        reward.run_reward(cfg)
+    assert open(f"{first['models']['bf16']['folder']}/model/model.safetensors", "rb").read() == weights
+
+
+def toy_rows(n, start):
+    rows = []
+    for i in range(start, start + n):
+        prompt = [{"role": "user", "content": f"Tell me about topic number {i}."}]
+        rows.append({"prompt": prompt, "chosen": f"Here is a thought on {i}. Thanks", "rejected": f"Here is {i}. No"})
+    return rows
+
+
+def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
+    data = tmp_path / "toy"
+    data.mkdir()
+    for name, rows in (("train_prefs.jsonl", toy_rows(64, 0)), ("test_prefs.jsonl", toy_rows(32, 1000))):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = rm_cfg(**{"data.out_dir": str(data), "reward.precisions": ["bf16"], "reward.max_train_samples": None,
+                    "reward.max_eval_samples": None, "reward.num_train_epochs": 4.0, "reward.learning_rate": 3e-3,
+                    "reward.eval_steps": 100, "reward.post_training_quantization": False})
+    results = reward.run_reward(cfg)
+    assert results["models"]["bf16"]["accuracy"] >= 0.9

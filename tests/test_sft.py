@@ -1,0 +1,158 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgerlhf import sft
+from edgerlhf.adapters import compute_dtype
+from edgerlhf.hh_rlhf import DataFormatError
+from edgerlhf.lm import encode_prompt_completion
+from edgerlhf.models import load_causal_lm, load_tokenizer, prepare_base_model
+from edgerlhf.prefs import read_prefs
+from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+CPU = torch.device("cpu")
+
+
+def merged_weights(results) -> dict:
+    return load_file(f"{results['model_dir']}/merged/model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "full", "frozen"])
+def test_every_strategy_trains_and_saves(tiny_cfg, strategy):
+    cfg = tiny_cfg(**{"sft.strategy": strategy, "sft.max_steps": 2, "sft.frozen_layers": 1})
+    results = sft.run_sft(cfg)
+    assert results["global_step"] == 2
+    info = json.loads(open(f"{results['model_dir']}/sft_info.json").read())
+    assert info["strategy"] == strategy and info["dtype"] == "float32"
+    assert (results["model_dir"] + "/merged") and load_causal_lm(results["model_dir"] + "/merged")
+    assert results["perplexity_before"] > 0 and results["perplexity_after"] > 0
+    assert len(results["samples"]) == cfg.sft.n_samples
+    assert 0 < results["parameters"]["trainable"] <= results["parameters"]["total"]
+    assert not (cfg.run.root and (sft.Path(cfg.run.root) / "models/sft/checkpoints").exists())
+
+
+def test_distill_strategy_runs(tiny_cfg):
+    results = sft.run_sft(tiny_cfg(**{"sft.strategy": "distill", "sft.teacher": "tiny-gpt2", "sft.max_steps": 1}))
+    assert results["global_step"] == 1 and results["strategy"] == "distill"
+
+
+def test_frozen_blocks_stay_bit_identical(tiny_cfg, tiny_gpt2):
+    results = sft.run_sft(tiny_cfg(**{"sft.strategy": "frozen", "sft.frozen_layers": 1, "sft.max_steps": 2}))
+    after, before = merged_weights(results), load_file(f"{tiny_gpt2}/model.safetensors")
+    frozen = [k for k in before if k.startswith("transformer.h.0.")]
+    trained = [k for k in before if k.startswith("transformer.h.1.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in trained)
+
+
+def test_qlora_loads_4bit_layers(tiny_gpt2):
+    import bitsandbytes as bnb
+
+    cfg = sft.SFTConfig(strategy="qlora")
+    model = sft.build_model(tiny_gpt2, cfg, CPU)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def examples(tokenizer, data_dir, n=4):
+    rows = read_prefs(data_dir / "train_prefs.jsonl")[:n]
+    return sft.sft_examples(rows, tokenizer, 256, "truncate_left")[0]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
+def test_completion_mask_is_exactly_the_reply(model_name, models_dir, tiny_data, tmp_path):
+    location = prepare_base_model(model_name, models_dir)
+    tokenizer = load_tokenizer(location)
+    template = ensure_chat_template(tokenizer)
+    assert template == ("plain" if model_name == "tiny-gpt2" else "native")
+    ensure_pad_token(tokenizer)
+    train = examples(tokenizer, tiny_data)
+    cfg = sft.SFTConfig(max_length=256, max_steps=1, eval_steps=1)
+    model = sft.build_model(location, cfg, CPU)
+    trainer = sft.make_trainer(model, tokenizer, cfg, sft.training_arguments(cfg, tmp_path, CPU, 0), train, train,
+                               None)
+    for example, prepared in zip(train, trainer.train_dataset):
+        ids, start = encode_prompt_completion(tokenizer, example["prompt"], example["completion"][0]["content"])
+        assert prepared["input_ids"] == ids
+        assert prepared["labels"] == [-100] * start + ids[start:]
+        reply = tokenizer.decode(ids[start:])
+        assert example["completion"][0]["content"] in reply and tokenizer.eos_token in reply
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_gpt2, tiny_data, tmp_path):
+    tokenizer = load_tokenizer(tiny_gpt2)
+    ensure_chat_template(tokenizer)
+    ensure_pad_token(tokenizer)
+    batch = examples(tokenizer, tiny_data, n=4) * 8
+    cfg = sft.SFTConfig(strategy="full", learning_rate=3e-3, warmup_ratio=0.0, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=1, max_steps=8, logging_steps=1, eval_steps=100)
+    trainer = sft.make_trainer(sft.build_model(tiny_gpt2, cfg, CPU), tokenizer, cfg,
+                               sft.training_arguments(cfg, tmp_path, CPU, 0) | {"data_seed": 0}, batch, batch, None)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_at_the_saved_step(tiny_cfg, monkeypatch):
+    from transformers import TrainerCallback
+
+    common = {"sft.strategy": "full", "sft.max_steps": 4, "sft.eval_steps": 2, "sft.early_stopping_patience": 10}
+    straight = merged_weights(sft.run_sft(tiny_cfg(**common, **{"sft.output_dir": "models/straight"})))
+
+    class StopAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Interrupt(f"interrupted after step {state.global_step}")
+
+    real = sft.make_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(StopAfterFirstSave())
+        return trainer
+
+    monkeypatch.setattr(sft, "make_trainer", interrupted)
+    with pytest.raises(Interrupt, match="after step 2"):
+        sft.run_sft(tiny_cfg(**common))
+    monkeypatch.setattr(sft, "make_trainer", real)
+    with pytest.raises(FileExistsError, match="sft.resume=true"):
+        sft.run_sft(tiny_cfg(**common))
+    resumed = sft.run_sft(tiny_cfg(**common, **{"sft.resume": True}))
+    assert resumed["resumed_from"] == "checkpoint-2" and resumed["global_step"] == 4
+    weights = merged_weights(resumed)
+    assert all(torch.allclose(weights[k], straight[k], atol=1e-6) for k in straight)
+
+
+def test_bad_inputs_fail_clearly_and_keep_the_last_model(tiny_cfg, tmp_path):
+    good = sft.run_sft(tiny_cfg(**{"sft.max_steps": 1}))
+    before = merged_weights(good)
+    with pytest.raises(ValueError, match="unknown; choose one of"):
+        sft.run_sft(tiny_cfg(**{"sft.strategy": "magic"}))
+    with pytest.raises(ValueError, match=r"target module\(s\) \['nope'\] not in gpt2"):
+        sft.run_sft(tiny_cfg(**{"sft.target_modules": ["nope"], "sft.max_steps": 1}))
+    assert all(torch.equal(merged_weights(good)[k], v) for k, v in before.items())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train_prefs.jsonl").write_text("\n")
+    (empty / "test_prefs.jsonl").write_text("\n")
+    with pytest.raises(DataFormatError, match="train_prefs.jsonl: the file has no rows"):
+        sft.run_sft(tiny_cfg(**{"data.out_dir": str(empty)}))
+
+
+def test_overlong_prompts_are_truncated_from_the_left_or_dropped(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    ensure_chat_template(tok)
+    long_turns = []
+    for i in range(6):
+        long_turns += [{"role": "user", "content": f"question {i} " * 10}, {"role": "assistant", "content": "ok " * 10}]
+    row = {"prompt": long_turns + [{"role": "user", "content": "last?"}], "chosen": "answer", "rejected": "x"}
+    fitted, counts = sft.sft_examples([row], tok, 64, "truncate_left")
+    assert counts == {"kept": 1, "truncated": 1, "dropped": 0}
+    assert fitted[0]["prompt"][-1]["content"] == "last?" and len(fitted[0]["prompt"]) < len(row["prompt"])
+    assert sft.sft_examples([row], tok, 64, "drop")[1] == {"kept": 0, "truncated": 0, "dropped": 1}
+    assert sft.sft_examples([row], tok, 4, "truncate_left")[1]["dropped"] == 1
