@@ -153,6 +153,11 @@ class RewardConfig:
     validation_fraction: float = _f(
         0.1, "Share of training pairs held back for early stopping and temperature fitting (float)."
     )
+    judge: bool = _f(
+        True,
+        "Split the training pairs in halves: the precisions train on the first, and a bf16 `judge` reward model on "
+        "the second, so PPO can be judged by a model it was not trained against (bool).",
+    )
     max_train_samples: Optional[int] = _f(None, "Use only the first N training pairs (int); None: all.")
     max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out test pairs (int); None: all.")
     eval_steps: Optional[int] = _f(None, "Validate and checkpoint every N optimizer steps (int); None: each epoch.")
@@ -169,17 +174,34 @@ class RewardConfig:
 class PPOConfig:
     """Stage 4: PPO with a KL penalty to the SFT reference (Ziegler et al. 2019; Ouyang et al. 2022)."""
 
-    reward_precision: str = _f("bf16", "Reward model used for training: `bf16`, `int8` or `int4` (str).")
+    experiments: list = _f(
+        ["bf16", "int8", "int4"], "Reward-model precisions to align against, one PPO run each (EXP-1/2/3) (list)."
+    )
+    reward_mode: str = _f(
+        "trained", "`trained` (reward model trained under that precision) or `ptq` (bf16 model quantized on load)."
+    )
     steps: int = _f(100, "PPO iterations, each one rollout batch (int).")
     batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.")
     mini_batch_size: int = _f(2, "Sequences per forward/backward (int). Research plan: 2.")
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int).")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
     ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")
-    learning_rate: float = _f(1.41e-5, "Adam learning rate (float). Research plan / TRL PPOConfig: 1.41e-5.")
+    learning_rate: float = _f(1.41e-5, "Adam learning rate of the policy's LoRA (float). Research plan / TRL: 1.41e-5.")
+    value_learning_rate: float = _f(
+        1e-4, "Adam learning rate of the value head (float); higher than the policy's because the head starts at 0."
+    )
     response_length: int = _f(64, "Maximum new tokens per reply (int). Research plan: 64.")
-    temperature: float = _f(0.7, "Sampling temperature (float); log-probs use the same temperature.")
+    max_prompt_length: int = _f(256, "Prompts longer than this are truncated from the left by whole turns (int).")
+    temperature: float = _f(0.7, "Sampling temperature (float); every log-prob forward divides logits by it.")
     top_k: int = _f(0, "Top-k sampling (int); 0 disables it, so PPO samples the full distribution.")
     top_p: float = _f(1.0, "Nucleus sampling (float); 1.0 disables it.")
+    missing_eos_penalty: float = _f(
+        0.0, "Subtracted from the score of replies that never emit EOS (float); 0: none (TRL's missing_eos_penalty)."
+    )
+    score_norm: bool = _f(False, "Normalise scores with running mean/std before adding them (bool).")
+    reward_norm_samples: int = _f(
+        0, "SFT replies used to set reward gain/bias so SFT scores have mean 0, std 1 (Ziegler et al. 2019) (int); "
+        "0: off."
+    )
     init_kl_coef: float = _f(0.1, "Initial KL coefficient beta (float). Research plan: 0.1.")
     adaptive_kl: bool = _f(True, "Adaptive KL controller of Ziegler et al. 2019 (bool).")
     target_kl: float = _f(6.0, "Target KL (nats per sequence) of the adaptive controller (float). Plan: 6.")
@@ -187,13 +209,24 @@ class PPOConfig:
     kl_estimator: str = _f("k1", "Per-token KL estimator: `k1` (log ratio) or `k3` (Schulman 2020) (str).")
     gamma: float = _f(1.0, "Discount gamma (float). Research plan: 1.0.")
     lam: float = _f(0.95, "GAE lambda (float). Research plan: 0.95 (Schulman et al. 2016).")
+    whiten_advantages: bool = _f(True, "Whiten advantages over the batch's real tokens (bool). Huang et al. 2024.")
     cliprange: float = _f(0.2, "Policy ratio clip epsilon (float). Schulman et al. 2017: 0.2.")
     cliprange_value: float = _f(0.2, "Value clip range (float). Research plan: 0.2.")
     vf_coef: float = _f(0.1, "Value-loss coefficient (float). Research plan: 0.1.")
     max_grad_norm: float = _f(0.5, "Gradient clipping norm (float). Research plan: 0.5.")
+    approx_kl_stop: Optional[float] = _f(
+        None, "Stop a batch's PPO epochs once the mean approximate KL exceeds this (float); None: never."
+    )
     lora_r: int = _f(16, "LoRA rank of the PPO adapter (int).")
     lora_alpha: int = _f(32, "LoRA alpha of the PPO adapter (int).")
+    policy_precision: str = _f("bf16", "Precision of the policy's frozen base: `bf16`, `int8` or `int4` (str).")
     reward_device: str = _f("cpu", "Device of the reward model (str). Research plan: CPU to save VRAM.")
+    score_batch_size: int = _f(8, "Replies per reward-model batch (int).")
+    n_eval_prompts: int = _f(64, "Held-out prompts for the before/after evaluation (int).")
+    eval_every: int = _f(0, "Also evaluate every N steps for the over-optimisation curve (int); 0: start and end.")
+    checkpoint_every: int = _f(10, "Save a checkpoint every N steps (int).")
+    resume: bool = _f(False, "Resume each experiment from its latest checkpoint (bool).")
+    keep_checkpoints: bool = _f(False, "Keep checkpoints after a successful run (bool).")
     output_dir: str = _f("models/ppo", "Output folder; one sub-folder per experiment (str).")
 
 
@@ -226,16 +259,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft.per_device_train_batch_size": 4,
         "sft.gradient_accumulation_steps": 2,
         "sft.max_length": 384,
-        "sft.max_train_samples": 256,
-        "sft.max_eval_samples": 64,
+        "sft.max_train_samples": 128,
+        "sft.max_eval_samples": 32,
         "sft.eval_steps": 8,
         "sft.logging_steps": 2,
         "reward.per_device_train_batch_size": 4,
         "reward.gradient_accumulation_steps": 2,
         "reward.max_length": 384,
-        "reward.max_train_samples": 256,
-        "reward.max_eval_samples": 128,
-        "reward.eval_steps": 8,
+        "reward.max_train_samples": 96,
+        "reward.max_eval_samples": 64,
+        "reward.eval_steps": 4,
         "reward.logging_steps": 2,
         "reward.gradient_checkpointing": False,
     },

@@ -131,21 +131,21 @@ def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: 
     return results
 
 
-def train_one(precision: str, cfg: Config, ctx, sft_location: str, tokenizer, train, validation) -> dict:
-    """Train the reward model at ``precision`` into ``models/rm/<precision>``; returns training results."""
+def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, tokenizer, train, validation) -> dict:
+    """Train a reward model at ``precision`` into ``models/rm/<name>``; returns training results."""
     r = cfg.reward
     out_dir = ctx.path(r.output_dir)
-    checkpoints = out_dir / "checkpoints" / precision
+    checkpoints = out_dir / "checkpoints" / name
     last = checkpoint_to_resume(checkpoints, r.resume, "reward.resume")
     with measure(ctx.device) as m:
         model = build_reward_model(sft_location, precision, r, tokenizer.pad_token_id, ctx.device)
         trainer = make_trainer(model, tokenizer, r, trainer_arguments(
             r, checkpoints, ctx.device, cfg.run.seed, "eval_accuracy", greater_is_better=True), train, validation)
         output = trainer.train(resume_from_checkpoint=last)
-        staging = out_dir / f".staging-{precision}"
+        staging = out_dir / f".staging-{name}"
         shutil.rmtree(staging, ignore_errors=True)
         save_trained(trainer, tokenizer, sft_location, precision, staging, ctx.device)
-        swap_in_dir(staging, out_dir / precision)
+        swap_in_dir(staging, out_dir / name)
     if not r.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return {"parameters": count_parameters(model), "global_step": trainer.state.global_step,
@@ -168,7 +168,9 @@ def run_reward(cfg: Config) -> dict:
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
         # data
-        rows = read_prefs(data_dir / "train_prefs.jsonl")[: r.max_train_samples]
+        rows = read_prefs(data_dir / "train_prefs.jsonl")
+        halves = (rows[: len(rows) // 2], rows[len(rows) // 2:]) if r.judge else (rows, [])
+        rows, judge_rows = halves[0][: r.max_train_samples], halves[1][: r.max_train_samples]
         n_val = max(1, int(round(r.validation_fraction * len(rows))))
         test_rows = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
         # tokenizer (the SFT model's, with its chat template and pad token)
@@ -186,13 +188,19 @@ def run_reward(cfg: Config) -> dict:
         models: dict[str, dict] = {}
         for precision in r.precisions:
             models[precision] = {"precision": precision, "mode": "trained",
-                                 **train_one(precision, cfg, ctx, sft_location, tokenizer, train, validation)}
+                                 **train_one(precision, precision, cfg, ctx, sft_location, tokenizer, train,
+                                             validation)}
+        if r.judge:  # a bf16 model trained on the other half of the pairs, for judging PPO
+            judge_train, _ = reward_examples(judge_rows[n_val:], tokenizer, r.max_length)
+            judge_val, _ = reward_examples(judge_rows[:n_val], tokenizer, r.max_length)
+            models["judge"] = {"precision": "bf16", "mode": "judge (other half)",
+                               **train_one("judge", "bf16", cfg, ctx, sft_location, tokenizer, judge_train, judge_val)}
         if r.post_training_quantization and "bf16" in r.precisions:
             for precision in [p for p in PRECISIONS if p != "bf16"]:
                 models[f"{precision}-ptq"] = {"precision": precision, "mode": "post-training quantization"}
         # evaluate every model on the same held-out pairs (post-training quantization: bf16 loaded quantized)
         for name, entry in models.items():
-            entry["folder"] = str(out_dir / (name if entry["mode"] == "trained" else "bf16"))
+            entry["folder"] = str(out_dir / ("bf16" if entry["mode"] == "post-training quantization" else name))
             entry.update(evaluate_folder(Path(entry["folder"]), entry["precision"], test, validation, r, ctx.device))
         if "bf16" in models:
             ref = models["bf16"]

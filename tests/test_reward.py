@@ -44,7 +44,7 @@ def test_score_is_read_at_the_last_real_token_for_any_padding(tiny_sft):
 def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 2}))
     models = results["models"]
-    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq"}
+    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
     for name, entry in models.items():
         assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["auc_roc"] <= 1 and entry["weights_mib"] > 0
     expected = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}
@@ -62,7 +62,7 @@ def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
 
 def test_loading_errors_are_clear(rm_cfg, tmp_path):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16", "int4"],
-                                          "reward.post_training_quantization": False}))
+                                          "reward.post_training_quantization": False, "reward.judge": False}))
     int4 = tmp_path / "int4"
     shutil.copytree(results["models"]["int4"]["folder"], int4)
     with pytest.raises(RewardModelError, match="cannot be loaded at bf16"):
@@ -81,7 +81,7 @@ def test_loading_errors_are_clear(rm_cfg, tmp_path):
 
 
 def test_a_failed_run_keeps_the_previous_model(rm_cfg, monkeypatch):
-    cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False})
+    cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False, "reward.judge": False})
     first = reward.run_reward(cfg)
     weights = open(f"{first['models']['bf16']['folder']}/model/model.safetensors", "rb").read()
 
@@ -109,6 +109,6 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = rm_cfg(**{"data.out_dir": str(data), "reward.precisions": ["bf16"], "reward.max_train_samples": None,
                     "reward.max_eval_samples": None, "reward.num_train_epochs": 4.0, "reward.learning_rate": 3e-3,
-                    "reward.eval_steps": 100, "reward.post_training_quantization": False})
+                    "reward.eval_steps": 100, "reward.post_training_quantization": False, "reward.judge": False})
     results = reward.run_reward(cfg)
     assert results["models"]["bf16"]["accuracy"] >= 0.9

@@ -1,0 +1,478 @@
+"""PPO with a KL penalty for language models: EdgeRLHF's own, memory-lean implementation.
+
+Read top to bottom in the order of the algorithm (Ziegler et al. 2019, "Fine-Tuning Language
+Models from Human Preferences"; Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation
+Details of RLHF with PPO"):
+
+1. rollout        sample replies to training prompts; mask everything after the first EOS
+2. score          reward model on the truncated text (+ optional missing-EOS penalty, normalisation)
+3. log-probs      recompute log pi and log pi_ref by forward passes at the sampling temperature;
+                  the reference is the same network with the LoRA adapter disabled
+4. rewards        per-token -beta * KL_t, plus the score at the last real token
+5. GAE            advantages and returns (gamma, lambda), advantages whitened over real tokens
+6. update         PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss
+7. KL controller  beta fixed or adaptive (Ziegler et al. 2019)
+
+Memory: one backbone holds policy (LoRA on), reference (LoRA off) and value head (a linear
+layer on the last hidden state); the reward model may live on another device.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .lm import pad_left, position_ids, token_logprobs
+
+# --------------------------------------------------------------------------------------------
+# 0. masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (any shape, same shape)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of ``x`` over masked positions (Bessel's correction)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise ``x`` to mean 0, std 1 over masked positions; masked-out entries become 0.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes), as TRL does for rewards.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# --------------------------------------------------------------------------------------------
+# 1. rollout
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens: up to and including the first EOS.
+
+    Args:
+        responses: ``LongTensor[B, R]`` sampled tokens.
+    Returns:
+        ``(mask FloatTensor[B, R], ended BoolTensor[B])``; ``ended`` is True where an EOS was emitted.
+    """
+    is_eos = responses == eos_id
+    ended = is_eos.any(dim=1)
+    first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, responses.shape[1] - 1,
+                                                                                dtype=torch.long))
+    positions = torch.arange(responses.shape[1], device=responses.device)[None]
+    return (positions <= first[:, None]).float(), ended
+
+
+@torch.no_grad()
+def rollout(model, queries: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float,
+            top_k: int, top_p: float) -> dict:
+    """Sample one reply per query with the policy (adapter on, dropout off).
+
+    Queries are left-padded; ``generate`` builds its own position ids from the attention mask.
+    Tokens after the first EOS are replaced by ``pad_id`` and masked.
+
+    Returns:
+        ``{"query": LongTensor[B, P], "query_mask": [B, P], "response": LongTensor[B, R],
+        "response_mask": FloatTensor[B, R], "ended": BoolTensor[B]}``.
+    """
+    device = next(model.parameters()).device
+    query, query_mask = pad_left(queries, pad_id)
+    query, query_mask = query.to(device), query_mask.to(device)
+    model.eval()
+    out = model.generate(
+        input_ids=query, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
+        temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_id, eos_token_id=eos_id,
+    )
+    response = out[:, query.shape[1]:]
+    if response.shape[1] < max_new_tokens:  # generation stopped early for every row: pad to a fixed width
+        response = torch.nn.functional.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_id)
+    mask, ended = response_mask(response, eos_id)
+    response = torch.where(mask.bool(), response, torch.full_like(response, pad_id))
+    return {"query": query, "query_mask": query_mask, "response": response, "response_mask": mask, "ended": ended}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. log-probs and values by forward passes
+
+
+def forward_logprobs(model, value_head, batch: dict, temperature: float, with_entropy: bool = False) -> dict:
+    """Log-probs of the response tokens (and values) from one forward pass over query + response.
+
+    Logits are divided by the sampling ``temperature``; positions get ``cumsum(mask) - 1`` so
+    left padding does not shift them. Values come from ``value_head`` on the last hidden state
+    (None to skip). Gradients flow when called outside ``no_grad``.
+
+    Returns:
+        ``{"logprobs": [B, R], "values": [B, R] or None, "entropy": [B, R] or None}`` (float32).
+    """
+    query, response = batch["query"], batch["response"]
+    mask = torch.cat([batch["query_mask"], batch["response_mask"].long()], dim=1)
+    input_ids = torch.cat([query, response], dim=1)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
+                output_hidden_states=value_head is not None, use_cache=False)
+    start = query.shape[1] - 1  # logits at position t predict token t + 1
+    logits = out.logits[:, start:-1] / temperature
+    result = {"logprobs": token_logprobs(logits, response), "values": None, "entropy": None}
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, start:-1]
+        result["values"] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+    if with_entropy:
+        with torch.no_grad():
+            result["entropy"] = torch.stack([entropy_from_logits(row) for row in logits])
+    return result
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: ``logsumexp(z) - sum softmax(z) * z``."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+@torch.no_grad()
+def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: float) -> dict:
+    """Old policy log-probs and values, and reference log-probs with the adapter disabled (no second copy).
+
+    ``model`` is a peft ``PeftModel``; ``model.disable_adapter()`` gives the SFT model, whose LoRA
+    was merged into the base weights before PPO (see :func:`edgerlhf.alignment.load_policy`).
+    """
+    model.eval()
+    policy = forward_logprobs(model, value_head, batch, temperature)
+    with model.disable_adapter():
+        reference = forward_logprobs(model, None, batch, temperature)
+    return {"logprobs": policy["logprobs"], "values": policy["values"], "ref_logprobs": reference["logprobs"]}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. per-token rewards
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) for sampled tokens (Schulman 2020, "Approximating KL").
+
+    ``k1 = log pi - log pi_ref`` (unbiased, can be negative); ``k3 = (r - 1) - log r`` with
+    ``r = pi_ref / pi`` (unbiased, non-negative).
+
+    Raises:
+        ValueError: unknown estimator.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row of a ``[B, R]`` mask (the EOS when one was emitted)."""
+    return (mask.sum(dim=1) - 1).clamp(min=0).long()
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                    beta: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``-beta * KL_t`` with the reward-model score added at the last real token.
+
+    Args:
+        scores: ``[B]`` reward-model scores. logprobs, ref_logprobs, mask: ``[B, R]``.
+    Returns:
+        ``(rewards [B, R], kl [B, R])``, both zero after the last real token.
+    """
+    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
+    rewards = -beta * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.device)
+    return rewards, kl
+
+
+class RunningMoments:
+    """Running mean and standard deviation over all values seen (Chan et al. parallel update)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of values into the running statistics."""
+        x = x.detach().double()
+        batch_mean, batch_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. advantages
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    Positions after the last real token have value and reward 0, so the last real token
+    bootstraps from 0 (the episode ends there).
+
+    Args:
+        rewards, values, mask: ``[B, R]``.
+    Returns:
+        ``(advantages [B, R], returns [B, R])`` with ``returns = advantages + values``.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages[:, t] = lastgaelam
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over real tokens (1 is perfect, <= 0 is useless)."""
+    var_returns = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. losses
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float) -> dict:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    ``L^CLIP = -E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]`` with ``r_t = exp(log pi - log pi_old)``.
+    Also returns ``approx_kl`` (the k3 estimate of KL(pi_old || pi), CleanRL) and ``clipfrac``.
+    """
+    logratio = new_logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        approx_kl = masked_mean((ratio - 1) - logratio, mask)
+        clipfrac = masked_mean(((ratio - 1.0).abs() > cliprange).float(), mask)
+    return {"pg_loss": pg_loss, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def value_loss(new_values, old_values, returns, mask, cliprange_value: float) -> dict:
+    """Clipped value loss (PPO2 baselines, Huang et al. 2024 detail #11):
+    ``0.5 * E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)]``."""
+    v_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    return {"vf_loss": vf_loss, "vf_clipfrac": vf_clipfrac}
+
+
+# --------------------------------------------------------------------------------------------
+# 7. KL controller
+
+
+@dataclass
+class KLController:
+    """KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019, section 2.2).
+
+    Adaptive update after each batch of ``n_steps`` samples with mean sequence KL ``kl``:
+    ``e = clip(kl / target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + e * n_steps / horizon)``.
+    """
+
+    beta: float
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        """Update beta from the batch's mean KL (nats per sequence); returns the new beta."""
+        if self.adaptive:
+            error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+            self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+# --------------------------------------------------------------------------------------------
+# The update over one rollout batch
+
+
+@dataclass
+class Batch:
+    """One rollout batch, everything ``[B, ...]`` on the policy's device."""
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def select(self, idx: torch.Tensor) -> dict:
+        """The rows ``idx`` as the dict :func:`forward_logprobs` takes, plus the PPO targets."""
+        return {k: getattr(self, k)[idx] for k in ("query", "query_mask", "response", "response_mask", "logprobs",
+                                                   "values", "advantages", "returns")}
+
+
+def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch.Generator) -> dict:
+    """Several PPO epochs over shuffled minibatches of ``batch``, with gradient accumulation.
+
+    ``cfg`` provides ``ppo_epochs``, ``mini_batch_size``, ``gradient_accumulation_steps``,
+    ``cliprange``, ``cliprange_value``, ``vf_coef``, ``max_grad_norm``, ``temperature`` and
+    ``approx_kl_stop`` (stop the epoch loop once the mean approximate KL exceeds it; None: never).
+
+    Raises:
+        FloatingPointError: a loss is not finite (nothing is stepped with it).
+    Returns:
+        Means over micro-batches of ``pg_loss``, ``vf_loss``, ``loss``, ``approx_kl``, ``clipfrac``,
+        ``vf_clipfrac``, ``entropy``, plus ``epochs`` run and ``optimizer_steps``.
+    """
+    n = batch.query.shape[0]
+    per_step = cfg.mini_batch_size * cfg.gradient_accumulation_steps
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "loss", "approx_kl", "clipfrac",
+                                                     "vf_clipfrac", "entropy")}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model.eval()  # dropout off: log-probs must match the rollout's
+    steps = epochs = 0
+    for _ in range(cfg.ppo_epochs):
+        epochs += 1
+        order = torch.randperm(n, generator=generator)
+        epoch_kl = []
+        for start in range(0, n, per_step):
+            optimizer.zero_grad(set_to_none=True)
+            step_idx = order[start:start + per_step]
+            for micro in step_idx.split(cfg.mini_batch_size):
+                mb = batch.select(micro.to(batch.query.device))
+                new = forward_logprobs(model, value_head, mb, cfg.temperature, with_entropy=True)
+                mask = mb["response_mask"]
+                pg = policy_loss(new["logprobs"], mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
+                vf = value_loss(new["values"], mb["values"], mb["returns"], mask, cfg.cliprange_value)
+                loss = pg["pg_loss"] + cfg.vf_coef * vf["vf_loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite PPO loss (pg {pg['pg_loss'].item()}, vf {vf['vf_loss'].item()})")
+                (loss * len(micro) / len(step_idx)).backward()
+                for key, value in {**pg, **vf, "loss": loss, "entropy": masked_mean(new["entropy"], mask)}.items():
+                    stats[key].append(float(value))
+                epoch_kl.append(float(pg["approx_kl"]))
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            steps += 1
+        if cfg.approx_kl_stop is not None and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
+            break
+    return {**{k: float(np.mean(v)) for k, v in stats.items()}, "epochs": epochs, "optimizer_steps": steps}
+
+
+def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eos_id: int) -> list[str]:
+    """Reply texts up to (not including) the first EOS, without special tokens."""
+    texts = []
+    for row, m in zip(response.tolist(), mask.tolist()):
+        tokens = [t for t, keep in zip(row, m) if keep and t != eos_id]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return texts
+
+
+def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, queries: list[list[int]],
+             prompts: list, scorer, cfg, generator: torch.Generator, moments: RunningMoments | None = None) -> dict:
+    """One PPO iteration on one batch of prompts: rollout, score, rewards, GAE, update, KL control.
+
+    Args:
+        queries: token ids of the rendered prompts (one per sample).
+        prompts: the same prompts as chat messages, passed to ``scorer``.
+        scorer: ``scorer(prompts, replies) -> FloatTensor[B]`` (a reward model, or a scripted reward).
+        cfg: a :class:`edgerlhf.config.PPOConfig`.
+        moments: running statistics for score normalisation (``cfg.score_norm``); None: off.
+    Raises:
+        FloatingPointError: a non-finite score, KL, reward or loss.
+        ValueError: the tokenizer has no pad or no EOS token.
+    Returns:
+        The step's statistics (see :data:`STEP_STATS`) and ``"batch"``: the rollout as a :class:`Batch`.
+    """
+    import time
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad_id is None or eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} needs a pad and an EOS token for PPO")
+    timing = {}
+    step_start = t = time.perf_counter()
+    ro = rollout(model, queries, pad_id, eos_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+    timing["time_generation_s"] = time.perf_counter() - t
+    mask = ro["response_mask"]
+    t = time.perf_counter()
+    replies = decode_responses(tokenizer, ro["response"], mask, eos_id)
+    raw_scores = scorer(prompts, replies).float().to(mask.device)
+    timing["time_scoring_s"] = time.perf_counter() - t
+    scores = raw_scores - cfg.missing_eos_penalty * (~ro["ended"]).float()
+    if moments is not None:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    t = time.perf_counter()
+    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature)
+    timing["time_forward_s"] = time.perf_counter() - t
+    rewards, kl = compute_rewards(scores, lp["logprobs"], lp["ref_logprobs"], mask, kl_ctl.beta, cfg.kl_estimator)
+    for name, tensor in (("score", scores), ("KL", kl), ("reward", rewards)):
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"non-finite {name} in the rollout batch")
+    advantages, returns = gae(rewards, lp["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    batch = Batch(query=ro["query"], query_mask=ro["query_mask"], response=ro["response"], response_mask=mask,
+                  logprobs=lp["logprobs"], values=lp["values"], advantages=advantages, returns=returns,
+                  extra={"replies": replies, "raw_scores": raw_scores})
+    t = time.perf_counter()
+    update = ppo_update(model, value_head, optimizer, batch, cfg, generator)
+    timing["time_update_s"] = time.perf_counter() - t
+    sequence_kl = kl.sum(dim=1)
+    beta_used = kl_ctl.beta
+    kl_ctl.update(float(sequence_kl.mean()), len(queries))
+    generated = float(mask.sum())
+    return {
+        "score": float(raw_scores.mean()), "score_std": float(raw_scores.std()) if len(queries) > 1 else 0.0,
+        "kl": float(sequence_kl.mean()), "reward_total": float(rewards.sum(dim=1).mean()),
+        "non_score_reward": float((-beta_used * kl).sum(dim=1).mean()), "beta": beta_used,
+        "explained_variance": explained_variance(lp["values"], returns, mask),
+        "response_length": float(mask.sum(dim=1).mean()), "eos_share": float(ro["ended"].float().mean()),
+        "generated_tokens_per_s": generated / max(timing["time_generation_s"], 1e-9),
+        **update, **timing, "time_step_s": time.perf_counter() - step_start, "batch": batch,
+    }
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) RNG states, for exact resumption."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states saved by :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

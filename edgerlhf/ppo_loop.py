@@ -1,0 +1,132 @@
+"""The PPO training loop around :func:`edgerlhf.ppo.ppo_step`: optimiser, prompt sampling,
+checkpoints every N steps, exact resumption, and a saved failing step on non-finite values.
+
+A checkpoint ``checkpoint-<step>/`` holds the LoRA adapter and value head (safetensors) and
+``state.pt`` (optimiser, KL controller, running score statistics, RNG states, prompt-sampler
+state, step and history), written by this project and read back with ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .files import swap_in_dir
+from .ppo import KLController, RunningMoments, ppo_step, rng_state, set_rng_state
+
+
+def build_policy(model: torch.nn.Module, cfg) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """Wrap the SFT model (LoRA already merged into its weights) for PPO.
+
+    Returns ``(policy, value_head)``: ``policy`` is a peft ``PeftModel`` with a fresh LoRA adapter
+    (``lora_r``, ``lora_alpha``, no dropout) whose ``disable_adapter()`` is the reference model;
+    ``value_head`` is a float32 ``Linear(hidden_size, 1)`` initialised to zero, on the model's device.
+    """
+    from peft import get_peft_model
+
+    from .adapters import lora_config
+
+    policy = get_peft_model(model, lora_config(model, cfg.lora_r, cfg.lora_alpha, 0.0, None, "CAUSAL_LM"))
+    value_head = torch.nn.Linear(model.config.hidden_size, 1, dtype=torch.float32)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    return policy, value_head.to(next(model.parameters()).device)
+
+
+def make_optimizer(model, value_head, cfg) -> torch.optim.Optimizer:
+    """AdamW over the trainable LoRA parameters (``learning_rate``) and the value head
+    (``value_learning_rate``), eps 1e-5 (CleanRL / Huang et al. 2024), no weight decay."""
+    lora = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": lora, "lr": cfg.learning_rate},
+                              {"params": list(value_head.parameters()), "lr": cfg.value_learning_rate}],
+                             eps=1e-5, weight_decay=0.0)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step, or None."""
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(folder: Path, model, value_head, optimizer, state: dict) -> Path:
+    """Write ``folder`` atomically (temp folder, then rename)."""
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors")
+    save_file(value_head.state_dict(), staging / "value_head.safetensors")
+    torch.save({**state, "optimizer": optimizer.state_dict()}, staging / "state.pt")
+    return swap_in_dir(staging, folder)
+
+
+def load_checkpoint(folder: Path, model, value_head, optimizer) -> dict:
+    """Restore weights and optimiser from ``folder``; returns the saved loop state."""
+    set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
+    value_head.load_state_dict(load_file(folder / "value_head.safetensors"))
+    state = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
+def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list, scorer: Callable, cfg,
+          checkpoints: Path, seed: int, on_step: Callable | None = None) -> list[dict]:
+    """Run ``cfg.steps`` PPO iterations; returns one statistics dict per step.
+
+    Each step samples ``cfg.batch_size`` prompts without replacement from a ``torch.Generator``
+    seeded with ``seed`` (its state is checkpointed, so a resumed run sees the same prompts).
+    With ``cfg.resume`` the loop continues from the latest checkpoint in ``checkpoints``.
+    ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation).
+
+    Raises:
+        FloatingPointError: non-finite score, KL, reward or loss; the failing step's rollout and
+            state are saved to ``checkpoints/failed-step-<n>`` and the path is in the message.
+        FileExistsError: checkpoints exist but ``cfg.resume`` is False.
+    """
+    optimizer = make_optimizer(model, value_head, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    kl_ctl = KLController(cfg.init_kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
+    moments = RunningMoments() if cfg.score_norm else None
+    history: list[dict] = []
+    start = 0
+    last = latest_checkpoint(checkpoints) if checkpoints.exists() else None
+    if last is not None and not cfg.resume:
+        raise FileExistsError(f"{checkpoints} holds checkpoints of an unfinished run ({last.name}); "
+                              "set ppo.resume=true to continue it, or delete the folder to start over")
+    if last is not None:
+        state = load_checkpoint(last, model, value_head, optimizer)
+        start, history, kl_ctl.beta = state["step"], state["history"], state["beta"]
+        generator.set_state(state["generator"])
+        if moments is not None:
+            moments.load_state_dict(state["moments"])
+        set_rng_state(state["rng"])
+
+    def loop_state(step: int) -> dict:
+        return {"step": step, "history": history, "beta": kl_ctl.beta, "generator": generator.get_state(),
+                "moments": moments.state_dict() if moments else None, "rng": rng_state()}
+
+    for step in range(start, cfg.steps):
+        idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()
+        try:
+            stats = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
+                             [prompts[i] for i in idx], scorer, cfg, generator, moments)
+        except FloatingPointError as exc:
+            failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
+                                     loop_state(step) | {"prompt_indices": idx})
+            raise FloatingPointError(f"step {step}: {exc}; state saved to {failed}") from exc
+        batch = stats.pop("batch")
+        stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}
+                                             for i, r, s in zip(idx[:2], batch.extra["replies"], batch.extra["raw_scores"])])
+        history.append(stats)
+        if on_step is not None:
+            on_step(step + 1, stats)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(checkpoints / f"checkpoint-{step + 1}", model, value_head, optimizer, loop_state(step + 1))
+            for old in checkpoints.glob("checkpoint-*"):
+                if old.name != f"checkpoint-{step + 1}":
+                    shutil.rmtree(old)
+    return history

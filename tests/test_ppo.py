@@ -1,0 +1,258 @@
+"""Unit tests of the PPO algorithm (edgerlhf.ppo) and its loop (edgerlhf.ppo_loop)."""
+import json
+
+import pytest
+import torch
+
+from edgerlhf import ppo
+from edgerlhf.config import PPOConfig
+from edgerlhf.models import load_causal_lm, load_tokenizer
+from edgerlhf.ppo_loop import build_policy, train
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    adv, ret = ppo.gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.45125, 0.475, 0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0.95125, 0.975, 1.0]]))
+    # the episode ends at the last real token: masked positions neither give nor take value
+    adv, ret = ppo.gae(torch.tensor([[0.0, 1.0, 9.0]]), torch.tensor([[0.5, 0.5, 9.0]]),
+                       torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.475, 0.5, 0.0]]))
+    adv, _ = ppo.gae(rewards, values, torch.ones(1, 3), gamma=0.5, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[-0.25, 0.0, 0.5]]))  # deltas -.25, -.25, .5 discounted
+
+
+def test_masked_whitening():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 6.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    w = ppo.masked_whiten(x, mask)
+    real = w[mask.bool()]
+    assert abs(real.mean()) < 1e-6 and abs(real.std() - 1) < 1e-5
+    assert (w[~mask.bool()] == 0).all()
+    kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert abs(kept.mean() - 3.5) < 1e-5
+
+
+def test_clipped_policy_loss_values_and_gradients():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.9, 1.1]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    out = ppo.policy_loss(new, old, adv, torch.ones(1, 3), cliprange=0.2)
+    # per token: max(-A r, -A clip(r)) = max(-1.5, -1.2) = -1.2; max(-.9, -.9) = -.9; max(1.1, 1.1) = 1.1
+    assert out["pg_loss"].item() == pytest.approx((-1.2 - 0.9 + 1.1) / 3)
+    out["pg_loss"].backward()
+    grad = new.grad[0]
+    assert grad[0] == 0  # clipped: no gradient
+    assert grad[1] == pytest.approx(-0.9 / 3) and grad[2] == pytest.approx(1.1 / 3)
+    assert out["clipfrac"].item() == pytest.approx(1 / 3)
+    assert out["approx_kl"].item() > 0
+
+
+def test_clipped_value_loss():
+    new = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0]])
+    ret = torch.tensor([[2.0, 1.0]])
+    out = ppo.value_loss(new, old, ret, torch.ones(1, 2), cliprange_value=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped (0.2-2)^2 = 3.24 -> 3.24; token 1: 1 and 1 -> 1
+    assert out["vf_loss"].item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+    out["vf_loss"].backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(0.5 * 2 * (0 - 1) / 2)
+
+
+def test_kl_controller_update():
+    fixed = ppo.KLController(0.1, adaptive=False)
+    assert fixed.update(50.0, 32) == 0.1
+    ctl = ppo.KLController(0.1, adaptive=True, target=6.0, horizon=10000)
+    assert ctl.update(12.0, 32) == pytest.approx(0.1 * (1 + 0.2 * 32 / 10000))  # error clipped at +0.2
+    ctl = ppo.KLController(0.1, adaptive=True, target=6.0, horizon=10000)
+    assert ctl.update(5.4, 100) == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
+
+
+def test_kl_estimators():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(ppo.kl_estimate(lp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    k3 = ppo.kl_estimate(lp, ref, "k3")
+    assert (k3 >= 0).all() and k3[0] == pytest.approx(torch.exp(torch.tensor(-0.5)).item() - 1 + 0.5)
+    with pytest.raises(ValueError):
+        ppo.kl_estimate(lp, ref, "k2")
+
+
+def test_eos_masking_and_reward_placement():
+    eos = 9
+    responses = torch.tensor([[5, eos, 7, 8], [1, 2, 3, 4], [eos, 3, eos, 1]])
+    mask, ended = ppo.response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+    logp = torch.full((3, 4), -1.0)
+    rewards, kl = ppo.compute_rewards(torch.tensor([2.0, 3.0, 4.0]), logp, logp - 0.5, mask, beta=0.1)
+    assert torch.allclose(kl, 0.5 * mask)
+    assert rewards[0, 1] == pytest.approx(2.0 - 0.05) and rewards[0, 2] == 0  # at the EOS, not the pad after it
+    assert rewards[1, 3] == pytest.approx(3.0 - 0.05) and rewards[2, 0] == pytest.approx(4.0 - 0.05)
+
+
+def test_running_moments():
+    m = ppo.RunningMoments()
+    data = torch.randn(1000) * 3 + 2
+    for chunk in data.split(100):
+        m.update(chunk)
+    assert m.mean == pytest.approx(data.mean().item(), abs=1e-3)
+    assert m.std == pytest.approx(data.std(unbiased=False).item(), rel=1e-3)
+
+
+# ---------------------------------------------------------------- with tiny models
+
+CFG = PPOConfig(steps=4, batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
+                response_length=6, learning_rate=1e-3, checkpoint_every=2, lora_r=4, lora_alpha=8)
+
+
+def tiny_policy(location, seed=0):
+    torch.manual_seed(seed)
+    return build_policy(load_causal_lm(location).eval(), CFG)
+
+
+def queries_for(tokenizer, n):
+    return [tokenizer(f"question {i} is about", add_special_tokens=False)["input_ids"][: 3 + i % 4] for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    policy, head = tiny_policy(location)
+    tok = load_tokenizer(location)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    queries = queries_for(tok, 3)
+    torch.manual_seed(1)
+    ro = ppo.rollout(policy, queries, pad, tok.eos_token_id, 5, 0.7, 0, 1.0)
+    with torch.no_grad():
+        batched = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
+        for i, q in enumerate(queries):
+            n = int(ro["response_mask"][i].sum())
+            single = {"query": torch.tensor([q]), "query_mask": torch.ones(1, len(q), dtype=torch.long),
+                      "response": ro["response"][i:i + 1, :n], "response_mask": torch.ones(1, n)}
+            one = ppo.forward_logprobs(policy, head, single, temperature=0.7)
+            assert torch.allclose(batched["logprobs"][i, :n], one["logprobs"][0], atol=1e-5)
+
+
+def test_logprobs_match_the_sampling_distribution(tiny_gpt2):
+    """The recomputed log-prob of a greedy (temperature -> 0) token is the max over the vocabulary."""
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = load_tokenizer(tiny_gpt2)
+    ro = ppo.rollout(policy, queries_for(tok, 2), tok.eos_token_id, tok.eos_token_id, 4, 0.7, 0, 1.0)
+    with torch.no_grad():
+        out = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
+    assert (out["logprobs"] <= 0).all() and (out["entropy"] > 0).all()
+    assert torch.equal(out["values"], torch.zeros_like(out["values"]))  # zero-initialised value head
+
+
+def test_reference_is_the_sft_model_with_the_adapter_disabled(tiny_gpt2):
+    sft = load_causal_lm(tiny_gpt2).eval()
+    policy, head = tiny_policy(tiny_gpt2)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)  # a trained-looking adapter: the policy now differs from the SFT model
+    tok = load_tokenizer(tiny_gpt2)
+    ro = ppo.rollout(policy, queries_for(tok, 3), tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0)
+    out = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    with torch.no_grad():
+        sft_out = ppo.forward_logprobs(sft, None, ro, 0.7)
+    assert torch.allclose(out["ref_logprobs"], sft_out["logprobs"], atol=1e-5)
+    assert not torch.allclose(out["logprobs"], sft_out["logprobs"], atol=1e-3)
+
+
+def token_share_scorer(tokenizer, target: str):
+    def scorer(prompts, replies):
+        return torch.tensor([r.split().count(target) / max(len(r.split()), 1) for r in replies])
+    return scorer
+
+
+def gpt2_tokenizer_with_pad(location):
+    from edgerlhf.templates import ensure_pad_token
+
+    tok = load_tokenizer(location)
+    ensure_pad_token(tok)
+    return tok
+
+
+def run_loop(tiny_gpt2, checkpoints, cfg, seed=0):
+    policy, head = tiny_policy(tiny_gpt2, seed)
+    tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+    queries = queries_for(tok, 8)
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+    torch.manual_seed(seed)
+    history = train(policy, head, tok, queries, prompts, token_share_scorer(tok, "the"), cfg, checkpoints, seed)
+    return history, policy, head
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_gpt2, tmp_path):
+    straight, policy_a, head_a = run_loop(tiny_gpt2, tmp_path / "a", CFG)
+    half = PPOConfig(**{**CFG.__dict__, "steps": 2})
+    run_loop(tiny_gpt2, tmp_path / "b", half)
+    resumed_cfg = PPOConfig(**{**CFG.__dict__, "resume": True})
+    with pytest.raises(FileExistsError, match="ppo.resume=true"):
+        run_loop(tiny_gpt2, tmp_path / "b", CFG)
+    resumed, policy_b, head_b = run_loop(tiny_gpt2, tmp_path / "b", resumed_cfg, seed=123)  # seed must not matter
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["pg_loss"] == pytest.approx(b["pg_loss"], abs=1e-6)
+    for (n, a), (_, b) in zip(policy_a.named_parameters(), policy_b.named_parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_non_finite_reward_stops_and_saves_the_step(tiny_gpt2, tmp_path):
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+
+    def nan_scorer(prompts, replies):
+        return torch.full((len(replies),), float("nan"))
+
+    with pytest.raises(FloatingPointError, match="non-finite score.*failed-step-0"):
+        train(policy, head, tok, queries_for(tok, 4), [[{"role": "user", "content": "q"}]] * 4, nan_scorer, CFG,
+              tmp_path, 0)
+    assert (tmp_path / "failed-step-0" / "state.pt").exists()
+
+
+def toy_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "good", "bad", "ok", "no", "yes", "maybe", "hi", "there", "what", "why"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="no"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+    raw.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
+    """A tiny policy learns to say "good" more often; the KL to the reference stays bounded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = toy_tokenizer()
+    torch.manual_seed(0)
+    # initializer_range 0.1 (not GPT-2's 0.02): with a tied 32-wide head, tiny weights cannot express
+    # anything but a near-uniform next-token distribution, whatever the adapter learns
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                       initializer_range=0.1, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)).eval()
+    cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
+                    response_length=8, learning_rate=3e-3, value_learning_rate=3e-3, temperature=1.0,
+                    init_kl_coef=0.05, adaptive_kl=False, lora_r=8, lora_alpha=16, checkpoint_every=100)
+    policy, head = build_policy(model, cfg)
+    queries = [tok(q, add_special_tokens=False)["input_ids"] for q in ["hi there", "what", "why there", "hi"] * 4]
+    prompts = [[{"role": "user", "content": "x"}]] * len(queries)
+    history = train(policy, head, tok, queries, prompts, token_share_scorer(tok, "good"), cfg, tmp_path, 0)
+    first = sum(h["score"] for h in history[:5]) / 5
+    last = sum(h["score"] for h in history[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert max(h["kl"] for h in history) < 25
+    for key in ("approx_kl", "clipfrac", "entropy", "explained_variance", "eos_share", "beta", "vf_loss"):
+        assert all(key in h for h in history)
+    json.dumps([{k: v for k, v in h.items() if k != "samples"} for h in history])  # loggable
