@@ -96,10 +96,15 @@ def measure(device: torch.device | str | None = None) -> Iterator[dict]:
     finally:
         if on_cuda:
             torch.cuda.synchronize(dev)
-        _ACTIVE.remove(stats)
+        del _ACTIVE[next(i for i, active in enumerate(_ACTIVE) if active is stats)]  # by identity
         stats["wall_time_s"] = time.perf_counter() - start
         stats["cpu_peak_rss_mib"] = max(_rss_peak_mib(), stats.pop("_rss"))
         stats["cpu_peak_scope"] = scope
         alloc, reserved = stats.pop("_alloc"), stats.pop("_reserved")
         stats["cuda_peak_allocated_mib"] = max(torch.cuda.max_memory_allocated(dev) / MIB, alloc) if on_cuda else None
         stats["cuda_peak_reserved_mib"] = max(torch.cuda.max_memory_reserved(dev) / MIB, reserved) if on_cuda else None
+        for outer in _ACTIVE:  # an enclosing block's peak includes this one's
+            outer["_rss"] = max(outer["_rss"], stats["cpu_peak_rss_mib"])
+            if on_cuda:
+                outer["_alloc"] = max(outer["_alloc"], stats["cuda_peak_allocated_mib"])
+                outer["_reserved"] = max(outer["_reserved"], stats["cuda_peak_reserved_mib"])

@@ -58,3 +58,31 @@ def margin_figure(models: dict[str, dict], path: str | Path) -> Path:
         ax.set_xlabel("r_chosen - r_rejected")
     axes[0].set_ylabel("pairs")
     return save(fig, path)
+
+
+def ppo_curves_figure(experiments: dict[str, dict], path: str | Path) -> Path:
+    """Mean reward-model score and KL to the reference against PPO step, one line per experiment."""
+    fig = Figure(figsize=(9, 3.2))
+    ax_score, ax_kl = fig.subplots(1, 2)
+    for name, e in experiments.items():
+        steps = [h["step"] for h in e["history"]]
+        ax_score.plot(steps, [h["score"] for h in e["history"]], "o-", label=name)
+        ax_kl.plot(steps, [h["kl"] for h in e["history"]], "o-", label=name)
+    ax_score.set(xlabel="PPO step", ylabel="proxy reward-model score", title="reward")
+    ax_kl.set(xlabel="PPO step", ylabel="KL to SFT (nats / reply)", title="KL")
+    ax_score.legend()
+    return save(fig, path)
+
+
+def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> Path:
+    """Proxy (training) and judge reward on held-out prompts against KL to the SFT model
+    (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization")."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for name, e in experiments.items():
+        kl = [c["kl"] for c in e["curve"]]
+        line = ax.plot(kl, [c["proxy"] for c in e["curve"]], "o-", label=f"{name} proxy")[0]
+        ax.plot(kl, [c["judge"] for c in e["curve"]], "s--", color=line.get_color(), label=f"{name} judge")
+    ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score")
+    ax.legend(fontsize=7)
+    return save(fig, path)

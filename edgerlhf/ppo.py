@@ -377,7 +377,7 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
                     raise FloatingPointError(f"non-finite PPO loss (pg {pg['pg_loss'].item()}, vf {vf['vf_loss'].item()})")
                 (loss * len(micro) / len(step_idx)).backward()
                 for key, value in {**pg, **vf, "loss": loss, "entropy": masked_mean(new["entropy"], mask)}.items():
-                    stats[key].append(float(value))
+                    stats[key].append(float(value.detach()))
                 epoch_kl.append(float(pg["approx_kl"]))
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -476,3 +476,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+if __name__ == "__main__":  # `python -m edgerlhf.ppo` runs stage 4, like `python -m edgerlhf.alignment`
+    from .alignment import main
+
+    main()

@@ -17,6 +17,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .files import swap_in_dir
+from .memory import measure
 from .ppo import KLController, RunningMoments, ppo_step, rng_state, set_rng_state
 
 
@@ -112,13 +113,15 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     for step in range(start, cfg.steps):
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()
         try:
-            stats = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
-                             [prompts[i] for i in idx], scorer, cfg, generator, moments)
+            with measure() as peak:
+                stats = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
+                                 [prompts[i] for i in idx], scorer, cfg, generator, moments)
         except FloatingPointError as exc:
             failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
                                      loop_state(step) | {"prompt_indices": idx})
             raise FloatingPointError(f"step {step}: {exc}; state saved to {failed}") from exc
         batch = stats.pop("batch")
+        stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"])
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}
                                              for i, r, s in zip(idx[:2], batch.extra["replies"], batch.extra["raw_scores"])])
         history.append(stats)

@@ -61,3 +61,22 @@ def render_dialogue(tokenizer, messages: list[dict[str, str]], reply: str) -> st
 def count_tokens(tokenizer, text: str) -> int:
     """Number of tokens of ``text`` (no special tokens added beyond those in the text)."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def ppo_pad_token(tokenizer) -> int:
+    """Give ``tokenizer`` a pad token distinct from EOS where it has one to spare; returns the pad id.
+
+    PPO masks everything after the first EOS itself, so pad = EOS is also correct (GPT-2 has
+    no other special token), but a distinct pad keeps padded and finished rows apart. The
+    candidate is the tokenizer's UNK token (SmolLM2: ``<|endoftext|>``) when it differs from EOS.
+
+    Raises:
+        ValueError: the tokenizer has no EOS token.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        unk = tokenizer.unk_token
+        tokenizer.pad_token = unk if unk is not None and tokenizer.unk_token_id != tokenizer.eos_token_id \
+            else tokenizer.eos_token
+    return tokenizer.pad_token_id

@@ -28,7 +28,10 @@ def test_all_notebooks_run_with_tiny_profile(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "ok"
     assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
-    assert (run_dir / "records" / "setup.json").exists() and (run_dir / "records" / "data.json").exists()
+    for stage in ("setup", "data", "sft", "reward", "ppo"):
+        assert (run_dir / "records" / f"{stage}.json").exists(), stage
+    table = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]["table"]
+    assert [row["reward_precision"] for row in table] == ["bf16", "int8", "int4"]
     assert (tmp_path / "data" / "train_prefs.jsonl").exists()
     assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
 

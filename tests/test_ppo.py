@@ -256,3 +256,26 @@ def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
     for key in ("approx_kl", "clipfrac", "entropy", "explained_variance", "eos_share", "beta", "vf_loss"):
         assert all(key in h for h in history)
     json.dumps([{k: v for k, v in h.items() if k != "samples"} for h in history])  # loggable
+
+
+def test_ppo_pad_token_is_distinct_from_eos_where_possible(models_dir, gpt2_tokenizer):
+    from edgerlhf.models import prepare_base_model
+    from edgerlhf.templates import ppo_pad_token
+
+    llama_tok = load_tokenizer(prepare_base_model("tiny-llama", models_dir))
+    assert ppo_pad_token(llama_tok) != llama_tok.eos_token_id  # SmolLM2: <|endoftext|>
+    assert ppo_pad_token(gpt2_tokenizer) == gpt2_tokenizer.eos_token_id  # GPT-2 has no other special token
+
+
+def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
+    from edgerlhf.alignment import encode_queries
+    from edgerlhf.templates import ensure_chat_template
+
+    ensure_chat_template(gpt2_tokenizer)
+    turns = []
+    for i in range(5):
+        turns += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": "ok " * 8}]
+    rows = [{"prompt": turns + [{"role": "user", "content": "last"}]}, {"prompt": [{"role": "user", "content": "x"}]}]
+    queries, prompts = encode_queries(gpt2_tokenizer, rows, 48)
+    assert len(queries) == 2 and all(len(q) <= 48 for q in queries)
+    assert prompts[0][-1]["content"] == "last" and len(prompts[0]) < len(rows[0]["prompt"])

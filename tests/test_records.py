@@ -85,3 +85,15 @@ def test_vram_budget_is_recorded_as_not_applied_on_cpu():
                                            "device_total_mib": None}
     with pytest.raises(ValueError):
         apply_vram_budget(0, "cpu")
+
+
+def test_nested_measurements_keep_the_inner_peak():
+    with measure("cpu") as outer:
+        with measure("cpu") as inner:
+            x = torch.ones(64 * 2**20)
+            x += 1
+        del x
+        with measure("cpu") as second:  # an equal-looking sibling must not confuse the bookkeeping
+            pass
+    assert outer["cpu_peak_rss_mib"] >= inner["cpu_peak_rss_mib"] > second["cpu_peak_rss_mib"] or \
+        inner["cpu_peak_scope"] == "process"
