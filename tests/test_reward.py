@@ -81,7 +81,8 @@ def test_loading_errors_are_clear(rm_cfg, tmp_path):
 
 
 def test_a_failed_run_keeps_the_previous_model(rm_cfg, monkeypatch):
-    cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False, "reward.judge": False})
+    cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False,
+                    "reward.judge": False})
     first = reward.run_reward(cfg)
     weights = open(f"{first['models']['bf16']['folder']}/model/model.safetensors", "rb").read()
 

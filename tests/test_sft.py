@@ -5,7 +5,6 @@ import torch
 from safetensors.torch import load_file
 
 from edgerlhf import sft
-from edgerlhf.adapters import compute_dtype
 from edgerlhf.hh_rlhf import DataFormatError
 from edgerlhf.lm import encode_prompt_completion
 from edgerlhf.models import load_causal_lm, load_tokenizer, prepare_base_model
@@ -26,11 +25,11 @@ def test_every_strategy_trains_and_saves(tiny_cfg, strategy):
     assert results["global_step"] == 2
     info = json.loads(open(f"{results['model_dir']}/sft_info.json").read())
     assert info["strategy"] == strategy and info["dtype"] == "float32"
-    assert (results["model_dir"] + "/merged") and load_causal_lm(results["model_dir"] + "/merged")
+    assert load_causal_lm(results["model_dir"] + "/merged").config.n_layer == 2
     assert results["perplexity_before"] > 0 and results["perplexity_after"] > 0
     assert len(results["samples"]) == cfg.sft.n_samples
     assert 0 < results["parameters"]["trainable"] <= results["parameters"]["total"]
-    assert not (cfg.run.root and (sft.Path(cfg.run.root) / "models/sft/checkpoints").exists())
+    assert not (sft.Path(cfg.run.root) / "models/sft/checkpoints").exists()  # removed after success
 
 
 def test_distill_strategy_runs(tiny_cfg):
