@@ -108,3 +108,40 @@ def measure(device: torch.device | str | None = None) -> Iterator[dict]:
             if on_cuda:
                 outer["_alloc"] = max(outer["_alloc"], stats["cuda_peak_allocated_mib"])
                 outer["_reserved"] = max(outer["_reserved"], stats["cuda_peak_reserved_mib"])
+
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA blocks to the driver (after an out-of-memory error)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3, log=print):
+    """Call ``run(micro_batch, accumulation)``; on ``torch.OutOfMemoryError`` halve the micro-batch,
+    double the accumulation (the effective batch ``micro_batch * accumulation`` is unchanged), free
+    memory and call again, at most ``max_backoffs`` times.
+
+    Returns:
+        ``(result, backoffs)``; ``backoffs`` lists ``{"micro_batch", "accumulation", "error"}`` of every
+        failed attempt, for the run record.
+    Raises:
+        torch.OutOfMemoryError: still out of memory after ``max_backoffs`` back-offs, or the micro-batch
+            cannot be halved exactly (odd, or 1) - the effective batch is never changed silently.
+    """
+    backoffs: list[dict] = []
+    while True:
+        try:
+            return run(micro_batch, accumulation), backoffs
+        except torch.OutOfMemoryError as exc:
+            if len(backoffs) >= max_backoffs or micro_batch % 2:
+                raise
+            backoffs.append({"micro_batch": micro_batch, "accumulation": accumulation, "error": str(exc)[:300]})
+            free_memory()
+            micro_batch, accumulation = micro_batch // 2, accumulation * 2
+            log(f"out of memory: retrying with micro-batch {micro_batch} x accumulation {accumulation}")
+
+from .planner import MemoryEstimate, estimate  # noqa: E402,F401  (the planner, as edgerlhf.memory.estimate)

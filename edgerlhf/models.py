@@ -186,6 +186,25 @@ def load_causal_lm(location: str, dtype: torch.dtype = torch.float32, **kwargs) 
         raise _hub_error(location, exc) from exc
 
 
+def model_config(name: str, location: str):
+    """The ``transformers`` config of a base model, without loading weights.
+
+    ``distilgpt2`` is known offline (GPT-2 small geometry with 6 layers), so the memory plan
+    works without Hub access; other names are read from their folder (or the Hub).
+
+    Raises:
+        ModelUnavailableError: the location is neither a local folder nor reachable on the Hub.
+    """
+    from transformers import AutoConfig
+
+    if name == "distilgpt2":
+        return GPT2Config(n_layer=6)
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=False)
+    except OSError as exc:
+        raise _hub_error(location, exc) from exc
+
+
 def describe_base(location: str) -> dict:
     """Provenance of a prepared base model (contents of its marker file), or ``{"source": location}``."""
     marker = Path(location) / MARKER

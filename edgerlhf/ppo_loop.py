@@ -7,6 +7,8 @@ state, step and history), written by this project and read back with ``weights_o
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +19,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .files import swap_in_dir
-from .memory import measure
+from .memory import halve_on_oom, measure
 from .ppo import KLController, RunningMoments, ppo_step, rng_state, set_rng_state
 
 
@@ -46,6 +48,28 @@ def make_optimizer(model, value_head, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": lora, "lr": cfg.learning_rate},
                               {"params": list(value_head.parameters()), "lr": cfg.value_learning_rate}],
                              eps=1e-5, weight_decay=0.0)
+
+
+def snapshot_state(model, value_head, optimizer, kl_ctl, moments, generator) -> dict:
+    """An in-memory copy of everything a PPO step changes (adapter, value head, optimiser, beta,
+    score statistics, RNGs), so a step that runs out of memory can be retried exactly."""
+    return copy.deepcopy({
+        "adapter": get_peft_model_state_dict(model), "value_head": value_head.state_dict(),
+        "optimizer": optimizer.state_dict(), "beta": kl_ctl.beta, "moments": moments.state_dict() if moments else None,
+        "generator": generator.get_state(), "rng": rng_state(),
+    })
+
+
+def restore_state(snapshot: dict, model, value_head, optimizer, kl_ctl, moments, generator) -> None:
+    """Put back the state saved by :func:`snapshot_state`."""
+    set_peft_model_state_dict(model, snapshot["adapter"])
+    value_head.load_state_dict(snapshot["value_head"])
+    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    kl_ctl.beta = snapshot["beta"]
+    if moments is not None:
+        moments.load_state_dict(snapshot["moments"])
+    generator.set_state(snapshot["generator"])
+    set_rng_state(snapshot["rng"])
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -83,6 +107,10 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     With ``cfg.resume`` the loop continues from the latest checkpoint in ``checkpoints``.
     ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation).
 
+    A step that runs out of memory is retried from the same state with the micro-batch halved and
+    the accumulation doubled (:func:`edgerlhf.memory.halve_on_oom`); the back-offs are in the step's
+    statistics.
+
     Raises:
         FloatingPointError: non-finite score, KL, reward or loss; the failing step's rollout and
             state are saved to ``checkpoints/failed-step-<n>`` and the path is in the message.
@@ -112,16 +140,28 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
 
     for step in range(start, cfg.steps):
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()
-        try:
+        snapshot = snapshot_state(model, value_head, optimizer, kl_ctl, moments, generator)
+
+        def attempt(micro_batch: int, accumulation: int) -> dict:
+            restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)  # the same step again
+            step_cfg = dataclasses.replace(cfg, mini_batch_size=micro_batch, gradient_accumulation_steps=accumulation)
             with measure() as peak:
-                stats = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
-                                 [prompts[i] for i in idx], scorer, cfg, generator, moments)
+                out = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
+                               [prompts[i] for i in idx], scorer, step_cfg, generator, moments)
+            return {**out, "peak": peak}
+
+        try:
+            stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps)
         except FloatingPointError as exc:
             failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
                                      loop_state(step) | {"prompt_indices": idx})
             raise FloatingPointError(f"step {step}: {exc}; state saved to {failed}") from exc
-        batch = stats.pop("batch")
-        stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"])
+        batch, peak = stats.pop("batch"), stats.pop("peak")
+        if backoffs:  # keep the smaller micro-batch for the rest of the run; the effective batch is unchanged
+            cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // 2 ** len(backoffs),
+                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2 ** len(backoffs))
+        stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"],
+                     oom_backoffs=backoffs, mini_batch_size=cfg.mini_batch_size)
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}
                                              for i, r, s in zip(idx[:2], batch.extra["replies"], batch.extra["raw_scores"])])
         history.append(stats)

@@ -10,10 +10,11 @@ import importlib.metadata
 import json
 import shutil
 
-from .config import Config
+from .config import Config, load_config
 from .hardware import hardware_report, recommend
 from .memory import measure
-from .models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, prepare_base_model
+from .models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
+from .planner import plan
 from .stage import begin, cli_config, finish
 
 #: (import name, distribution name) of every library the pipeline uses.
@@ -66,10 +67,17 @@ def run_setup(cfg: Config) -> dict:
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
         hardware = hardware_report(cfg.run.device, ctx.root)
         recommendation = recommend(hardware)
+        # planned for a GPU in bf16, the setting the 8 GiB budget is about: this profile, and the research plan's
+        full = load_config("full")
+        memory_plan = [{"profile": cfg.profile, **row} for row in plan(
+            cfg, model_config(cfg.model.name, base), "bf16", cfg.run.vram_budget_gib)]
+        memory_plan += [{"profile": "full", **row} for row in plan(
+            full, model_config(full.model.name, full.model.name), "bf16", full.run.vram_budget_gib)]
     results = {
         "packages": packages,
         "hardware": hardware,
         "recommendation": recommendation,
+        "memory_plan": memory_plan,
         "base_model": {"name": cfg.model.name, "location": base, **describe_base(base)},
         "disk_free_mib": round(shutil.disk_usage(ctx.root).free / 2**20),
         "embedded_install": EMBEDDED_INSTALL,

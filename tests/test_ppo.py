@@ -279,3 +279,24 @@ def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
     queries, prompts = encode_queries(gpt2_tokenizer, rows, 48)
     assert len(queries) == 2 and all(len(q) <= 48 for q in queries)
     assert prompts[0][-1]["content"] == "last" and len(prompts[0]) < len(rows[0]["prompt"])
+
+
+def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(tiny_gpt2, tmp_path, monkeypatch):
+    from edgerlhf import ppo_loop
+
+    real = ppo_loop.ppo_step
+    seen = []
+
+    def fake_oom(*args, **kwargs):
+        cfg = args[8]
+        seen.append(cfg.mini_batch_size)
+        if cfg.mini_batch_size > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_loop, "ppo_step", fake_oom)
+    cfg = PPOConfig(**{**CFG.__dict__, "steps": 2})
+    history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
+    assert seen == [2, 1, 1]  # backed off once, then kept the smaller micro-batch
+    assert history[0]["oom_backoffs"][0]["micro_batch"] == 2 and history[1]["oom_backoffs"] == []
+    assert history[1]["mini_batch_size"] == 1

@@ -97,3 +97,23 @@ def test_nested_measurements_keep_the_inner_peak():
             pass
     assert outer["cpu_peak_rss_mib"] >= inner["cpu_peak_rss_mib"] > second["cpu_peak_rss_mib"] or \
         inner["cpu_peak_scope"] == "process"
+
+
+def test_oom_backoff_halves_micro_batch_and_keeps_the_effective_batch():
+    from edgerlhf.memory import halve_on_oom
+
+    calls = []
+
+    def step(micro_batch, accumulation):
+        calls.append((micro_batch, accumulation))
+        if micro_batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return micro_batch * accumulation
+
+    result, backoffs = halve_on_oom(step, 8, 4, log=lambda msg: None)
+    assert calls == [(8, 4), (4, 8), (2, 16)] and result == 32
+    assert [b["micro_batch"] for b in backoffs] == [8, 4] and "simulated" in backoffs[0]["error"]
+    with pytest.raises(torch.OutOfMemoryError):
+        halve_on_oom(step, 8, 4, max_backoffs=1, log=lambda msg: None)
+    with pytest.raises(torch.OutOfMemoryError):  # 3 cannot be halved without changing the effective batch
+        halve_on_oom(step, 3, 1, log=lambda msg: None)

@@ -1,0 +1,179 @@
+"""Memory planner: predict a stage's peak device memory from first principles.
+
+    from edgerlhf.memory import estimate
+    plan = estimate("sft", cfg, model_config)      # MemoryEstimate(total_mib, breakdown, ...)
+
+Every term is arithmetic on the model's shape and the stage's settings; the sources:
+
+* weights: bytes per parameter - fp32 4, bf16 2, LLM.int8 1 (+ one fp32 scale per output row),
+  NF4 0.5 + double-quantized constants (8-bit absmax per 64 weights, fp32 per 256 blocks:
+  0.127 bits per weight; Dettmers et al. 2023). Only the linear layers inside the transformer
+  blocks are quantized; embeddings, norms and the head keep the compute dtype (bitsandbytes).
+* training state: LoRA (Hu et al. 2021) adds ``r * (d_in + d_out)`` parameters per adapted layer;
+  every trainable parameter costs fp32 weight + gradient + two AdamW moments = 16 bytes.
+* activations per layer: ``s * b * h * (34 + 5 * a * s / h)`` bytes at 16-bit (Korthikanti et al.
+  2022, eq. 2), scaled by bytes/2 for fp32; with gradient checkpointing only each layer's input
+  (``2 * s * b * h`` bytes at 16-bit) plus one layer's full activations.
+* logits: ``b * s * V`` float32 values, counted three times in training (logits, log-softmax,
+  gradient) and once in no-grad forwards.
+* KV cache: ``2 * layers * b * T * kv_heads * head_dim`` values in the compute dtype.
+
+It is a model, not a measurement: allocator overhead, fragmentation and library buffers are not
+included; ``benchmarks/memory_plan.py`` compares it with measured peaks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIB = 2**20
+BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 0.127 / 8}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that memory depends on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    block_linear_params: int  # parameters of the linear layers inside the transformer blocks
+    other_params: int  # embeddings, norms, untied head
+    lora_shapes: tuple = ()  # (d_in, d_out) of each LoRA-adapted layer in one block
+
+    @property
+    def params(self) -> int:
+        return self.block_linear_params + self.other_params
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """Shape of a GPT-2 or Llama-style ``transformers`` config (LoRA on attention and MLP projections)."""
+        h = config.hidden_size
+        if config.model_type == "gpt2":
+            inter = config.n_inner or 4 * h
+            kv_heads, heads = config.n_head, config.n_head
+            lora = ((h, 3 * h), (h, h), (h, inter), (inter, h))  # c_attn, attn c_proj, c_fc, mlp c_proj
+            other = config.vocab_size * h + config.n_positions * h + (4 * config.n_layer + 2) * h
+            bias = config.n_layer * (3 * h + h + inter + h)
+            other += bias
+        else:
+            inter, heads = config.intermediate_size, config.num_attention_heads
+            kv_heads = config.num_key_value_heads or heads
+            head_dim = getattr(config, "head_dim", None) or h // heads
+            kv = kv_heads * head_dim
+            lora = ((h, heads * head_dim), (h, kv), (h, kv), (heads * head_dim, h), (h, inter), (h, inter), (inter, h))
+            tied = getattr(config, "tie_word_embeddings", True)
+            other = config.vocab_size * h * (1 if tied else 2) + (2 * config.num_hidden_layers + 1) * h
+        block = config.num_hidden_layers * sum(i * o for i, o in lora)
+        return cls(config.num_hidden_layers, h, inter, heads, kv_heads, config.vocab_size, block, other, lora)
+
+
+@dataclass
+class MemoryEstimate:
+    """A predicted peak in MiB with its parts, and whether it fits a budget."""
+
+    stage: str
+    total_mib: float
+    breakdown: dict = field(default_factory=dict)
+
+    def fits(self, budget_gib: float | None) -> bool:
+        """True when the total is within ``budget_gib`` (always True without a budget)."""
+        return budget_gib is None or self.total_mib <= budget_gib * 1024
+
+
+def weights_mib(shape: ModelShape, precision: str, compute: str) -> float:
+    """Weights in MiB: block linear layers at ``precision``, the rest at the ``compute`` dtype."""
+    per_row = 4 * shape.layers * sum(o for _, o in shape.lora_shapes) if precision == "int8" else 0
+    return (shape.block_linear_params * BYTES[precision] + per_row + shape.other_params * BYTES[compute]) / MIB
+
+
+def lora_params(shape: ModelShape, r: int) -> int:
+    """LoRA parameters on every adapted layer of every block: ``r * (d_in + d_out)`` each."""
+    return shape.layers * sum(r * (i + o) for i, o in shape.lora_shapes)
+
+
+def activations_mib(shape: ModelShape, batch: int, seq: int, compute: str, checkpointing: bool) -> float:
+    """Training activations of the transformer blocks (Korthikanti et al. 2022), in MiB."""
+    scale = BYTES[compute] / 2
+    one_layer = seq * batch * shape.hidden * (34 + 5 * shape.heads * seq / shape.hidden) * scale
+    if checkpointing:
+        return (shape.layers * 2 * seq * batch * shape.hidden * scale + one_layer) / MIB
+    return shape.layers * one_layer / MIB
+
+
+def logits_mib(shape: ModelShape, batch: int, seq: int, copies: int) -> float:
+    """``copies`` float32 ``[batch, seq, vocab]`` tensors, in MiB."""
+    return copies * batch * seq * shape.vocab * 4 / MIB
+
+
+def kv_cache_mib(shape: ModelShape, batch: int, tokens: int, compute: str) -> float:
+    """Key/value cache for ``tokens`` positions, in MiB."""
+    head_dim = shape.hidden // shape.heads
+    return 2 * shape.layers * batch * tokens * shape.kv_heads * head_dim * BYTES[compute] / MIB
+
+
+def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEstimate:
+    """Predict the peak device memory of ``stage`` (``sft``, ``reward`` or ``ppo``) for ``cfg``
+    (a :class:`edgerlhf.config.Config`) and a ``transformers`` model config.
+
+    Raises:
+        ValueError: unknown stage.
+    """
+    shape = ModelShape.from_config(model_config)
+    parts: dict[str, float] = {}
+    if stage == "sft":
+        s = cfg.sft
+        precision = "int4" if s.strategy == "qlora" else compute
+        parts["weights"] = weights_mib(shape, precision, compute)
+        trainable = shape.params if s.strategy in ("full", "frozen") else lora_params(shape, s.lora_r)
+        parts["trainable_state"] = trainable * 16 / MIB
+        b, seq = s.per_device_train_batch_size, s.max_length
+        parts["activations"] = activations_mib(shape, b, seq, compute, s.gradient_checkpointing)
+        parts["logits"] = logits_mib(shape, b, seq, 3)
+    elif stage == "reward":
+        r = cfg.reward
+        precision = max(r.precisions, key=lambda p: BYTES[p if p != "bf16" else compute])
+        parts["weights"] = weights_mib(shape, precision if precision != "bf16" else compute, compute)
+        parts["trainable_state"] = (lora_params(shape, r.lora_r) + shape.hidden) * 16 / MIB
+        b = 2 * r.per_device_train_batch_size  # chosen and rejected in one forward
+        parts["activations"] = activations_mib(shape, b, r.max_length, compute, r.gradient_checkpointing)
+    elif stage == "ppo":
+        p = cfg.ppo
+        precision = p.policy_precision if p.policy_precision != "bf16" else compute
+        parts["policy_weights"] = weights_mib(shape, precision, compute)
+        parts["trainable_state"] = (lora_params(shape, p.lora_r) + shape.hidden + 1) * 16 / MIB
+        if p.reward_device != "cpu":
+            parts["reward_model_weights"] = weights_mib(shape, compute, compute)
+        seq = p.max_prompt_length + p.response_length
+        generation = kv_cache_mib(shape, p.batch_size, seq, compute) + logits_mib(shape, p.batch_size, 1, 2)
+        no_grad_forward = logits_mib(shape, p.batch_size, p.response_length, 1)
+        training = activations_mib(shape, p.mini_batch_size, seq, compute, False) + logits_mib(
+            shape, p.mini_batch_size, p.response_length, 3)
+        parts["activations (largest phase)"] = max(generation, no_grad_forward, training)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose sft, reward or ppo")
+    return MemoryEstimate(stage, sum(parts.values()), parts)
+
+
+ADVICE = {
+    "sft": "set sft.gradient_checkpointing=true, halve sft.per_device_train_batch_size (double the accumulation), "
+           "or use sft.strategy=qlora",
+    "reward": "keep reward.gradient_checkpointing=true, halve reward.per_device_train_batch_size, or lower "
+              "reward.max_length",
+    "ppo": "keep ppo.reward_device=cpu, halve ppo.mini_batch_size, lower ppo.batch_size or ppo.response_length, or "
+           "use ppo.policy_precision=int4",
+}
+
+
+def plan(cfg, model_config, compute: str, budget_gib: float | None) -> list[dict]:
+    """One row per training stage: predicted peak (MiB), its parts, whether it fits, what to change if not."""
+    rows = []
+    for stage in ("sft", "reward", "ppo"):
+        est = estimate(stage, cfg, model_config, compute)
+        fits = est.fits(budget_gib)
+        rows.append({"stage": stage, "estimate_mib": round(est.total_mib, 1), "fits": fits,
+                     "budget_gib": budget_gib, "advice": "" if fits else ADVICE[stage],
+                     **{f"{k}_mib": round(v, 1) for k, v in est.breakdown.items()}})
+    return rows
