@@ -76,6 +76,8 @@ def measure(device: torch.device | str | None = None) -> Iterator[dict]:
 
     Keys (MiB or seconds): ``wall_time_s``, ``cpu_peak_rss_mib`` (process peak resident
     memory inside the block when ``cpu_peak_scope == "block"``, else since process start),
+    ``cpu_rss_start_mib`` and ``cpu_peak_increase_mib`` (the peak above the memory the process
+    already held on entry: what the block itself needed),
     ``cuda_peak_allocated_mib`` and ``cuda_peak_reserved_mib`` (None without CUDA), and
     ``device``. Peaks are reset on entry; measurements may be nested (an inner block's
     reset does not hide its peak from the enclosing block).
@@ -89,6 +91,7 @@ def measure(device: torch.device | str | None = None) -> Iterator[dict]:
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     scope = "block" if _reset_rss_peak() else "process"
+    rss_start = psutil.Process().memory_info().rss / MIB
     _ACTIVE.append(stats)
     start = time.perf_counter()
     try:
@@ -100,6 +103,8 @@ def measure(device: torch.device | str | None = None) -> Iterator[dict]:
         stats["wall_time_s"] = time.perf_counter() - start
         stats["cpu_peak_rss_mib"] = max(_rss_peak_mib(), stats.pop("_rss"))
         stats["cpu_peak_scope"] = scope
+        stats["cpu_rss_start_mib"] = rss_start
+        stats["cpu_peak_increase_mib"] = stats["cpu_peak_rss_mib"] - rss_start
         alloc, reserved = stats.pop("_alloc"), stats.pop("_reserved")
         stats["cuda_peak_allocated_mib"] = max(torch.cuda.max_memory_allocated(dev) / MIB, alloc) if on_cuda else None
         stats["cuda_peak_reserved_mib"] = max(torch.cuda.max_memory_reserved(dev) / MIB, reserved) if on_cuda else None

@@ -24,7 +24,7 @@ from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .config import Config, RewardConfig
 from .files import swap_in_dir
 from .lm import fit_prompt
-from .memory import measure
+from .memory import free_memory, measure
 from .metrics import agreement, evaluate_pairs
 from .models import load_tokenizer
 from .plots import margin_figure, reliability_figure
@@ -146,11 +146,15 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
         shutil.rmtree(staging, ignore_errors=True)
         save_trained(trainer, tokenizer, sft_location, precision, staging, ctx.device)
         swap_in_dir(staging, out_dir / name)
+        trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
     if not r.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return {"parameters": count_parameters(model), "global_step": trainer.state.global_step,
-            "resumed_from": Path(last).name if last else None, "train_runtime_s": output.metrics["train_runtime"],
-            "peak_memory_training": m, "log_history": trainer.state.log_history}
+    results = {"parameters": count_parameters(model), "global_step": trainer.state.global_step,
+               "resumed_from": Path(last).name if last else None, "train_runtime_s": output.metrics["train_runtime"],
+               "peak_memory_training": m, "log_history": trainer.state.log_history}
+    del trainer, model
+    free_memory()
+    return results
 
 
 def run_reward(cfg: Config) -> dict:
@@ -241,8 +245,10 @@ def summary_table(models: dict[str, dict]) -> list[dict]:
             "folder_mib": e["folder_mib"],
             "memory_footprint_mib": e["memory_footprint_mib"],
             "peak_cpu_rss_training_mib": peak.get("cpu_peak_rss_mib"),
+            "cpu_increase_training_mib": peak.get("cpu_peak_increase_mib"),
             "peak_cuda_training_mib": peak.get("cuda_peak_allocated_mib"),
             "peak_cpu_rss_scoring_mib": e["peak_memory_scoring"]["cpu_peak_rss_mib"],
+            "cpu_increase_scoring_mib": e["peak_memory_scoring"]["cpu_peak_increase_mib"],
             "peak_cuda_scoring_mib": e["peak_memory_scoring"]["cuda_peak_allocated_mib"],
             "pairs_per_second": e["pairs_per_second"], "train_time_s": e.get("train_runtime_s"),
         })

@@ -27,7 +27,7 @@ from .config import Config, SFTConfig
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
 from .lm import completion_nll, fit_prompt
-from .memory import measure
+from .memory import free_memory, measure
 from .models import load_causal_lm, load_tokenizer, prepare_base_model
 from .plots import loss_figure
 from .prefs import read_prefs
@@ -176,6 +176,8 @@ def run_sft(cfg: Config) -> dict:
         if adapter_dir is not None:
             trainer.model.save_pretrained(adapter_dir)
         final = merged_model(trainer.model, s, base, adapter_dir, ctx.device)
+        trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
+        free_memory()
         final.save_pretrained(staging / "merged", safe_serialization=True)
         tokenizer.save_pretrained(staging / "merged")
         # evaluate the merged model: what stages 3 and 4 load
