@@ -81,7 +81,8 @@ def read_info(path: str | Path) -> dict:
 def state_dict_mib(model: torch.nn.Module) -> float:
     """Bytes of the model's state dict in MiB: quantized weights with their quantization
     constants, full-precision head, adapters - the size its weights take when saved."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights (embeddings = head) once
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
 
 
 def load_reward_model(path: str | Path, precision: str | None = None, device: torch.device | str = "cpu"):
