@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -412,8 +413,6 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     Returns:
         The step's statistics (see :data:`STEP_STATS`) and ``"batch"``: the rollout as a :class:`Batch`.
     """
-    import time
-
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad_id is None or eos_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} needs a pad and an EOS token for PPO")

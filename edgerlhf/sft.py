@@ -56,8 +56,12 @@ def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) ->
     return examples, counts
 
 
-def build_model(location: str, cfg: SFTConfig, device: torch.device) -> torch.nn.Module:
+def build_model(location: str, cfg: SFTConfig, device: torch.device,
+                loaded: torch.nn.Module | None = None) -> torch.nn.Module:
     """The model to train for ``cfg.strategy``: LoRA/QLoRA-wrapped, fully trainable, or partly frozen.
+
+    ``loaded`` is the base model already in memory in the compute dtype (reused, not loaded again);
+    ``qlora`` always loads its own 4-bit copy.
 
     Raises:
         ValueError: unknown strategy or target module, or ``frozen_layers`` out of range.
@@ -68,7 +72,7 @@ def build_model(location: str, cfg: SFTConfig, device: torch.device) -> torch.nn
                                device_map={"": str(device)})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
-        model = load_causal_lm(location, dtype).to(device)
+        model = loaded if loaded is not None else load_causal_lm(location, dtype).to(device)
     if cfg.strategy in ("lora", "qlora", "distill"):
         config = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, "CAUSAL_LM")
         model = get_peft_model(model, config)
@@ -158,12 +162,14 @@ def run_sft(cfg: Config) -> dict:
         pairs = [(e["prompt"], e["completion"][0]["content"]) for e in evaluation]
         sample_prompts = [e["prompt"] for e in evaluation[: s.n_samples]]
         # model, and the "before" measurements on the untouched base
-        reference = load_causal_lm(base, compute_dtype(ctx.device)).to(ctx.device)
-        before = completion_nll(reference, tokenizer, pairs)
-        samples_before = generate(reference, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
-        del reference
+        base_model = load_causal_lm(base, compute_dtype(ctx.device)).to(ctx.device)
+        before = completion_nll(base_model, tokenizer, pairs)
+        samples_before = generate(base_model, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
+        if s.strategy == "qlora":  # trains its own 4-bit copy
+            del base_model
+            base_model = None
         teacher = prepare_base_model(s.teacher, ctx.path(cfg.model.models_dir)) if s.teacher else None
-        model = build_model(base, s, ctx.device)
+        model = build_model(base, s, ctx.device, base_model)
         parameters = count_parameters(model)
         # trainer, train
         trainer = make_trainer(model, tokenizer, s, training_arguments(s, checkpoints, ctx.device, cfg.run.seed),

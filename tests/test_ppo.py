@@ -139,8 +139,7 @@ def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
             assert torch.allclose(batched["logprobs"][i, :n], one["logprobs"][0], atol=1e-5)
 
 
-def test_logprobs_match_the_sampling_distribution(tiny_gpt2):
-    """The recomputed log-prob of a greedy (temperature -> 0) token is the max over the vocabulary."""
+def test_forward_gives_log_probs_entropy_and_zero_initial_values(tiny_gpt2):
     policy, head = tiny_policy(tiny_gpt2)
     tok = load_tokenizer(tiny_gpt2)
     ro = ppo.rollout(policy, queries_for(tok, 2), tok.eos_token_id, tok.eos_token_id, 4, 0.7, 0, 1.0)
