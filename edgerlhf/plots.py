@@ -86,3 +86,18 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score")
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def memory_figure(rows: list[dict], budget_gib: float | None, path: str | Path) -> Path:
+    """Peak memory per stage (MiB): CUDA peak allocated where measured, else process peak RSS, with the budget line."""
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    on_cuda = any(r["cuda_peak_allocated_mib"] is not None for r in rows)
+    key = "cuda_peak_allocated_mib" if on_cuda else "cpu_peak_rss_mib"
+    ax.bar([r["stage"] for r in rows], [r[key] or 0 for r in rows], color="#4c72b0")
+    if budget_gib:
+        ax.axhline(budget_gib * 1024, color="#c44e52", ls="--", label=f"budget {budget_gib:g} GiB")
+        ax.legend()
+    ax.set_ylabel("CUDA peak allocated (MiB)" if on_cuda else "process peak RSS (MiB)")
+    ax.set_title("peak memory per stage" + ("" if on_cuda else " (CPU run: RSS, no device cap)"))
+    return save(fig, path)

@@ -1,11 +1,15 @@
 """Integration: every notebook runs through papermill with the tiny profile."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from edgerlhf.paths import REPO_ROOT
-from edgerlhf.run import NOTEBOOKS, main, run_notebooks, select
+from edgerlhf.report import build_report
+from edgerlhf.run import NOTEBOOKS, main, select
 
 
 def test_committed_notebooks_are_clean_and_parameterised():
@@ -23,17 +27,25 @@ def test_select():
         select("09")
 
 
-def test_all_notebooks_run_with_tiny_profile(tmp_path):
-    run_dir = run_notebooks("tiny", root=tmp_path, progress=False)
+def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
+    # The README's reproducibility check, as CI runs it: notebooks 00 -> 04 twice, records compared.
+    out = subprocess.run([sys.executable, "-m", "edgerlhf.reproduce", "--profile", "tiny", "--root", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "REPRODUCED" in out.stdout
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["reproduced"] and Path(comparison["run_a"]).parent.parent.parent == tmp_path / "a"
+    run_dir = Path(comparison["run_a"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "ok"
     assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
-    for stage in ("setup", "data", "sft", "reward", "ppo"):
-        assert (run_dir / "records" / f"{stage}.json").exists(), stage
+    assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
     table = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]["table"]
     assert [row["reward_precision"] for row in table] == ["bf16", "int8", "int4"]
-    assert (tmp_path / "data" / "train_prefs.jsonl").exists()
-    assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
+    assert (tmp_path / "a" / "data" / "train_prefs.jsonl").exists()
+    # the report is built from this run's real records
+    report = build_report(run_dir).read_text()
+    assert "## PPO alignment" in report and "| int4 |" in report
 
 
 def test_a_failing_notebook_stops_the_run_and_names_itself(tmp_path, capsys):

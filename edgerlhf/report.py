@@ -1,0 +1,253 @@
+"""Build ``RUN_DIR/REPORT.md`` and its figures from a run's records alone.
+
+    python -m edgerlhf.report results/runs/<run_id>
+
+Every number in the report is read from ``RUN_DIR/records/*.json`` (and the runner's
+``manifest.json`` for notebook wall times); nothing is typed in. Figures are redrawn from
+the records into ``RUN_DIR/report_figures/`` so the report folder can be copied as a whole.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import plots
+from .files import atomic_write_text
+from .records import read_record, record_paths
+
+STAGES = {"setup": "00_Setup", "data": "01_Data_Preparation", "sft": "02_SFT_Finetuning",
+          "reward": "03_Reward_Modeling", "ppo": "04_PPO_Alignment"}
+MIB_PER_GIB = 1024
+
+
+class MissingRecordError(FileNotFoundError):
+    """A stage's record is absent from the run folder; the message names the file and the notebook."""
+
+
+def latest_records(run_dir: str | Path) -> dict[str, dict]:
+    """The newest record of every stage in ``run_dir/records`` (``sft.2.json`` wins over ``sft.json``).
+
+    Raises:
+        MissingRecordError: a stage of :data:`STAGES` has no record.
+        ValueError: a record file is not valid JSON (from :func:`edgerlhf.records.read_record`).
+    """
+    run_dir = Path(run_dir)
+    found: dict[str, dict] = {}
+    for path in record_paths([run_dir]):  # sorted so that repeats come after the first record
+        found[path.stem.partition(".")[0]] = read_record(path)
+    for stage, notebook in STAGES.items():
+        if stage not in found:
+            raise MissingRecordError(f"{run_dir / 'records' / (stage + '.json')}: no record of stage {stage!r}; "
+                                     f"run {notebook}.ipynb into this run folder first")
+    return found
+
+
+def _n(x, digits: int = 3) -> str:
+    """A number for a table cell (``-`` for None)."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; cells already formatted as strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _peak(memory: dict | None) -> str:
+    """``CUDA allocated / reserved`` when measured on a GPU, else the process peak RSS (MiB)."""
+    if not memory:
+        return "-"
+    if memory.get("cuda_peak_allocated_mib") is not None:
+        return f"{memory['cuda_peak_allocated_mib']:,.0f} / {memory['cuda_peak_reserved_mib']:,.0f} (CUDA)"
+    return f"{memory['cpu_peak_rss_mib']:,.0f} (RSS)"
+
+
+def _clip(text: str, n: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def section_run(records: dict, manifest: dict | None) -> str:
+    setup = records["setup"]
+    hw, sw = setup["hardware"], setup["software"]
+    device = hw["gpu_name"] or f"CPU only ({hw['cpu']}, {hw['cpu_count']} cores)"
+    rows = [["run", setup["run_id"]], ["profile", setup["profile"]], ["seed", setup["seed"]],
+            ["git commit", (manifest or {}).get("git_commit") or "-"], ["device", device],
+            ["VRAM (MiB)", _n(hw["vram_total_mib"])], ["RAM (MiB)", _n(hw["ram_total_mib"])],
+            ["bf16 supported", _n(hw["bf16_supported"])], ["platform", hw["platform"]],
+            ["base model", (f"{setup['results']['base_model']['name']} "
+                           f"({_n(setup['results']['base_model']['parameters'])} parameters)")]]
+    rows += [[name, version or "not installed"] for name, version in sw.items()]
+    return "## Hardware and software\n\n" + _table(["", "value"], rows)
+
+
+def section_time(records: dict, manifest: dict | None) -> str:
+    notebook_s = {n["notebook"][:2]: n.get("seconds") for n in (manifest or {}).get("notebooks", [])}
+    rows = [[f"{STAGES[s]}", _n(records[s]["wall_time_s"], 1), _n(notebook_s.get(STAGES[s][:2]), 1)]
+            for s in STAGES]
+    total = [sum(r["wall_time_s"] or 0 for r in records.values()), sum(v or 0 for v in notebook_s.values())]
+    rows.append(["**total**", _n(total[0], 1), _n(total[1], 1) if notebook_s else "-"])
+    return ("## Wall time\n\nStage time is measured inside the stage (record `wall_time_s`); notebook time "
+            "includes kernel start and plotting (runner manifest).\n\n"
+            + _table(["stage", "stage (s)", "notebook (s)"], rows))
+
+
+def section_data(records: dict) -> str:
+    r = records["data"]["results"]
+    lines = [(f"## Data\n\nSource: `{r['source']['location']}` (sha256 `{r['source_sha256'][:12]}…`), "
+             f"{_n(r['rows_read'])} rows read, {_n(r['kept'])} kept; train {_n(r['counts']['train'])} / "
+             f"test {_n(r['counts']['test'])} pairs (template `{r['template']}`, max length "
+             f"{r['max_length']} tokens).\n"),
+             _table(["drop reason", "rows"], [[k, _n(v)] for k, v in r["dropped"].items()]), "",
+             "Token lengths (mean / median / p95 / max):\n"]
+    rows = [[split, part, " / ".join(_n(stats[k], 1) for k in ("mean", "median", "p95", "max"))]
+            for split, parts in r["token_lengths"].items() for part, stats in parts.items()]
+    lines.append(_table(["split", "part", "tokens"], rows))
+    lines.append("\nFiles: " + ", ".join(f"`{name}` sha256 `{digest[:12]}…`" for name, digest in r["files"].items()))
+    return "\n".join(lines)
+
+
+def section_sft(records: dict, figures: Path) -> str:
+    r = records["sft"]["results"]
+    fig = plots.loss_figure(r["log_history"], figures / "sft_loss.png")
+    rows = [["strategy", r["strategy"]], ["dtype that ran", r["dtype"]],
+            ["trainable parameters", f"{_n(r['parameters']['trainable'])} of {_n(r['parameters']['total'])}"],
+            ["optimizer steps", _n(r["global_step"])], ["training tokens", _n(r["tokens_seen"])],
+            ["throughput (tokens/s)", _n(r["tokens_per_second"], 1)],
+            ["held-out perplexity before → after", (f"{_n(r['perplexity_before'], 2)} → {_n(r['perplexity_after'], 2)}"
+                                                   f" ({_n(r['eval_tokens'])} tokens)")],
+            ["peak memory (MiB)", _peak(records["sft"]["peak_memory"])]]
+    samples = [[_clip(s["prompt"], 120), _clip(s["before"]), _clip(s["after"])] for s in r["samples"][:3]]
+    return ("## Supervised fine-tuning\n\n" + _table(["", "value"], rows)
+            + f"\n\n![SFT loss]({fig.parent.name}/{fig.name})\n\nHeld-out prompts, greedy replies before and after:\n\n"
+            + _table(["prompt", "before SFT", "after SFT"], samples))
+
+
+def section_reward(records: dict, figures: Path) -> str:
+    r = records["reward"]["results"]
+    models = r["models"]
+    rel = plots.reliability_figure(models, figures / "rm_reliability.png")
+    margins = plots.margin_figure(models, figures / "rm_margins.png")
+    rows = []
+    for row in r["table"]:
+        entry = models[row["model"]]
+        lo, hi = row["accuracy_ci95"]
+        train = entry.get("peak_memory_training")
+        rows.append([row["model"], row["precision"], row["mode"], f"{_n(row['accuracy'])} [{_n(lo)}, {_n(hi)}]",
+                     _n(row["ties"]), _n(row["auc_roc"]), _n(row["ece"]), _n(row["weights_mib"], 1),
+                     _peak(train), _peak(entry["peak_memory_scoring"]), _n(row["pairs_per_second"], 2),
+                     _n(row["train_time_s"], 1)])
+    n = next(iter(models.values()))["n"]
+    d = r["data"]
+    return (f"## Reward models\n\nTrained on {_n(d['train']['kept'])} pairs (validation {_n(d['validation']['kept'])}); "
+            f"evaluated on the same {_n(n)} held-out pairs. Accuracy is strict (ties count as wrong) with a 95% "
+            "bootstrap interval; `-ptq` rows are the bf16 model quantized after training; `judge` was trained on the "
+            "other half of the training pairs and scores PPO.\n\n"
+            + _table(["model", "precision", "mode", "accuracy [95% CI]", "ties", "AUC-ROC", "ECE", "weights (MiB)",
+                      "peak training (MiB)", "peak scoring (MiB)", "pairs/s", "train time (s)"], rows)
+            + f"\n\n![reliability]({rel.parent.name}/{rel.name})\n\n![margins]({margins.parent.name}/{margins.name})")
+
+
+def section_ppo(records: dict, figures: Path) -> str:
+    r = records["ppo"]["results"]
+    experiments = r["experiments"]
+    curves = plots.ppo_curves_figure(experiments, figures / "ppo_curves.png")
+    overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
+    rows = [[t["reward_precision"], Path(experiments[t["reward_precision"]]["judge_model"]).name,
+             f"{_n(t['judge_before'])} → {_n(t['judge_after'])}",
+             f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["win_rate"], 2),
+             _n(t["wall_time_s"], 1), _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
+    samples = []
+    for name, e in experiments.items():
+        samples += [[name, _clip(s["prompt"], 120), _clip(s["sft"]), _clip(s["ppo"])] for s in e["samples"][:2]]
+    return ("## PPO alignment\n\nJudge reward: a reward model that PPO did not train against, on held-out prompts; "
+            "proxy reward: the reward model PPO optimised; KL to the SFT model in nats per reply; win rate: share of "
+            "held-out prompts where the judge prefers the PPO reply.\n\n"
+            + _table(["reward-model precision", "judge", "judge reward before → after", "proxy reward before → after", "KL",
+                      "win rate", "time (s)", "peak memory (MiB)"], rows)
+            + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
+            f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\nSample replies on held-out prompts:\n\n"
+            + _table(["reward model", "prompt", "SFT", "PPO"], samples))
+
+
+def memory_rows(records: dict) -> list[dict]:
+    """Per-stage peak memory (MiB) with the budget the stage ran under; one dict per stage."""
+    rows = []
+    for stage in STAGES:
+        record = records[stage]
+        m, budget = record["peak_memory"], record.get("vram_budget") or {}
+        rows.append({"stage": stage, "device": m.get("device"), "cpu_peak_rss_mib": m.get("cpu_peak_rss_mib"),
+                     "cuda_peak_allocated_mib": m.get("cuda_peak_allocated_mib"),
+                     "cuda_peak_reserved_mib": m.get("cuda_peak_reserved_mib"),
+                     "budget_gib": budget.get("budget_gib"), "budget_applied": budget.get("applied")})
+    return rows
+
+
+def section_memory(records: dict, figures: Path) -> str:
+    rows = memory_rows(records)
+    budget = next((r["budget_gib"] for r in rows if r["budget_gib"]), None)
+    fig = plots.memory_figure(rows, budget, figures / "memory.png")
+    table = _table(["stage", "device", "peak RSS (MiB)", "CUDA peak allocated (MiB)", "CUDA peak reserved (MiB)",
+                    "budget (GiB)", "cap applied"],
+                   [[r["stage"], r["device"], _n(r["cpu_peak_rss_mib"], 0), _n(r["cuda_peak_allocated_mib"], 0),
+                     _n(r["cuda_peak_reserved_mib"], 0), _n(r["budget_gib"], 1), _n(r["budget_applied"])]
+                    for r in rows])
+    plan = records["setup"]["results"].get("memory_plan")
+    planned = "(not recorded by this run's 00_Setup)"
+    if plan:
+        planned = _table(["profile", "stage", "estimate on a bf16 GPU (MiB)", "fits the budget", "advice"],
+                         [[p["profile"], p["stage"], _n(p["estimate_mib"], 0), _n(p["fits"]), p["advice"] or "-"]
+                          for p in plan])
+    note = ("On a CPU the cap cannot apply and the device figures are empty; the process peak RSS includes the "
+            "Python process and every model the stage holds." if all(r["cuda_peak_allocated_mib"] is None for r in rows)
+            else "CUDA figures are measured under the per-process cap.")
+    return (f"## Memory against the {_n(budget, 0)} GiB budget\n\n{note}\n\n{table}\n\n![memory]({fig.parent.name}/"
+            f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.memory.estimate`):\n\n{planned}")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/REPORT.md`` and ``run_dir/report_figures/*.png`` from the records; returns the report path.
+
+    Raises:
+        MissingRecordError: a stage's record is missing (the message names the file and the notebook).
+        ValueError: a record is not valid JSON.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    records = latest_records(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    figures = run_dir / "report_figures"
+    parts = [(f"# EdgeRLHF run report: {records['setup']['run_id']}\n\nBuilt by `python -m edgerlhf.report` from the "
+             f"records in `records/`; every number below is read from them."),
+             section_run(records, manifest), section_time(records, manifest), section_data(records),
+             section_sft(records, figures), section_reward(records, figures), section_ppo(records, figures),
+             section_memory(records, figures)]
+    return atomic_write_text(run_dir / "REPORT.md", "\n\n".join(parts) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.report RUN_DIR``; returns 0, or 1 with a message on error."""
+    parser = argparse.ArgumentParser(description="Build RUN_DIR/REPORT.md from a run's records.")
+    parser.add_argument("run_dir", help="a run folder, e.g. results/runs/<run_id>")
+    args = parser.parse_args(argv)
+    try:
+        path = build_report(args.run_dir)
+    except (MissingRecordError, ValueError) as exc:
+        print(f"edgerlhf.report: {exc}", file=sys.stderr)
+        return 1
+    print(f"edgerlhf.report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
