@@ -138,7 +138,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, data: di
         checkpoints = out_dir / "checkpoints" / precision
         history = train(policy, value_head, tokenizer, queries, prompts,
                         reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias), p, checkpoints,
-                        cfg.run.seed, on_step)
+                        cfg.run.seed, on_step, cfg.run.max_oom_backoffs)
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
                       "judge": after["judge_mean"]})

@@ -45,6 +45,10 @@ class RunConfig:
     vram_budget_gib: Optional[float] = _f(
         8.0, "Device-memory cap in GiB (float) applied on CUDA so any card behaves like an 8 GB one; None: no cap."
     )
+    max_oom_backoffs: int = _f(
+        3, "Out-of-memory back-offs per training run or PPO step (int): each halves the micro-batch and doubles "
+        "gradient accumulation, so the effective batch is unchanged; 0 lets the error through."
+    )
 
 
 @dataclass
@@ -184,6 +188,10 @@ class PPOConfig:
     batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.")
     mini_batch_size: int = _f(2, "Sequences per forward/backward (int). Research plan: 2.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
+    generation_batch_size: Optional[int] = _f(
+        None, "Prompts per `generate` call and per log-prob forward pass in a rollout (int); None: the whole "
+        "batch. Halved with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
+    )
     ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")
     learning_rate: float = _f(1.41e-5, "Adam learning rate of the policy's LoRA (float). Research plan / TRL: 1.41e-5.")
     value_learning_rate: float = _f(

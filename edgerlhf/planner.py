@@ -147,8 +147,9 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
         if p.reward_device != "cpu":
             parts["reward_model_weights"] = weights_mib(shape, compute, compute)
         seq = p.max_prompt_length + p.response_length
-        generation = kv_cache_mib(shape, p.batch_size, seq, compute) + logits_mib(shape, p.batch_size, 1, 2)
-        no_grad_forward = logits_mib(shape, p.batch_size, p.response_length, 1)
+        rows = min(p.generation_batch_size or p.batch_size, p.batch_size)  # per generate / forward call
+        generation = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, 1, 2)
+        no_grad_forward = logits_mib(shape, rows, p.response_length, 1)
         training = activations_mib(shape, p.mini_batch_size, seq, compute, False) + logits_mib(
             shape, p.mini_batch_size, p.response_length, 3)
         parts["activations (largest phase)"] = max(generation, no_grad_forward, training)
@@ -162,8 +163,8 @@ ADVICE = {
            "or use sft.strategy=qlora",
     "reward": "keep reward.gradient_checkpointing=true, halve reward.per_device_train_batch_size, or lower "
               "reward.max_length",
-    "ppo": "keep ppo.reward_device=cpu, halve ppo.mini_batch_size, lower ppo.batch_size or ppo.response_length, or "
-           "use ppo.policy_precision=int4",
+    "ppo": "keep ppo.reward_device=cpu, halve ppo.mini_batch_size, set ppo.generation_batch_size, lower "
+           "ppo.response_length, or use ppo.policy_precision=int4",
 }
 
 

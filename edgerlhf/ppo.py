@@ -78,11 +78,12 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def rollout(model, queries: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float,
-            top_k: int, top_p: float) -> dict:
+            top_k: int, top_p: float, chunk_size: int | None = None) -> dict:
     """Sample one reply per query with the policy (adapter on, dropout off).
 
     Queries are left-padded; ``generate`` builds its own position ids from the attention mask.
-    Tokens after the first EOS are replaced by ``pad_id`` and masked.
+    Tokens after the first EOS are replaced by ``pad_id`` and masked. ``chunk_size`` rows go
+    through ``generate`` at a time (None: all), which bounds the KV cache (memory back-off).
 
     Returns:
         ``{"query": LongTensor[B, P], "query_mask": [B, P], "response": LongTensor[B, R],
@@ -92,13 +93,17 @@ def rollout(model, queries: list[list[int]], pad_id: int, eos_id: int, max_new_t
     query, query_mask = pad_left(queries, pad_id)
     query, query_mask = query.to(device), query_mask.to(device)
     model.eval()
-    out = model.generate(
-        input_ids=query, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
-        temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_id, eos_token_id=eos_id,
-    )
-    response = out[:, query.shape[1]:]
-    if response.shape[1] < max_new_tokens:  # generation stopped early for every row: pad to a fixed width
-        response = torch.nn.functional.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_id)
+    responses = []
+    for rows in torch.arange(len(queries)).split(chunk_size or len(queries)):
+        out = model.generate(
+            input_ids=query[rows], attention_mask=query_mask[rows], max_new_tokens=max_new_tokens, do_sample=True,
+            temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_id, eos_token_id=eos_id,
+        )
+        response = out[:, query.shape[1]:]
+        if response.shape[1] < max_new_tokens:  # generation stopped early for every row: pad to a fixed width
+            response = torch.nn.functional.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_id)
+        responses.append(response)
+    response = torch.cat(responses)
     mask, ended = response_mask(response, eos_id)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad_id))
     return {"query": query, "query_mask": query_mask, "response": response, "response_mask": mask, "ended": ended}
@@ -142,17 +147,25 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: float) -> dict:
+def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: float,
+                                  chunk_size: int | None = None) -> dict:
     """Old policy log-probs and values, and reference log-probs with the adapter disabled (no second copy).
 
     ``model`` is a peft ``PeftModel``; ``model.disable_adapter()`` gives the SFT model, whose LoRA
     was merged into the base weights before PPO (see :func:`edgerlhf.alignment.load_policy`).
+    ``chunk_size`` rows per forward pass (None: all); returns ``[B, R]`` float32 tensors.
     """
     model.eval()
-    policy = forward_logprobs(model, value_head, batch, temperature)
-    with model.disable_adapter():
-        reference = forward_logprobs(model, None, batch, temperature)
-    return {"logprobs": policy["logprobs"], "values": policy["values"], "ref_logprobs": reference["logprobs"]}
+    parts = []
+    for rows in torch.arange(batch["query"].shape[0]).split(chunk_size or batch["query"].shape[0]):
+        chunk = {k: batch[k][rows] for k in ("query", "query_mask", "response", "response_mask")}
+        policy = forward_logprobs(model, value_head, chunk, temperature)
+        with model.disable_adapter():
+            reference = forward_logprobs(model, None, chunk, temperature)
+        parts.append((policy["logprobs"], policy["values"], reference["logprobs"]))
+    logprobs, values, ref_logprobs = zip(*parts)
+    return {"logprobs": torch.cat(logprobs), "values": None if value_head is None else torch.cat(values),
+            "ref_logprobs": torch.cat(ref_logprobs)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +431,8 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} needs a pad and an EOS token for PPO")
     timing = {}
     step_start = t = time.perf_counter()
-    ro = rollout(model, queries, pad_id, eos_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+    ro = rollout(model, queries, pad_id, eos_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
+                 cfg.generation_batch_size)
     timing["time_generation_s"] = time.perf_counter() - t
     mask = ro["response_mask"]
     t = time.perf_counter()
@@ -430,7 +444,7 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         moments.update(scores)
         scores = (scores - moments.mean) / moments.std
     t = time.perf_counter()
-    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature)
+    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature, cfg.generation_batch_size)
     timing["time_forward_s"] = time.perf_counter() - t
     rewards, kl = compute_rewards(scores, lp["logprobs"], lp["ref_logprobs"], mask, kl_ctl.beta, cfg.kl_estimator)
     for name, tensor in (("score", scores), ("KL", kl), ("reward", rewards)):

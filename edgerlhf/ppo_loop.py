@@ -99,7 +99,7 @@ def load_checkpoint(folder: Path, model, value_head, optimizer) -> dict:
 
 
 def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list, scorer: Callable, cfg,
-          checkpoints: Path, seed: int, on_step: Callable | None = None) -> list[dict]:
+          checkpoints: Path, seed: int, on_step: Callable | None = None, max_backoffs: int = 3) -> list[dict]:
     """Run ``cfg.steps`` PPO iterations; returns one statistics dict per step.
 
     Each step samples ``cfg.batch_size`` prompts without replacement from a ``torch.Generator``
@@ -108,8 +108,9 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation).
 
     A step that runs out of memory is retried from the same state with the micro-batch halved and
-    the accumulation doubled (:func:`edgerlhf.memory.halve_on_oom`); the back-offs are in the step's
-    statistics.
+    the accumulation doubled, and generation and scoring forward passes in halved chunks
+    (:func:`edgerlhf.memory.halve_on_oom`, at most ``max_backoffs`` times); the back-offs are in
+    the step's statistics and the smaller sizes are kept for the rest of the run.
 
     Raises:
         FloatingPointError: non-finite score, KL, reward or loss; the failing step's rollout and
@@ -144,14 +145,18 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
 
         def attempt(micro_batch: int, accumulation: int) -> dict:
             restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)  # the same step again
-            step_cfg = dataclasses.replace(cfg, mini_batch_size=micro_batch, gradient_accumulation_steps=accumulation)
+            shrink = cfg.mini_batch_size // micro_batch  # 1, 2, 4... after back-offs: generation shrinks alike
+            step_cfg = dataclasses.replace(cfg, mini_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+                                           generation_batch_size=max(1, (cfg.generation_batch_size or len(idx))
+                                                                     // shrink))
             with measure() as peak:
                 out = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
                                [prompts[i] for i in idx], scorer, step_cfg, generator, moments)
             return {**out, "peak": peak}
 
         try:
-            stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps)
+            stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps,
+                                           max_backoffs)
         except FloatingPointError as exc:
             failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
                                      loop_state(step) | {"prompt_indices": idx})
@@ -159,7 +164,9 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         batch, peak = stats.pop("batch"), stats.pop("peak")
         if backoffs:  # keep the smaller micro-batch for the rest of the run; the effective batch is unchanged
             cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // 2 ** len(backoffs),
-                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2 ** len(backoffs))
+                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2 ** len(backoffs),
+                                      generation_batch_size=max(1, (cfg.generation_batch_size or cfg.batch_size)
+                                                                // 2 ** len(backoffs)))
         stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"],
                      oom_backoffs=backoffs, mini_batch_size=cfg.mini_batch_size)
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}

@@ -158,3 +158,21 @@ def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
         record["record_file"] = str(path)
         rows.append(record)
     return pd.json_normalize(rows) if rows else pd.DataFrame()
+
+
+def stage_memory(run_dir: str | Path) -> list[dict]:
+    """Peak memory (MiB) of every stage recorded so far in ``run_dir``, in pipeline order, one dict per stage:
+    ``stage``, ``device``, ``cpu_peak_rss_mib``, ``cuda_peak_allocated_mib``, ``cuda_peak_reserved_mib``
+    (None without CUDA), ``budget_gib`` and ``budget_applied`` (the VRAM cap the stage ran under)."""
+    newest: dict[str, dict] = {}
+    for path in record_paths([run_dir]):  # a repeated stage's newest record wins
+        newest[path.stem.partition(".")[0]] = read_record(path)
+    order = ["setup", "data", "sft", "reward", "ppo"]
+    rows = []
+    for stage in sorted(newest, key=lambda s: (order.index(s) if s in order else len(order), s)):
+        m, budget = newest[stage].get("peak_memory") or {}, newest[stage].get("vram_budget") or {}
+        rows.append({"stage": stage, "device": m.get("device"), "cpu_peak_rss_mib": m.get("cpu_peak_rss_mib"),
+                     "cuda_peak_allocated_mib": m.get("cuda_peak_allocated_mib"),
+                     "cuda_peak_reserved_mib": m.get("cuda_peak_reserved_mib"),
+                     "budget_gib": budget.get("budget_gib"), "budget_applied": budget.get("applied")})
+    return rows

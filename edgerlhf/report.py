@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import plots
 from .files import atomic_write_text
-from .records import read_record, record_paths
+from .records import read_record, record_paths, stage_memory
 
 STAGES = {"setup": "00_Setup", "data": "01_Data_Preparation", "sft": "02_SFT_Finetuning",
           "reward": "03_Reward_Modeling", "ppo": "04_PPO_Alignment"}
@@ -178,21 +178,8 @@ def section_ppo(records: dict, figures: Path) -> str:
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))
 
 
-def memory_rows(records: dict) -> list[dict]:
-    """Per-stage peak memory (MiB) with the budget the stage ran under; one dict per stage."""
-    rows = []
-    for stage in STAGES:
-        record = records[stage]
-        m, budget = record["peak_memory"], record.get("vram_budget") or {}
-        rows.append({"stage": stage, "device": m.get("device"), "cpu_peak_rss_mib": m.get("cpu_peak_rss_mib"),
-                     "cuda_peak_allocated_mib": m.get("cuda_peak_allocated_mib"),
-                     "cuda_peak_reserved_mib": m.get("cuda_peak_reserved_mib"),
-                     "budget_gib": budget.get("budget_gib"), "budget_applied": budget.get("applied")})
-    return rows
-
-
-def section_memory(records: dict, figures: Path) -> str:
-    rows = memory_rows(records)
+def section_memory(records: dict, run_dir: Path, figures: Path) -> str:
+    rows = stage_memory(run_dir)
     budget = next((r["budget_gib"] for r in rows if r["budget_gib"]), None)
     fig = plots.memory_figure(rows, budget, figures / "memory.png")
     table = _table(["stage", "device", "peak RSS (MiB)", "CUDA peak allocated (MiB)", "CUDA peak reserved (MiB)",
@@ -231,7 +218,7 @@ def build_report(run_dir: str | Path) -> Path:
              f"records in `records/`; every number below is read from them."),
              section_run(records, manifest), section_time(records, manifest), section_data(records),
              section_sft(records, figures), section_reward(records, figures), section_ppo(records, figures),
-             section_memory(records, figures)]
+             section_memory(records, run_dir, figures)]
     return atomic_write_text(run_dir / "REPORT.md", "\n\n".join(parts) + "\n")
 
 

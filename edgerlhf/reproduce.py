@@ -33,9 +33,10 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import PROFILES, parse_cli_sets
 from .files import atomic_write_text

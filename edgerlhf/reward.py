@@ -35,7 +35,7 @@ from .rewards import (
 )
 from .stage import begin, cli_config, finish
 from .templates import ensure_chat_template, ensure_pad_token
-from .training import checkpoint_to_resume, keep_trainable_dtype, trainer_arguments
+from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
 MIB = 2**20
 
@@ -139,9 +139,10 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
     last = checkpoint_to_resume(checkpoints, r.resume, "reward.resume")
     with measure(ctx.device) as m:
         model = build_reward_model(sft_location, precision, r, tokenizer.pad_token_id, ctx.device)
-        trainer = make_trainer(model, tokenizer, r, trainer_arguments(
-            r, checkpoints, ctx.device, cfg.run.seed, "eval_accuracy", greater_is_better=True), train, validation)
-        output = trainer.train(resume_from_checkpoint=last)
+        trainer, output, backoffs = train_with_backoff(
+            lambda args: make_trainer(model, tokenizer, r, args, train, validation),
+            trainer_arguments(r, checkpoints, ctx.device, cfg.run.seed, "eval_accuracy", greater_is_better=True),
+            last, cfg.run.max_oom_backoffs)
         staging = out_dir / f".staging-{name}"
         shutil.rmtree(staging, ignore_errors=True)
         save_trained(trainer, tokenizer, sft_location, precision, staging, ctx.device)
@@ -151,7 +152,7 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
         shutil.rmtree(checkpoints, ignore_errors=True)
     results = {"parameters": count_parameters(model), "global_step": trainer.state.global_step,
                "resumed_from": Path(last).name if last else None, "train_runtime_s": output.metrics["train_runtime"],
-               "peak_memory_training": m, "log_history": trainer.state.log_history}
+               "peak_memory_training": m, "log_history": trainer.state.log_history, "oom_backoffs": backoffs}
     del trainer, model
     free_memory()
     return results

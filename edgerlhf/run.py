@@ -5,7 +5,8 @@
     python -m edgerlhf.run --profile quick --set data.n_train=256
 
 Executed notebooks go to ``results/runs/<run_id>/notebooks/``, stage records to
-``.../records/``, figures to ``.../figures/``, and ``manifest.json`` lists what ran.
+``.../records/``, figures to ``.../figures/``, ``manifest.json`` lists what ran, and a whole
+run ends with ``REPORT.md`` (and ``report_figures/``) built from the records.
 The run stops at the first failing notebook and names it and the failing cell.
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ def run_notebooks(
     """Execute the selected notebooks with papermill; returns the run folder.
 
     Each notebook's ``parameters`` cell receives ``profile``, ``root``, ``run_dir`` and
-    ``overrides`` (dotted config keys). A manifest is rewritten after every notebook.
+    ``overrides`` (dotted config keys). A manifest is rewritten after every notebook. When all
+    five notebooks ran, ``REPORT.md`` is built in the run folder (:mod:`edgerlhf.report`).
 
     Raises:
         NotebookFailed: a notebook raised; earlier notebooks' outputs are kept.
@@ -107,6 +109,10 @@ def run_notebooks(
     manifest["status"] = "ok"
     manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if selected == NOTEBOOKS:  # a whole run: its report, from the records just written
+        from .report import build_report
+
+        build_report(run_dir)
     return run_dir
 
 
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except NotebookFailed as exc:
         print(f"edgerlhf.run: {exc}", file=sys.stderr)
         return 1
-    print(f"edgerlhf.run: done; results in {run_dir}")
+    print(f"edgerlhf.run: done; results in {run_dir}" + (f"; report: {run_dir / 'REPORT.md'}"
+                                                            if (run_dir / "REPORT.md").exists() else ""))
     return 0
 
 

@@ -33,7 +33,7 @@ from .plots import loss_figure
 from .prefs import read_prefs
 from .stage import begin, cli_config, finish
 from .templates import ensure_chat_template, ensure_pad_token
-from .training import checkpoint_to_resume, trainer_arguments
+from .training import checkpoint_to_resume, train_with_backoff, trainer_arguments
 
 STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
 
@@ -172,9 +172,9 @@ def run_sft(cfg: Config) -> dict:
         model = build_model(base, s, ctx.device, base_model)
         parameters = count_parameters(model)
         # trainer, train
-        trainer = make_trainer(model, tokenizer, s, training_arguments(s, checkpoints, ctx.device, cfg.run.seed),
-                               train, evaluation, teacher)
-        output = trainer.train(resume_from_checkpoint=last)
+        trainer, output, backoffs = train_with_backoff(
+            lambda args: make_trainer(model, tokenizer, s, args, train, evaluation, teacher),
+            training_arguments(s, checkpoints, ctx.device, cfg.run.seed), last, cfg.run.max_oom_backoffs)
         # save (into a staging folder, swapped in only when complete)
         staging = out_dir / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -201,7 +201,7 @@ def run_sft(cfg: Config) -> dict:
             "train_runtime_s": output.metrics.get("train_runtime"),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": trainer.state.num_input_tokens_seen / max(output.metrics.get("train_runtime", 0), 1e-9),
-            "log_history": trainer.state.log_history,
+            "log_history": trainer.state.log_history, "oom_backoffs": backoffs,
             "samples": samples_table(sample_prompts, samples_before, samples_after),
         }
         atomic_write_text(staging / "sft_info.json", json.dumps(

@@ -66,3 +66,50 @@ def keep_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def train_with_backoff(build_trainer, args: dict, resume_from: str | None, max_backoffs: int = 3, log=print):
+    """Build a trainer from ``args`` and train it; on ``torch.OutOfMemoryError`` back off and retry.
+
+    ``build_trainer(args) -> Trainer`` must build the trainer around the same model each time.
+    A back-off halves ``per_device_train_batch_size`` and doubles ``gradient_accumulation_steps``
+    (the effective batch is unchanged; :func:`edgerlhf.memory.halve_on_oom`), restores the trainable
+    weights to where the failed attempt started, and resumes from the newest checkpoint in
+    ``args["output_dir"]`` (the Trainer then skips the batches already trained on, in the same
+    seeded order), or from ``resume_from`` when no newer checkpoint was written.
+
+    Returns:
+        ``(trainer, train_output, backoffs)``; ``backoffs`` lists every failed attempt's
+        ``{"micro_batch", "accumulation", "error", "retried_from"}`` for the run record.
+    Raises:
+        torch.OutOfMemoryError: still out of memory after ``max_backoffs`` back-offs.
+    """
+    from .memory import halve_on_oom
+
+    state = {"resume": resume_from, "snapshot": None, "resumes": []}
+
+    def attempt(micro_batch: int, accumulation: int):
+        trainer = build_trainer({**args, "per_device_train_batch_size": micro_batch,
+                                 "per_device_eval_batch_size": micro_batch,
+                                 "gradient_accumulation_steps": accumulation})
+        trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+        if state["snapshot"] is None:  # the weights this training starts from, kept on the CPU
+            state["snapshot"] = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
+        else:  # undo the failed attempt's updates; a checkpoint, if any, then overrides them
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(state["snapshot"][n])
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=state["resume"])
+        except torch.OutOfMemoryError:
+            trainer.accelerator.free_memory()
+            newest = get_last_checkpoint(args["output_dir"]) if Path(args["output_dir"]).exists() else None
+            state["resume"] = newest or state["resume"]
+            state["resumes"].append(Path(state["resume"]).name if state["resume"] else None)
+            raise
+
+    (trainer, output), backoffs = halve_on_oom(
+        attempt, args["per_device_train_batch_size"], args["gradient_accumulation_steps"], max_backoffs, log)
+    for backoff, resume in zip(backoffs, state["resumes"]):
+        backoff["retried_from"] = resume  # the checkpoint the next attempt resumed from (None: the start)
+    return trainer, output, backoffs

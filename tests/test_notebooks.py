@@ -8,7 +8,6 @@ import nbformat
 import pytest
 
 from edgerlhf.paths import REPO_ROOT
-from edgerlhf.report import build_report
 from edgerlhf.run import NOTEBOOKS, main, select
 
 
@@ -43,9 +42,9 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     table = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]["table"]
     assert [row["reward_precision"] for row in table] == ["bf16", "int8", "int4"]
     assert (tmp_path / "a" / "data" / "train_prefs.jsonl").exists()
-    # the report is built from this run's real records
-    report = build_report(run_dir).read_text()
-    assert "## PPO alignment" in report and "| int4 |" in report
+    # a whole run ends with its report, built from the run's real records
+    report = (run_dir / "REPORT.md").read_text()
+    assert "## PPO alignment" in report and "| int4 |" in report and "## Memory against" in report
 
 
 def test_a_failing_notebook_stops_the_run_and_names_itself(tmp_path, capsys):

@@ -149,6 +149,20 @@ def test_forward_gives_log_probs_entropy_and_zero_initial_values(tiny_gpt2):
     assert torch.equal(out["values"], torch.zeros_like(out["values"]))  # zero-initialised value head
 
 
+def test_chunked_rollout_and_forward_match_the_whole_batch(tiny_gpt2):
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = load_tokenizer(tiny_gpt2)
+    queries = queries_for(tok, 3)
+    torch.manual_seed(0)
+    ro = ppo.rollout(policy, queries, tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0, chunk_size=2)
+    assert ro["response"].shape == (3, 5) and ro["query"].shape[0] == 3
+    whole = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    chunked = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7, chunk_size=2)
+    for key in ("logprobs", "values", "ref_logprobs"):
+        assert chunked[key].shape == whole[key].shape
+        assert torch.allclose(chunked[key], whole[key], atol=1e-5), key
+
+
 def test_reference_is_the_sft_model_with_the_adapter_disabled(tiny_gpt2):
     sft = load_causal_lm(tiny_gpt2).eval()
     policy, head = tiny_policy(tiny_gpt2)
@@ -288,7 +302,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(ti
 
     def fake_oom(*args, **kwargs):
         cfg = args[8]
-        seen.append(cfg.mini_batch_size)
+        seen.append((cfg.mini_batch_size, cfg.generation_batch_size))
         if cfg.mini_batch_size > 1:
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kwargs)
@@ -296,6 +310,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(ti
     monkeypatch.setattr(ppo_loop, "ppo_step", fake_oom)
     cfg = PPOConfig(**{**CFG.__dict__, "steps": 2})
     history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
-    assert seen == [2, 1, 1]  # backed off once, then kept the smaller micro-batch
+    half = CFG.batch_size // 2
+    assert seen == [(2, CFG.batch_size), (1, half), (1, half)]  # backed off once, then kept the smaller sizes
     assert history[0]["oom_backoffs"][0]["micro_batch"] == 2 and history[1]["oom_backoffs"] == []
     assert history[1]["mini_batch_size"] == 1

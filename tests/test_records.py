@@ -135,3 +135,19 @@ def test_oom_backoff_halves_micro_batch_and_keeps_the_effective_batch():
         halve_on_oom(step, 8, 4, max_backoffs=1, log=lambda msg: None)
     with pytest.raises(torch.OutOfMemoryError):  # 3 cannot be halved without changing the effective batch
         halve_on_oom(step, 3, 1, log=lambda msg: None)
+
+
+def test_vram_budget_sets_the_fraction_of_a_mocked_card(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("Props", (), {"total_memory": 24 * 2**30})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, dev: calls.append((f, str(dev))))
+    out = apply_vram_budget(8, "cuda:0")  # a 24 GiB card behaves like an 8 GiB one
+    assert calls == [(pytest.approx(1 / 3), "cuda:0")]
+    assert out == {"budget_gib": 8, "applied": True, "fraction": pytest.approx(1 / 3), "device_total_mib": 24576}
+    calls.clear()
+    assert apply_vram_budget(12, "cuda:0")["fraction"] == pytest.approx(0.5)
+    assert apply_vram_budget(None, "cuda:0")["applied"] is False and calls == [(pytest.approx(0.5), "cuda:0")]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("Props", (), {"total_memory": 6 * 2**30})())
+    assert apply_vram_budget(8, "cuda:0")["fraction"] == 1.0  # a smaller card is not capped above its size

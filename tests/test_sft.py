@@ -155,3 +155,45 @@ def test_overlong_prompts_are_truncated_from_the_left_or_dropped(gpt2_tokenizer)
     assert fitted[0]["prompt"][-1]["content"] == "last?" and len(fitted[0]["prompt"]) < len(row["prompt"])
     assert sft.sft_examples([row], tok, 64, "drop")[1] == {"kept": 0, "truncated": 0, "dropped": 1}
     assert sft.sft_examples([row], tok, 4, "truncate_left")[1]["dropped"] == 1
+
+
+def test_out_of_memory_backs_off_and_resumes_with_the_same_effective_batch(tiny_cfg, monkeypatch):
+    from transformers import TrainerCallback
+
+    common = {"sft.strategy": "full", "sft.max_steps": 4, "sft.eval_steps": 2, "sft.early_stopping_patience": 10,
+              "sft.per_device_train_batch_size": 4, "sft.gradient_accumulation_steps": 1}
+    real_build = sft.build_model
+
+    def without_dropout(*args, **kwargs):  # dropout masks depend on the micro-batch shape; the rest must not
+        model = real_build(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    monkeypatch.setattr(sft, "build_model", without_dropout)
+    straight = merged_weights(sft.run_sft(tiny_cfg(**common, **{"sft.output_dir": "models/straight"})))
+
+    class OutOfMemoryAtStep3(TrainerCallback):  # what a too-large micro-batch does on a GPU
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated at step 3)")
+
+    real, built = sft.make_trainer, []
+
+    def flaky(model, tokenizer, cfg, args, *rest):
+        built.append((args["per_device_train_batch_size"], args["gradient_accumulation_steps"]))
+        trainer = real(model, tokenizer, cfg, args, *rest)
+        if args["per_device_train_batch_size"] == 4:
+            trainer.add_callback(OutOfMemoryAtStep3())
+        return trainer
+
+    monkeypatch.setattr(sft, "make_trainer", flaky)
+    results = sft.run_sft(tiny_cfg(**common))
+    assert built == [(4, 1), (2, 2)]
+    [backoff] = results["oom_backoffs"]
+    assert backoff["micro_batch"] == 4 and backoff["retried_from"] == "checkpoint-2" and "step 3" in backoff["error"]
+    assert results["global_step"] == 4
+    weights = merged_weights(results)
+    diff = max((weights[k] - straight[k]).abs().max().item() for k in straight)
+    assert diff < 1e-5, diff
