@@ -44,11 +44,11 @@ def stage_rows(records: dict) -> list[dict]:
     cfg = load_config(setup["profile"], overrides={k: v for k, v in flatten(setup["config"]).items() if "." in k})
     base = setup["results"]["base_model"]
     shape = model_config(base["name"], base["location"])
-    compute = "float32" if setup["hardware"]["device"] == "cpu" else "bf16"
+    compute = "fp32" if setup["hardware"]["device"] == "cpu" else "bf16"  # the dtype the stages ran in
     rows = []
     for stage in ("sft", "reward", "ppo"):
         record = records[stage]
-        est = estimate(stage, cfg, shape, "bf16" if compute == "bf16" else "fp32")
+        est = estimate(stage, cfg, shape, compute)
         value, kind = measured_mib(record["peak_memory"])
         row = {"stage": stage, "device": record["peak_memory"].get("device"), "estimate_mib": est.total_mib,
                "estimate_breakdown_mib": est.breakdown, "measured_mib": value, "measured": kind,

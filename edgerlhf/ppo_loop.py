@@ -152,7 +152,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
             with measure() as peak:
                 out = ppo_step(model, value_head, optimizer, kl_ctl, tokenizer, [queries[i] for i in idx],
                                [prompts[i] for i in idx], scorer, step_cfg, generator, moments)
-            return {**out, "peak": peak}
+            return {**out, "peak": peak, "cfg": step_cfg}
 
         try:
             stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps,
@@ -161,12 +161,9 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
             failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
                                      loop_state(step) | {"prompt_indices": idx})
             raise FloatingPointError(f"step {step}: {exc}; state saved to {failed}") from exc
-        batch, peak = stats.pop("batch"), stats.pop("peak")
-        if backoffs:  # keep the smaller micro-batch for the rest of the run; the effective batch is unchanged
-            cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // 2 ** len(backoffs),
-                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2 ** len(backoffs),
-                                      generation_batch_size=max(1, (cfg.generation_batch_size or cfg.batch_size)
-                                                                // 2 ** len(backoffs)))
+        batch, peak, step_cfg = stats.pop("batch"), stats.pop("peak"), stats.pop("cfg")
+        if backoffs:  # keep the smaller sizes for the rest of the run; the effective batch is unchanged
+            cfg = step_cfg
         stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"],
                      oom_backoffs=backoffs, mini_batch_size=cfg.mini_batch_size)
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}

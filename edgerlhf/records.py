@@ -160,19 +160,37 @@ def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     return pd.json_normalize(rows) if rows else pd.DataFrame()
 
 
-def stage_memory(run_dir: str | Path) -> list[dict]:
-    """Peak memory (MiB) of every stage recorded so far in ``run_dir``, in pipeline order, one dict per stage:
-    ``stage``, ``device``, ``cpu_peak_rss_mib``, ``cuda_peak_allocated_mib``, ``cuda_peak_reserved_mib``
-    (None without CUDA), ``budget_gib`` and ``budget_applied`` (the VRAM cap the stage ran under)."""
+STAGE_ORDER = ("setup", "data", "sft", "reward", "ppo")
+
+
+def newest_records(run_dir: str | Path) -> dict[str, dict]:
+    """The newest record of every stage found in ``run_dir/records`` (``sft.2.json`` wins over
+    ``sft.json``), keyed by stage in pipeline order.
+
+    Raises:
+        ValueError: a record file is not valid JSON (from :func:`read_record`).
+    """
     newest: dict[str, dict] = {}
-    for path in record_paths([run_dir]):  # a repeated stage's newest record wins
+    for path in record_paths([run_dir]):  # sorted so that repeats come after the first record
         newest[path.stem.partition(".")[0]] = read_record(path)
-    order = ["setup", "data", "sft", "reward", "ppo"]
+    rank = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+    return {stage: newest[stage] for stage in sorted(newest, key=lambda s: (rank.get(s, len(rank)), s))}
+
+
+def memory_rows(records: dict[str, dict]) -> list[dict]:
+    """Peak memory (MiB) of each stage's record, one dict per stage: ``stage``, ``device``,
+    ``cpu_peak_rss_mib``, ``cuda_peak_allocated_mib``, ``cuda_peak_reserved_mib`` (None without
+    CUDA), ``budget_gib`` and ``budget_applied`` (the VRAM cap the stage ran under)."""
     rows = []
-    for stage in sorted(newest, key=lambda s: (order.index(s) if s in order else len(order), s)):
-        m, budget = newest[stage].get("peak_memory") or {}, newest[stage].get("vram_budget") or {}
+    for stage, record in records.items():
+        m, budget = record.get("peak_memory") or {}, record.get("vram_budget") or {}
         rows.append({"stage": stage, "device": m.get("device"), "cpu_peak_rss_mib": m.get("cpu_peak_rss_mib"),
                      "cuda_peak_allocated_mib": m.get("cuda_peak_allocated_mib"),
                      "cuda_peak_reserved_mib": m.get("cuda_peak_reserved_mib"),
                      "budget_gib": budget.get("budget_gib"), "budget_applied": budget.get("applied")})
     return rows
+
+
+def stage_memory(run_dir: str | Path) -> list[dict]:
+    """:func:`memory_rows` of every stage recorded so far in ``run_dir``, in pipeline order."""
+    return memory_rows(newest_records(run_dir))

@@ -9,12 +9,13 @@ the records into ``RUN_DIR/report_figures/`` so the report folder can be copied 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from . import plots
 from .files import atomic_write_text
-from .records import read_record, record_paths, stage_memory
+from .records import memory_rows, newest_records
 
 STAGES = {"setup": "00_Setup", "data": "01_Data_Preparation", "sft": "02_SFT_Finetuning",
           "reward": "03_Reward_Modeling", "ppo": "04_PPO_Alignment"}
@@ -33,9 +34,7 @@ def latest_records(run_dir: str | Path) -> dict[str, dict]:
         ValueError: a record file is not valid JSON (from :func:`edgerlhf.records.read_record`).
     """
     run_dir = Path(run_dir)
-    found: dict[str, dict] = {}
-    for path in record_paths([run_dir]):  # sorted so that repeats come after the first record
-        found[path.stem.partition(".")[0]] = read_record(path)
+    found = newest_records(run_dir)
     for stage, notebook in STAGES.items():
         if stage not in found:
             raise MissingRecordError(f"{run_dir / 'records' / (stage + '.json')}: no record of stage {stage!r}; "
@@ -178,8 +177,8 @@ def section_ppo(records: dict, figures: Path) -> str:
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))
 
 
-def section_memory(records: dict, run_dir: Path, figures: Path) -> str:
-    rows = stage_memory(run_dir)
+def section_memory(records: dict, figures: Path) -> str:
+    rows = memory_rows(records)
     budget = next((r["budget_gib"] for r in rows if r["budget_gib"]), None)
     fig = plots.memory_figure(rows, budget, figures / "memory.png")
     table = _table(["stage", "device", "peak RSS (MiB)", "CUDA peak allocated (MiB)", "CUDA peak reserved (MiB)",
@@ -207,8 +206,6 @@ def build_report(run_dir: str | Path) -> Path:
         MissingRecordError: a stage's record is missing (the message names the file and the notebook).
         ValueError: a record is not valid JSON.
     """
-    import json
-
     run_dir = Path(run_dir)
     records = latest_records(run_dir)
     manifest_path = run_dir / "manifest.json"
@@ -218,7 +215,7 @@ def build_report(run_dir: str | Path) -> Path:
              f"records in `records/`; every number below is read from them."),
              section_run(records, manifest), section_time(records, manifest), section_data(records),
              section_sft(records, figures), section_reward(records, figures), section_ppo(records, figures),
-             section_memory(records, run_dir, figures)]
+             section_memory(records, figures)]
     return atomic_write_text(run_dir / "REPORT.md", "\n\n".join(parts) + "\n")
 
 
