@@ -4,7 +4,7 @@ import json
 import pytest
 from synthetic_run import stage_results, write_synthetic_run
 
-from edgerlhf.reproduce import compare_runs, compare_values, is_volatile, main
+from edgerlhf.reproduce import compare_runs, compare_values, hardware_note, is_volatile, main
 
 
 def two_runs(tmp_path, change=None, device="cpu"):
@@ -31,6 +31,19 @@ def test_identical_runs_in_different_folders_reproduce(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "REPRODUCED" in out and " 0 OUT" in out
     assert json.loads((tmp_path / "cmp.json").read_text())["reproduced"] is True
+
+
+def test_runs_on_different_processors_are_named_but_compared_as_usual(tmp_path, capsys):
+    a, b = two_runs(tmp_path)
+    assert hardware_note(a, b) is None
+    for path in (b / "records").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["hardware"]["cpu"] = "Other CPU 9000"
+        path.write_text(json.dumps(record))
+    note = hardware_note(a, b)
+    assert note is not None and "'Other CPU 9000'" in note
+    assert main([str(a), str(b)]) == 0
+    assert note in capsys.readouterr().out
 
 
 def test_a_metric_beyond_tolerance_fails_and_is_named(tmp_path, capsys):
