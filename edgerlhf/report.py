@@ -15,10 +15,10 @@ from pathlib import Path
 
 from . import plots
 from .files import atomic_write_text
-from .records import memory_rows, newest_records
+from .records import STAGE_ORDER, memory_rows, newest_records
 
-STAGES = {"setup": "00_Setup", "data": "01_Data_Preparation", "sft": "02_SFT_Finetuning",
-          "reward": "03_Reward_Modeling", "ppo": "04_PPO_Alignment"}
+STAGES = dict(zip(STAGE_ORDER, ("00_Setup", "01_Data_Preparation", "02_SFT_Finetuning", "03_Reward_Modeling",
+                                "04_PPO_Alignment")))  # stage -> its notebook
 MIB_PER_GIB = 1024
 
 

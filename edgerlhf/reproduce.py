@@ -155,7 +155,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> list[Difference]:
     Raises:
         edgerlhf.report.MissingRecordError: a stage record is missing in either folder.
     """
-    recs_a, recs_b = latest_records(run_a), latest_records(run_b)
+    return compare_records(latest_records(run_a), latest_records(run_b))
+
+
+def compare_records(recs_a: dict[str, dict], recs_b: dict[str, dict]) -> list[Difference]:
+    """:func:`compare_runs` on records already read (:func:`edgerlhf.report.latest_records`)."""
     on_gpu = any(r["hardware"]["device"].startswith("cuda") for recs in (recs_a, recs_b) for r in recs.values())
     diffs = compare_data_files(recs_a["data"], recs_b["data"])
     for stage in recs_a:
@@ -176,15 +180,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> list[Difference]:
     return diffs
 
 
-def hardware_note(run_a: str | Path, run_b: str | Path) -> str | None:
-    """A warning line when the two runs' data-stage records name different processors, else ``None``.
+def hardware_note(recs_a: dict[str, dict], recs_b: dict[str, dict]) -> str | None:
+    """A warning line when two runs' data-stage records name different processors, else ``None``.
 
     The processor is the GPU name on CUDA, else the CPU model (``records.hardware``).
-
-    Raises:
-        edgerlhf.report.MissingRecordError: a stage record is missing in either folder.
     """
-    names = [(h["gpu_name"] or h["cpu"]) for h in (latest_records(r)["data"]["hardware"] for r in (run_a, run_b))]
+    names = [recs["data"]["hardware"]["gpu_name"] or recs["data"]["hardware"]["cpu"] for recs in (recs_a, recs_b)]
     if names[0] == names[1]:
         return None
     return (f"note: the runs ran on different processors ({names[0]!r} vs {names[1]!r}); quantized (int8/int4) "
@@ -246,12 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         run_a, run_b = (Path(r) for r in args.runs)
         out = args.out
     try:
-        diffs = compare_runs(run_a, run_b)
+        recs_a, recs_b = latest_records(run_a), latest_records(run_b)
+        diffs = compare_records(recs_a, recs_b)
     except (FileNotFoundError, ValueError) as exc:
         print(f"edgerlhf.reproduce: {exc}", file=sys.stderr)
         return 2
     print(f"run A: {run_a}\nrun B: {run_b}")
-    note = hardware_note(run_a, run_b)
+    note = hardware_note(recs_a, recs_b)
     if note:
         print(note)
     print_table(diffs)

@@ -4,6 +4,7 @@ import json
 import pytest
 from synthetic_run import stage_results, write_synthetic_run
 
+from edgerlhf.report import latest_records
 from edgerlhf.reproduce import compare_runs, compare_values, hardware_note, is_volatile, main
 
 
@@ -35,12 +36,12 @@ def test_identical_runs_in_different_folders_reproduce(tmp_path, capsys):
 
 def test_runs_on_different_processors_are_named_but_compared_as_usual(tmp_path, capsys):
     a, b = two_runs(tmp_path)
-    assert hardware_note(a, b) is None
+    assert hardware_note(latest_records(a), latest_records(b)) is None
     for path in (b / "records").glob("*.json"):
         record = json.loads(path.read_text())
         record["hardware"]["cpu"] = "Other CPU 9000"
         path.write_text(json.dumps(record))
-    note = hardware_note(a, b)
+    note = hardware_note(latest_records(a), latest_records(b))
     assert note is not None and "'Other CPU 9000'" in note
     assert main([str(a), str(b)]) == 0
     assert note in capsys.readouterr().out
