@@ -1,11 +1,20 @@
 """Stage 4: PPO alignment against the BF16, INT8 and INT4 reward models (EXP-1/2/3).
 
 For each reward-model precision: the same SFT policy, seed and training prompts ->
-PPO (:mod:`edgerlhf.ppo`, :mod:`edgerlhf.ppo_loop`) -> save -> evaluate on held-out prompts:
-mean score under the reward model used in training (proxy) and under a judge it was not
-trained against (the bf16 model for the int8/int4 runs; for the bf16 run the ``judge`` model
-trained on the other half of the pairs), KL to the SFT model, and the judge's win rate of
-PPO replies over SFT replies.
+PPO (:mod:`edgerlhf.ppo`, :mod:`edgerlhf.ppo_loop`) -> save -> evaluate on held-out prompts.
+
+Evaluation, the same for every experiment so rows compare:
+
+* the SFT replies to the held-out prompts are sampled once (fixed seed) and shared by all experiments;
+* one **judge** scores every experiment: the bf16 reward model stage 3 trained on pairs that no
+  proxy saw, never the weights of a proxy (also with ``ppo.reward_mode = "ptq"``);
+* per prompt, the judge's change (PPO reply minus SFT reply) with a paired bootstrap interval, the
+  win rate with a Wilson interval, and the minimum detectable change; experiments are compared
+  with each other on the same prompts;
+* the conclusions are stated in words, and withheld when the judge itself did not beat the length
+  baseline in stage 3 (``models/rm/evaluation.json``);
+* every evaluation samples under :func:`torch.random.fork_rng`, so evaluating changes nothing in
+  training (``eval_every`` 0 and 1 give the same trajectory).
 
 Outputs: ``models/ppo/<precision>/`` (LoRA adapter and value head), the stage record with
 per-step statistics, the comparison table, and figures. Run without the notebook:
@@ -15,14 +24,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .adapters import PRECISIONS, compute_dtype, quantization_config
 from .config import Config, PPOConfig
-from .files import swap_in_dir
+from .files import sha256_file, swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
 from .memory import measure
@@ -32,9 +43,12 @@ from .ppo import decode_responses, policy_and_reference_logprobs, rollout
 from .ppo_loop import build_policy, train
 from .prefs import read_prefs
 from .reproducibility import seed_everything
-from .rewards import load_reward_model, score
+from .rewards import load_reward_model, read_info, score
 from .stage import begin, cli_config, finish
+from .stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .templates import ensure_chat_template, ppo_pad_token, render_prompt
+
+JUDGE = "judge"
 
 
 def load_policy(sft_location: str, cfg: PPOConfig, device: torch.device):
@@ -76,22 +90,45 @@ def reward_scorer(model, tokenizer, cfg: PPOConfig, max_length: int, gain: float
     return scorer
 
 
+@contextmanager
+def isolated_rng(seed: int, device: torch.device):
+    """Run the block on its own random stream seeded with ``seed``; the caller's torch CPU (and CUDA)
+    RNG state is restored afterwards (``torch.random.fork_rng``), so an evaluation in the middle of
+    training does not change the rollouts that follow it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
+def sample_replies(policy, tokenizer, queries, cfg: PPOConfig, seed: int, value_head=None) -> dict:
+    """Sample one reply per held-out prompt (training's sampling, fixed ``seed``, isolated RNG).
+
+    With ``value_head`` given, also the KL of each reply to the reference (adapter disabled):
+    ``sum_t log pi - log pi_ref`` over its tokens (k1, nats per reply). Returns ``{"replies", "kl"}``.
+    """
+    device = next(policy.parameters()).device
+    replies, kls = [], []
+    with isolated_rng(seed, device):
+        for start in range(0, len(queries), cfg.batch_size):
+            ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+            if value_head is not None:
+                lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature)
+                kls += ((lp["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
+            replies += decode_responses(tokenizer, ro["response"], ro["response_mask"], tokenizer.eos_token_id)
+    return {"replies": replies, "kl": kls or None}
+
+
 def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPOConfig, scorers: dict,
                        seed: int) -> dict:
-    """Sample replies to held-out prompts (same sampling as training, fixed seed); score them with
-    every scorer and measure their KL to the reference (summed over tokens, k1, per sequence)."""
-    torch.manual_seed(seed)
-    replies, kls = [], []
-    for start in range(0, len(queries), cfg.batch_size):
-        ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id,
-                     cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
-        lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature)
-        kls += ((lp["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
-        replies += decode_responses(tokenizer, ro["response"], ro["response_mask"], tokenizer.eos_token_id)
-    scores = {name: fn(prompts, replies).tolist() for name, fn in scorers.items()}
-    return {"replies": replies, "kl": kls, **{f"{name}_scores": s for name, s in scores.items()},
-            **{f"{name}_mean": sum(s) / len(s) for name, s in scores.items()}, "kl_mean": sum(kls) / len(kls)}
+    """Sample replies to held-out prompts (:func:`sample_replies`), score them with every scorer and
+    measure their KL to the reference. Returns replies, per-reply KL and scores, and their means."""
+    out = sample_replies(policy, tokenizer, queries, cfg, seed, value_head)
+    scores = {name: fn(prompts, out["replies"]).tolist() for name, fn in scorers.items()}
+    return {"replies": out["replies"], "kl": out["kl"], **{f"{name}_scores": s for name, s in scores.items()},
+            **{f"{name}_mean": float(np.mean(s)) for name, s in scores.items()}, "kl_mean": float(np.mean(out["kl"]))}
 
 
 def normalisation(policy, value_head, tokenizer, queries, prompts, cfg, scorer, seed) -> tuple[float, float]:
@@ -106,26 +143,60 @@ def normalisation(policy, value_head, tokenizer, queries, prompts, cfg, scorer, 
     return 1.0 / max(std, 1e-6), -float(s.mean()) / max(std, 1e-6)
 
 
-def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, data: dict) -> dict:
-    """EXP at one reward-model precision: train PPO, evaluate before and after; returns its results."""
+def judge_is_independent(judge_folder: Path, proxy_folder: Path) -> None:
+    """Check that the judge is not a proxy: a different folder and different trained weights.
+
+    Raises:
+        ValueError: the judge and the proxy are the same folder, or hold the same trained weights.
+    """
+    if judge_folder.resolve() == proxy_folder.resolve() or weights_digest(judge_folder) == weights_digest(proxy_folder):
+        raise ValueError(f"the judge {judge_folder} has the same weights as the proxy {proxy_folder}: a policy "
+                         "cannot be judged by the reward model it was trained against")
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 of the file holding what training changed in a reward-model folder (its head, adapter
+    or merged weights; see :mod:`edgerlhf.rewards`)."""
+    layout = read_info(folder)["layout"]
+    name = {"head": "head.safetensors", "model": "model/model.safetensors",
+            "adapter": "adapter/adapter_model.safetensors"}[layout]
+    return sha256_file(folder / name)
+
+
+def rm_verdicts(rm_dir: Path) -> dict:
+    """Stage 3's held-out verdicts (``models/rm/evaluation.json``).
+
+    Raises:
+        FileNotFoundError: stage 3 has not written them (the message names the notebook to run).
+    """
+    path = rm_dir / "evaluation.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no reward-model evaluation; run 03_Reward_Modeling "
+                                "(python -m edgerlhf.reward) first")
+    return json.loads(path.read_text())
+
+
+def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
+    """EXP at one reward-model precision: train PPO, evaluate the held-out prompts after training against
+    the shared SFT replies, with the shared judge; returns its results."""
     p = cfg.ppo
     rm_dir = ctx.path(cfg.reward.output_dir)
     rm_folder = rm_dir / (precision if p.reward_mode == "trained" else "bf16")
-    judge_folder = rm_dir / ("judge" if precision == "bf16" else "bf16")
+    judge_is_independent(shared["judge_folder"], rm_folder)
     reward_device = resolve_device(p.reward_device)
     seed_everything(cfg.run.seed, cfg.run.deterministic)  # the same seed for every experiment
+    eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
+    before = shared["before"]
     with measure(ctx.device) as m:
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
-        judge_model, judge_tok = load_reward_model(judge_folder, "bf16", reward_device)
         policy, value_head, tokenizer = load_policy(sft_location, p, ctx.device)
-        queries, prompts = encode_queries(tokenizer, data["train"], p.max_prompt_length)
-        eval_queries, eval_prompts = encode_queries(tokenizer, data["eval"], p.max_prompt_length)
-        gain, bias = normalisation(policy, value_head, tokenizer, queries, prompts, p,
-                                   reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length), cfg.run.seed)
-        scorers = {"proxy": reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length),
-                   "judge": reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length)}
-        before = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
-        curve = [{"step": 0, "kl": before["kl_mean"], "proxy": before["proxy_mean"], "judge": before["judge_mean"]}]
+        queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length)
+        proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length)
+        gain, bias = normalisation(policy, value_head, tokenizer, queries, prompts, p, proxy, cfg.run.seed)
+        scorers = {"proxy": proxy, "judge": shared["judge"]}
+        proxy_before = proxy(eval_prompts, before["replies"]).tolist()
+        curve = [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
+                  "judge": float(np.mean(before["judge_scores"]))}]
 
         def on_step(step, stats):
             if p.eval_every and step % p.eval_every == 0 and step != p.steps:
@@ -152,26 +223,83 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, data: di
         swap_in_dir(staging, out_dir / precision)
         if not p.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
-    wins = [a > b for a, b in zip(after["judge_scores"], before["judge_scores"])]
-    ties = sum(a == b for a, b in zip(after["judge_scores"], before["judge_scores"]))
+    judge_after, judge_before = np.asarray(after["judge_scores"]), np.asarray(before["judge_scores"])
+    change = paired_bootstrap(judge_after, judge_before, seed=cfg.run.seed)
+    n = len(judge_after)
+    wins = float(np.sum(judge_after > judge_before) + 0.5 * np.sum(judge_after == judge_before))
+    proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
-        "precision": precision, "reward_model": str(rm_folder), "judge_model": str(judge_folder),
-        "reward_gain": gain, "reward_bias": bias, "before": before, "after": after, "curve": curve,
-        "win_rate": sum(wins) / len(wins), "win_ties": ties, "history": history, "peak_memory": m,
-        "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
+        "precision": precision, "reward_model": str(rm_folder), "proxy": proxy_name,
+        "proxy_verdict": shared["verdicts"]["models"].get(proxy_name), "judge_model": str(shared["judge_folder"]),
+        "reward_gain": gain, "reward_bias": bias,
+        "before": {"replies": before["replies"], "judge_scores": before["judge_scores"], "proxy_scores": proxy_before,
+                   "judge_mean": float(np.mean(judge_before)), "proxy_mean": float(np.mean(proxy_before)),
+                   "kl_mean": 0.0},
+        "after": after, "curve": curve, "judge_change": change,
+        "judge_change_mde": mde_paired_mean(n, change["sd_difference"]),
+        "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n), "win_ties": int(np.sum(judge_after == judge_before)),
+        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a}
                     for pr, b, a in zip(eval_prompts, before["replies"], after["replies"])],
     }
 
 
+def conclusions(experiments: dict[str, dict], judge: dict, seed: int) -> list[str]:
+    """What the PPO table allows one to conclude, in words generated from its numbers.
+
+    Withheld when the judge did not beat the length baseline; an experiment whose proxy did not is
+    labelled as having optimised a reward model that learned nothing beyond length.
+    """
+    lo, hi = judge["accuracy_ci95"]
+    if not judge["learned"]:
+        return [f"Withheld: the judge (held-out accuracy {judge['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]) does not beat "
+                "the length baseline, so a change in its score says nothing about alignment quality; no conclusion "
+                "about PPO is drawn from this table."]
+    out = [f"The judge was trained on pairs no proxy saw; held-out accuracy {judge['accuracy']:.3f} [{lo:.3f}, "
+           f"{hi:.3f}], better than the length baseline (p = {judge['vs_length']['p_value']:.3g})."]
+    for name, e in experiments.items():
+        c = e["judge_change"]
+        n, (clo, chi), (wlo, whi) = c["n"], c["ci"], e["win_rate_ci95"]
+        text = (f"{name}: judge score change {c['mean_difference']:+.3f} [{clo:+.3f}, {chi:+.3f}] per prompt "
+                f"(n = {n}), win rate {e['win_rate']:.2f} [{wlo:.2f}, {whi:.2f}]: ")
+        if clo > 0 or chi < 0:
+            text += f"PPO replies score {'higher' if clo > 0 else 'lower'} than the SFT replies under the judge"
+        else:
+            text += f"no change detectable (minimum detectable change {e['judge_change_mde']:.3f})"
+        verdict = e.get("proxy_verdict") or {}
+        if verdict.get("learned") is False:
+            text += f"; its proxy {e['proxy']} did NOT learn more than length, so this run optimised a length proxy"
+        out.append(text)
+    if "bf16" in experiments:
+        ref = np.asarray(experiments["bf16"]["after"]["judge_scores"])
+        for name, e in experiments.items():
+            if name == "bf16":
+                continue
+            d = paired_bootstrap(np.asarray(e["after"]["judge_scores"]), ref, seed=seed)
+            dlo, dhi = d["ci"]
+            e["vs_bf16_after"] = d
+            verdict = (f"the {name}-aligned policy scores {'higher' if dlo > 0 else 'lower'}"
+                       if dlo > 0 or dhi < 0 else "no difference detectable "
+                       f"(minimum detectable {mde_paired_mean(d['n'], d['sd_difference']):.3f})")
+            out.append(f"{name} vs bf16 after PPO, same prompts: {d['mean_difference']:+.3f} [{dlo:+.3f}, {dhi:+.3f}] "
+                       f"judge score per prompt: {verdict}")
+    return out
+
+
 def comparison_table(experiments: dict[str, dict]) -> list[dict]:
-    """The research plan's table: precision | judge before -> after | proxy after | KL | time | peak memory."""
+    """The research plan's table with its intervals: precision | proxy | judge before -> after and the
+    paired change | win rate | proxy before -> after | KL | time | peak memory."""
     rows = []
     for name, e in experiments.items():
+        verdict = e.get("proxy_verdict") or {}
         rows.append({
-            "reward_precision": name, "judge_before": e["before"]["judge_mean"], "judge_after": e["after"]["judge_mean"],
+            "reward_precision": name, "proxy": e["proxy"], "proxy_learned": verdict.get("learned"),
+            "judge_before": e["before"]["judge_mean"], "judge_after": e["after"]["judge_mean"],
+            "judge_change": e["judge_change"]["mean_difference"], "judge_change_ci95": e["judge_change"]["ci"],
+            "judge_change_mde": e["judge_change_mde"], "n_prompts": e["judge_change"]["n"],
+            "win_rate": e["win_rate"], "win_rate_ci95": e["win_rate_ci95"],
             "proxy_before": e["before"]["proxy_mean"], "proxy_after": e["after"]["proxy_mean"],
-            "kl": e["after"]["kl_mean"], "win_rate": e["win_rate"], "wall_time_s": e["wall_time_s"],
+            "kl": e["after"]["kl_mean"], "wall_time_s": e["wall_time_s"],
             "peak_cpu_rss_mib": e["peak_memory"]["cpu_peak_rss_mib"],
             "peak_cuda_mib": e["peak_memory"]["cuda_peak_allocated_mib"],
         })
@@ -179,11 +307,11 @@ def comparison_table(experiments: dict[str, dict]) -> list[dict]:
 
 
 def run_alignment(cfg: Config) -> dict:
-    """Run stage 4 (every experiment) and write its record; returns ``{"experiments", "table", ...}``.
+    """Run stage 4 (every experiment) and write its record; returns ``{"experiments", "table", "judge", ...}``.
 
     Raises:
-        ValueError: unknown precision or reward mode.
-        FileNotFoundError: missing SFT model, reward models or preference files.
+        ValueError: unknown precision or reward mode; a judge that is a proxy.
+        FileNotFoundError: missing SFT model, judge, reward models, their evaluation or preference files.
     """
     p = cfg.ppo
     unknown = [e for e in p.experiments if e not in PRECISIONS]
@@ -194,20 +322,42 @@ def run_alignment(cfg: Config) -> dict:
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
         raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft) first")
+    rm_dir = ctx.path(cfg.reward.output_dir)
+    judge_folder = rm_dir / JUDGE
+    if not judge_folder.exists():
+        raise FileNotFoundError(f"{judge_folder}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
+    verdicts = rm_verdicts(rm_dir)
     data_dir = ctx.path(cfg.data.out_dir)
-    data = {"train": read_prefs(data_dir / "train_prefs.jsonl"),
-            "eval": read_prefs(data_dir / "test_prefs.jsonl")[: p.n_eval_prompts]}
+    eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: p.n_eval_prompts]
     with measure(ctx.device) as m:
-        experiments = {precision: run_experiment(precision, cfg, ctx, sft_location, data) for precision in p.experiments}
+        # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
+        policy, _, tokenizer = load_policy(sft_location, p, ctx.device)
+        eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length)
+        before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
+        del policy
+        judge_model, judge_tok = load_reward_model(judge_folder, "bf16", resolve_device(p.reward_device))
+        judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length)
+        before["judge_scores"] = judge(eval_prompts, before["replies"]).tolist()
+        shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
+                  "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_folder": judge_folder,
+                  "verdicts": verdicts}
+        experiments = {precision: run_experiment(precision, cfg, ctx, sft_location, shared)
+                       for precision in p.experiments}
+    judge_info = {"folder": str(judge_folder), **verdicts["models"][JUDGE],
+                  "length_baseline": verdicts["length_baseline"],
+                  "agreement_with_proxies": {name: (e["proxy_verdict"] or {}).get("agreement_with_judge")
+                                             for name, e in experiments.items()}}
+    words = conclusions(experiments, judge_info, cfg.run.seed)
     figures = {
         "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png")),
         "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
     }
-    results = {"experiments": experiments, "table": comparison_table(experiments), "figures": figures}
+    results = {"experiments": experiments, "table": comparison_table(experiments), "judge": judge_info,
+               "conclusions": words, "n_eval_prompts": len(eval_prompts), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
-                      "reward_mode": p.reward_mode},
+                      "reward_mode": p.reward_mode, "judge": str(judge_folder)},
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
             "response_length", "init_kl_coef", "adaptive_kl", "target_kl", "gamma", "lam", "cliprange",
@@ -220,7 +370,7 @@ def run_alignment(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: ``python -m edgerlhf.alignment [--profile P] [--config F] [--set K=V ...]``."""
     results = run_alignment(cli_config("Stage 4: PPO against bf16/int8/int4 reward models.", argv))
-    print(json.dumps(results["table"], indent=2))
+    print("\n".join(results["conclusions"]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from .stats import bootstrap_statistic, compare_classifiers, describe_comparison
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
@@ -130,3 +132,56 @@ def evaluate_pairs(r_chosen, r_rejected, validation_delta=None, seed: int = 0) -
         "temperature": temperature, "ece_temperature_scaled": scaled,
         **reward_stats(c, r),
     }
+
+
+def correct(scores_chosen, scores_rejected) -> np.ndarray:
+    """``bool[N]``: pair ``i`` is ranked right (strictly; a tie counts as wrong)."""
+    return np.asarray(scores_chosen, float) > np.asarray(scores_rejected, float)
+
+
+def auc_ci(r_chosen, r_rejected, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of :func:`auc_roc`, pairs resampled (2,000 resamples)."""
+    c, r = np.asarray(r_chosen, float), np.asarray(r_rejected, float)
+    return bootstrap_statistic(lambda idx: auc_roc(c[idx], r[idx]), c.size, seed=seed)
+
+
+def assess(models: dict[str, dict], baselines: dict[str, dict], reference: str | None = "bf16",
+           seed: int = 0, alpha: float = 0.05) -> dict:
+    """Paired comparisons of every reward model on the same held-out pairs, and the words that state them.
+
+    Each entry of ``models`` and ``baselines`` has ``scores_chosen`` / ``scores_rejected`` (``float[N]``,
+    the same N pairs in the same order). Adds to every model entry (in place):
+
+    * ``vs_length``: :func:`edgerlhf.stats.compare_classifiers` against the better length rule on
+      these pairs (``shorter wins`` or ``longer wins``, whichever scores higher: the conservative choice);
+    * ``vs_best_baseline``: against the baseline with the highest accuracy (TF-IDF or a length rule);
+    * ``vs_reference``: against ``models[reference]`` (None for the reference itself);
+    * ``learned``: it beats the length baseline, paired McNemar ``p < alpha``;
+    * ``auc_roc_ci95``: bootstrap interval of its AUC-ROC.
+
+    Returns ``{"length_baseline", "best_baseline", "conclusions": [sentences]}``.
+    """
+    accuracy = {name: float(correct(b["scores_chosen"], b["scores_rejected"]).mean()) for name, b in baselines.items()}
+    length = max((n for n in accuracy if n.endswith(" wins")), key=accuracy.get)
+    best = max(accuracy, key=accuracy.get)
+    hits = {name: correct(b["scores_chosen"], b["scores_rejected"]) for name, b in baselines.items()}
+    conclusions = []
+    for name, entry in models.items():
+        mine = correct(entry["scores_chosen"], entry["scores_rejected"])
+        entry["vs_length"] = compare_classifiers(mine, hits[length], seed)
+        entry["vs_best_baseline"] = compare_classifiers(mine, hits[best], seed)
+        entry["learned"] = entry["vs_length"]["p_value"] < alpha and entry["vs_length"]["difference"] > 0
+        entry["auc_roc_ci95"] = auc_ci(entry["scores_chosen"], entry["scores_rejected"], seed)
+        has_ref = reference in models and name != reference
+        entry["vs_reference"] = compare_classifiers(
+            mine, correct(models[reference]["scores_chosen"], models[reference]["scores_rejected"]), seed) \
+            if has_ref else None
+        verdict = "learned more than length" if entry["learned"] else (
+            "NOT LEARNED: it does not beat the length baseline, so nothing built on it measures alignment")
+        conclusions.append(f"{name}: {verdict}. " + describe_comparison(name, length, entry["vs_length"], alpha))
+        if best != length:
+            conclusions.append(describe_comparison(name, best, entry["vs_best_baseline"], alpha))
+        if has_ref:
+            conclusions.append(describe_comparison(name, reference, entry["vs_reference"], alpha))
+    return {"length_baseline": length, "best_baseline": best, "baseline_accuracy": accuracy,
+            "conclusions": conclusions}

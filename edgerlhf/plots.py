@@ -38,11 +38,38 @@ def reliability_figure(models: dict[str, dict], path: str | Path) -> Path:
         bins = [b for b in entry["reliability"] if b["n"]]
         ax.plot([0.5, 1], [0.5, 1], ":", color="grey")
         ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=0.045, alpha=0.7)
-        ax.set_title(f"{name}\nECE {entry['ece']:.3f}")
+        for b in bins:  # pairs per bin: a bin of 3 pairs says little
+            ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), ha="center", va="bottom", fontsize=7)
+        learned = "" if entry.get("learned", True) else " (not learned)"
+        ax.set_title(f"{name}{learned}\nECE {entry['ece']:.3f}, n = {sum(b['n'] for b in bins)}", fontsize=9)
         ax.set_xlim(0.5, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")
     axes[0].set_ylabel("accuracy")
+    return save(fig, path)
+
+
+def accuracy_figure(table: list[dict], path: str | Path) -> Path:
+    """Held-out accuracy with its 95% interval per reward model and baseline (rows of the stage-3 table),
+    chance (0.5) and the best baseline marked; models that did not beat the length baseline are hatched."""
+    fig = Figure(figsize=(max(5.0, 0.7 * len(table) + 1.5), 3.6))
+    ax = fig.subplots()
+    names = [row["model"] for row in table]
+    acc = [row["accuracy"] for row in table]
+    err = [[a - row["accuracy_ci95"][0] for a, row in zip(acc, table)],
+           [row["accuracy_ci95"][1] - a for a, row in zip(acc, table)]]
+    colours = ["#bbbbbb" if row["mode"] == "baseline" else "#4c72b0" for row in table]
+    bars = ax.bar(names, acc, yerr=err, capsize=3, color=colours)
+    for bar, row in zip(bars, table):
+        if row["learned"] is False:
+            bar.set_hatch("//")
+    best = max(row["accuracy"] for row in table if row["mode"] == "baseline")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+    ax.axhline(best, color="#c44e52", lw=0.8, ls="--", label=f"best baseline {best:.3f}")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("held-out accuracy (95% CI)")
+    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    ax.legend(fontsize=7)
     return save(fig, path)
 
 
@@ -60,30 +87,44 @@ def margin_figure(models: dict[str, dict], path: str | Path) -> Path:
     return save(fig, path)
 
 
+PPO_CURVES = (("score", "proxy score change from step 1", True), ("kl", "KL to SFT (nats / reply)", False),
+              ("beta", "KL coefficient beta", False), ("approx_kl", "approximate KL (old || new)", False),
+              ("clipfrac", "clip fraction", False), ("entropy", "entropy (nats / token)", False),
+              ("explained_variance", "explained variance", False), ("response_length", "reply length (tokens)", False))
+
+
 def ppo_curves_figure(experiments: dict[str, dict], path: str | Path) -> Path:
-    """Mean reward-model score and KL to the reference against PPO step, one line per experiment."""
-    fig = Figure(figsize=(9, 3.2))
-    ax_score, ax_kl = fig.subplots(1, 2)
-    for name, e in experiments.items():
-        steps = [h["step"] for h in e["history"]]
-        ax_score.plot(steps, [h["score"] for h in e["history"]], "o-", label=name)
-        ax_kl.plot(steps, [h["kl"] for h in e["history"]], "o-", label=name)
-    ax_score.set(xlabel="PPO step", ylabel="proxy reward-model score", title="reward")
-    ax_kl.set(xlabel="PPO step", ylabel="KL to SFT (nats / reply)", title="KL")
-    ax_score.legend()
+    """A grid of the per-step PPO diagnostics (CleanRL's set), one line per experiment; the proxy score is
+    drawn as its change from the first step, so experiments with different reward models share an axis."""
+    fig = Figure(figsize=(12, 5.5))
+    axes = fig.subplots(2, 4).ravel()
+    for ax, (key, label, relative) in zip(axes, PPO_CURVES):
+        for name, e in experiments.items():
+            points = [(h["step"], h[key]) for h in e["history"] if h.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                values = [v - values[0] for v in values] if relative else values
+                ax.plot(steps, values, "o-", ms=3, label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("PPO step", fontsize=8)
+    axes[0].legend(fontsize=7)
     return save(fig, path)
 
 
 def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> Path:
-    """Proxy (training) and judge reward on held-out prompts against KL to the SFT model
-    (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization")."""
+    """Change of the proxy (training) and judge reward on held-out prompts since step 0, against KL to the
+    SFT model (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization"). Changes, not raw
+    scores, so experiments whose reward models have different scales share the axis."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for name, e in experiments.items():
         kl = [c["kl"] for c in e["curve"]]
-        line = ax.plot(kl, [c["proxy"] for c in e["curve"]], "o-", label=f"{name} proxy")[0]
-        ax.plot(kl, [c["judge"] for c in e["curve"]], "s--", color=line.get_color(), label=f"{name} judge")
-    ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score")
+        first = e["curve"][0]
+        line = ax.plot(kl, [c["proxy"] - first["proxy"] for c in e["curve"]], "o-", label=f"{name} proxy")[0]
+        ax.plot(kl, [c["judge"] - first["judge"] for c in e["curve"]], "s--", color=line.get_color(),
+                label=f"{name} judge")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score change since step 0")
     ax.legend(fontsize=7)
     return save(fig, path)
 

@@ -25,11 +25,17 @@ SOFTWARE = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", 
 
 
 def software_versions() -> dict[str, str | None]:
-    """Versions of Python and the libraries the pipeline uses (None for one not installed)."""
+    """Versions of Python and the libraries the pipeline uses (None for one not installed).
+
+    torch is given as ``torch.__version__``, the build that runs, with its local tag (``2.13.0+cpu``,
+    ``2.13.0+cu130``): PyPI's Linux wheels carry the CUDA tag only there, not in the distribution version.
+    """
+    import torch
+
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in SOFTWARE:
         try:
-            out[name] = importlib.metadata.version(name)
+            out[name] = torch.__version__ if name == "torch" else importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out

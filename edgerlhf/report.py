@@ -20,6 +20,8 @@ from .records import STAGE_ORDER, memory_rows, newest_records
 STAGES = dict(zip(STAGE_ORDER, ("00_Setup", "01_Data_Preparation", "02_SFT_Finetuning", "03_Reward_Modeling",
                                 "04_PPO_Alignment")))  # stage -> its notebook
 MIB_PER_GIB = 1024
+ORIGIN_NOTE = {"gguf": "; dequantized from a Q4_1 GGUF file, so even its full-precision weights carry 4-bit "
+                       "rounding: the int4 comparison measures re-quantization of an already 4-bit model"}
 
 
 class MissingRecordError(FileNotFoundError):
@@ -43,8 +45,8 @@ def latest_records(run_dir: str | Path) -> dict[str, dict]:
 
 
 def _n(x, digits: int = 3) -> str:
-    """A number for a table cell (``-`` for None)."""
-    if x is None:
+    """A number for a table cell (``-`` for None or NaN)."""
+    if x is None or (isinstance(x, float) and x != x):
         return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
@@ -83,7 +85,8 @@ def section_run(records: dict, manifest: dict | None) -> str:
             ["VRAM (MiB)", _n(hw["vram_total_mib"])], ["RAM (MiB)", _n(hw["ram_total_mib"])],
             ["bf16 supported", _n(hw["bf16_supported"])], ["platform", hw["platform"]],
             ["base model", (f"{setup['results']['base_model']['name']} "
-                           f"({_n(setup['results']['base_model']['parameters'])} parameters)")]]
+                           f"({_n(setup['results']['base_model']['parameters'])} parameters)"
+                           + ORIGIN_NOTE.get(setup["results"]["base_model"].get("init"), ""))]]
     rows += [[name, version or "not installed"] for name, version in sw.items()]
     return "## Hardware and software\n\n" + _table(["", "value"], rows)
 
@@ -130,48 +133,86 @@ def section_sft(records: dict, figures: Path) -> str:
             + _table(["prompt", "before SFT", "after SFT"], samples))
 
 
+def _ci(ci, digits: int = 3, sign: bool = False) -> str:
+    """``[lo, hi]`` for a table cell (``-`` for None)."""
+    if not ci:
+        return "-"
+    fmt = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
+    return "[" + ", ".join(fmt.format(x) for x in ci) + "]"
+
+
 def section_reward(records: dict, figures: Path) -> str:
     r = records["reward"]["results"]
     models = r["models"]
+    accuracy = plots.accuracy_figure(r["table"], figures / "rm_accuracy.png")
     rel = plots.reliability_figure(models, figures / "rm_reliability.png")
     margins = plots.margin_figure(models, figures / "rm_margins.png")
     rows = []
     for row in r["table"]:
-        entry = models[row["model"]]
-        lo, hi = row["accuracy_ci95"]
-        train = entry.get("peak_memory_training")
-        rows.append([row["model"], row["precision"], row["mode"], f"{_n(row['accuracy'])} [{_n(lo)}, {_n(hi)}]",
-                     _n(row["ties"]), _n(row["auc_roc"]), _n(row["ece"]), _n(row["weights_mib"], 1),
-                     _peak(train), _peak(entry["peak_memory_scoring"]), _n(row["pairs_per_second"], 2),
-                     _n(row["train_time_s"], 1)])
-    n = next(iter(models.values()))["n"]
+        seeds = "-" if row.get("n_seeds") is None else (
+            f"{_n(row['seed_accuracy_mean'])} ± {_n(row['seed_accuracy_sd'])} ({row['n_seeds']})"
+            if row.get("seed_accuracy_sd") is not None else f"{_n(row['seed_accuracy_mean'])} (1)")
+        learned = "-" if row["learned"] is None else ("yes" if row["learned"] else "**not learned**")
+        vs_len = "-" if row.get("vs_length_points") is None else (
+            f"{row['vs_length_points']:+.1f} {_ci(row['vs_length_ci95'], 1, True)}, p = {row['vs_length_p']:.2g}")
+        vs_bf16 = "-" if row.get("vs_bf16_points") is None else (
+            f"{row['vs_bf16_points']:+.1f} {_ci(row['vs_bf16_ci95'], 1, True)}, p = {row['vs_bf16_p']:.2g} "
+            f"(MDE {_n(row['vs_bf16_mde_points'], 1)})")
+        entry = models.get(row["model"], {})
+        rows.append([row["model"], row["mode"], row.get("dtype") or "-",
+                     f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", seeds, learned, vs_len, vs_bf16,
+                     f"{_n(row['auc_roc'])} {_ci(row.get('auc_roc_ci95'))}".replace(" -", ""), _n(row.get("ece")),
+                     _n(row.get("agreement_with_judge")), _n(row.get("trainable_parameters")),
+                     _n(row.get("weights_mib"), 1), _peak(entry.get("peak_memory_training")),
+                     _n(row.get("pairs_per_second"), 2), _n(row.get("train_time_s"), 1)])
     d = r["data"]
-    return (f"## Reward models\n\nTrained on {_n(d['train']['kept'])} pairs (validation {_n(d['validation']['kept'])}); "
-            f"evaluated on the same {_n(n)} held-out pairs. Accuracy is strict (ties count as wrong) with a 95% "
-            "bootstrap interval; `-ptq` rows are the bf16 model quantized after training; `judge` was trained on the "
-            "other half of the training pairs and scores PPO.\n\n"
-            + _table(["model", "precision", "mode", "accuracy [95% CI]", "ties", "AUC-ROC", "ECE", "weights (MiB)",
-                      "peak training (MiB)", "peak scoring (MiB)", "pairs/s", "train time (s)"], rows)
-            + f"\n\n![reliability]({rel.parent.name}/{rel.name})\n\n![margins]({margins.parent.name}/{margins.name})")
+    n = next(iter(models.values()))["n"]
+    method = r.get("method", "lora")
+    how = ("a linear probe: the SFT backbone frozen at each precision, its final-layer state at the last token "
+           "computed once per reply, and the one-output head fitted by logistic regression on chosen − rejected"
+           if method == "probe" else "LoRA on the SFT backbone plus a one-output head (TRL RewardTrainer)")
+    judge = f", the judge on {_n(d['judge_train']['kept'])} other pairs" if "judge_train" in d else ""
+    return (f"## Reward models\n\nMethod: {how}. Proxies trained on {_n(d['train']['kept'])} pairs (validation "
+            f"{_n(d['validation']['kept'])}){judge}; all evaluated on the same {_n(n)} held-out pairs. Accuracy is "
+            "strict (ties count as wrong) with a 95% bootstrap interval; differences are in points, paired on the "
+            "same pairs (bootstrap interval, exact McNemar p, minimum detectable difference at 80% power); a model "
+            "that does not beat the length baseline (p < 0.05) is **not learned**. `-ptq` rows are the bf16 model "
+            "quantized after training. On a CPU \"bf16\" runs in float32 (the dtype column).\n\n"
+            + _table(["model", "mode", "dtype that ran", "accuracy [95% CI]", "seeds: mean ± sd (n)", "learned",
+                      "vs length (points)", "vs bf16 (points)", "AUC-ROC [95% CI]", "ECE", "agrees with judge",
+                      "trainable params", "weights (MiB)", "peak training (MiB)", "pairs/s", "train time (s)"], rows)
+            + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
+            + f"\n\n![accuracy]({accuracy.parent.name}/{accuracy.name})\n\nReliability diagrams (pairs per bin on "
+            "each bar; ECE of a model that did not learn only says it is unsure):\n\n"
+            f"![reliability]({rel.parent.name}/{rel.name})\n\n![margins]({margins.parent.name}/{margins.name})")
 
 
 def section_ppo(records: dict, figures: Path) -> str:
     r = records["ppo"]["results"]
-    experiments = r["experiments"]
+    experiments, judge = r["experiments"], r["judge"]
     curves = plots.ppo_curves_figure(experiments, figures / "ppo_curves.png")
     overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
-    rows = [[t["reward_precision"], Path(experiments[t["reward_precision"]]["judge_model"]).name,
+    rows = [[t["reward_precision"], f"{t['proxy']}" + ("" if t["proxy_learned"] else " (**not learned**)"),
              f"{_n(t['judge_before'])} → {_n(t['judge_after'])}",
-             f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["win_rate"], 2),
-             _n(t["wall_time_s"], 1), _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
+             f"{t['judge_change']:+.3f} {_ci(t['judge_change_ci95'], 3, True)}", _n(t["judge_change_mde"]),
+             f"{_n(t['win_rate'], 2)} {_ci(t['win_rate_ci95'], 2)}",
+             f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["wall_time_s"], 1),
+             _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
     samples = []
     for name, e in experiments.items():
         samples += [[name, _clip(s["prompt"], 120), _clip(s["sft"]), _clip(s["ppo"])] for s in e["samples"][:2]]
-    return ("## PPO alignment\n\nJudge reward: a reward model that PPO did not train against, on held-out prompts; "
-            "proxy reward: the reward model PPO optimised; KL to the SFT model in nats per reply; win rate: share of "
-            "held-out prompts where the judge prefers the PPO reply.\n\n"
-            + _table(["reward-model precision", "judge", "judge reward before → after", "proxy reward before → after", "KL",
-                      "win rate", "time (s)", "peak memory (MiB)"], rows)
+    lo, hi = judge["accuracy_ci95"]
+    agree = ", ".join(f"{k} {_n(v)}" for k, v in judge["agreement_with_proxies"].items())
+    return (f"## PPO alignment\n\n**Judge** (every experiment): `{Path(judge['folder']).name}`, trained on pairs no "
+            f"proxy saw; held-out accuracy {_n(judge['accuracy'])} [{_n(lo)}, {_n(hi)}], "
+            f"{'beats' if judge['learned'] else '**does not beat**'} the length baseline; agreement with each "
+            f"proxy on the test pairs: {agree}.\n\nOn {r['n_eval_prompts']} held-out prompts, the SFT replies are "
+            "sampled once and shared; judge change = judge score of the PPO reply − of the SFT reply, per prompt, "
+            "with a paired bootstrap interval and the minimum detectable change (MDE, 80% power); win rate with a "
+            "Wilson interval (ties count half); KL to the SFT model in nats per reply.\n\n"
+            + _table(["reward-model precision", "proxy", "judge before → after", "judge change [95% CI]", "MDE",
+                      "win rate [95% CI]", "proxy before → after", "KL", "time (s)", "peak memory (MiB)"], rows)
+            + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
             f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\nSample replies on held-out prompts:\n\n"
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))

@@ -1,12 +1,22 @@
-"""Stage 3: reward models at BF16, INT8 and INT4 (TRL ``RewardTrainer``), and the quantization study.
+"""Stage 3: reward models at BF16, INT8 and INT4, the quantization study, and the judge.
 
-For each precision in ``reward.precisions``: data -> tokenizer -> model (SFT backbone + one-output
-head, quantized for int8/int4, LoRA on top) -> trainer -> train (resuming) -> save -> evaluate.
-Then the trained bf16 model is also loaded at int8 and int4 without retraining (post-training
-quantization), and all models are scored on the same held-out pairs.
+For each precision in ``reward.precisions``: data -> tokenizer -> model (SFT backbone at that
+precision + a one-output head) -> train -> save -> evaluate, once per seed in ``reward.seeds``.
+Training is ``reward.method``:
 
-Folders: ``models/rm/{bf16,int8,int4}`` (trained under that precision); post-training
-quantization is the bf16 folder loaded at int8/int4. See :mod:`edgerlhf.rewards`.
+* ``lora`` - TRL ``RewardTrainer`` (Bradley-Terry loss), LoRA on the backbone, head trained in full;
+* ``probe`` - the backbone frozen at the precision; its final-layer state at the last token of
+  each reply is computed once (:func:`edgerlhf.rewards.pair_features`) and the head is fitted on
+  ``chosen - rejected`` by logistic regression (:func:`edgerlhf.baselines.fit_pairwise_logistic`).
+
+The trained bf16 model is also loaded at int8 and int4 without retraining (post-training
+quantization, ``-ptq``). A bf16 ``judge`` is trained on pairs no proxy sees, for stage 4.
+Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.baselines`) are scored on
+the same held-out pairs and compared paired (:func:`edgerlhf.metrics.assess`): McNemar, paired
+bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
+carries each model's verdict to stage 4.
+
+Folders: ``models/rm/{bf16,int8,int4,judge}``; see :mod:`edgerlhf.rewards` for their layouts.
 Run without the notebook: ``python -m edgerlhf.reward --profile quick``.
 """
 from __future__ import annotations
@@ -16,27 +26,31 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback
 
 from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
+from .baselines import baseline_scores, fit_pairwise_logistic
 from .config import Config, RewardConfig
-from .files import swap_in_dir
+from .files import atomic_write_text, swap_in_dir
 from .lm import fit_prompt
 from .memory import free_memory, measure
-from .metrics import agreement, evaluate_pairs
+from .metrics import agreement, assess, evaluate_pairs
 from .models import load_tokenizer
-from .plots import margin_figure, reliability_figure
+from .plots import accuracy_figure, margin_figure, reliability_figure
 from .prefs import read_prefs
 from .rewards import (
-    HEAD, load_backbone, load_reward_model, score, state_dict_mib, tokenizer_fingerprint, weights_fingerprint,
-    write_info,
+    HEAD, load_backbone, load_reward_model, pair_features, score, state_dict_mib, tokenizer_fingerprint,
+    weights_fingerprint, write_info,
 )
 from .stage import begin, cli_config, finish
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
+METHODS = ("lora", "probe")
 MIB = 2**20
 
 
@@ -89,11 +103,18 @@ def folder_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MIB
 
 
+def dtype_that_ran(precision: str, device) -> str:
+    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32."""
+    compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
+    return {"bf16": compute, "int8": f"int8 (LLM.int8), {compute} compute",
+            "int4": f"nf4 (double quant), {compute} compute"}[precision]
+
+
 def save_trained(trainer, tokenizer, sft_location: str, precision: str, staging: Path, device) -> None:
-    """Write a trained reward model: bf16 merged into ``model/``; int8/int4 as ``adapter/`` on the SFT backbone."""
+    """Write a LoRA-trained reward model: bf16 merged into ``model/``; int8/int4 as ``adapter/`` on the SFT backbone."""
     tokenizer.save_pretrained(staging / "tokenizer")
-    info = {"precision": precision, "made_by": "trained", "dtype": str(compute_dtype(torch.device(device))).replace(
-        "torch.", ""), "tokenizer_sha256": tokenizer_fingerprint(staging / "tokenizer")}
+    info = {"precision": precision, "made_by": "lora", "dtype": dtype_that_ran(precision, device),
+            "tokenizer_sha256": tokenizer_fingerprint(staging / "tokenizer")}
     if precision == "bf16":
         trainer.model.merge_and_unload().save_pretrained(staging / "model", safe_serialization=True)
         write_info(staging, layout="model", **info)
@@ -103,12 +124,20 @@ def save_trained(trainer, tokenizer, sft_location: str, precision: str, staging:
                    backbone_sha256=weights_fingerprint(sft_location), **info)
 
 
+def loading_cost(folder: Path, precision: str, device) -> tuple:
+    """Load a saved reward model through the PPO API; returns ``(model, tokenizer, cost)`` with its
+    weights size (MiB), folder size (MiB), memory footprint (MiB) and the load's peak memory."""
+    with measure(device) as load_m:
+        model, tokenizer = load_reward_model(folder, precision, device)
+    cost = {"weights_mib": state_dict_mib(model), "folder_mib": folder_mib(folder),
+            "memory_footprint_mib": model.get_memory_footprint() / MIB, "peak_memory_load": load_m}
+    return model, tokenizer, cost
+
+
 def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: list[dict], cfg: RewardConfig,
                     device) -> dict:
     """Load a saved reward model at ``precision`` through the PPO API; measure quality and cost on held-out pairs."""
-    with measure(device) as load_m:
-        model, tokenizer = load_reward_model(folder, precision, device)
-    prompts = [e["prompt"] for e in test]
+    model, tokenizer, cost = loading_cost(folder, precision, device)
 
     def margins(rows):
         kw = {"batch_size": cfg.score_batch_size, "max_length": cfg.max_length}
@@ -122,26 +151,24 @@ def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: 
         seconds = time.perf_counter() - start
     val_chosen, val_rejected = margins(validation)
     results = evaluate_pairs(chosen.numpy(), rejected.numpy(), (val_chosen - val_rejected).numpy())
-    results.update(
-        weights_mib=state_dict_mib(model), folder_mib=folder_mib(folder),
-        memory_footprint_mib=model.get_memory_footprint() / MIB,
-        peak_memory_load=load_m, peak_memory_scoring=score_m, pairs_per_second=len(prompts) / seconds,
-        scores_chosen=chosen.tolist(), scores_rejected=rejected.tolist(),
-    )
+    results.update(cost, peak_memory_scoring=score_m, pairs_per_second=len(test) / seconds,
+                   scores_chosen=chosen.tolist(), scores_rejected=rejected.tolist())
     return results
 
 
-def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, tokenizer, train, validation) -> dict:
-    """Train a reward model at ``precision`` into ``models/rm/<name>``; returns training results."""
+def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, tokenizer, train, validation,
+              seed: int) -> dict:
+    """Train a LoRA reward model at ``precision`` into ``models/rm/<name>``; returns training results."""
     r = cfg.reward
     out_dir = ctx.path(r.output_dir)
     checkpoints = out_dir / "checkpoints" / name
     last = checkpoint_to_resume(checkpoints, r.resume, "reward.resume")
     with measure(ctx.device) as m:
         model = build_reward_model(sft_location, precision, r, tokenizer.pad_token_id, ctx.device)
+        parameters = count_parameters(model)  # before training merges the adapter away
         trainer, output, backoffs = train_with_backoff(
             lambda args: make_trainer(model, tokenizer, r, args, train, validation),
-            trainer_arguments(r, checkpoints, ctx.device, cfg.run.seed, "eval_accuracy", greater_is_better=True),
+            trainer_arguments(r, checkpoints, ctx.device, seed, "eval_accuracy", greater_is_better=True),
             last, cfg.run.max_oom_backoffs)
         staging = out_dir / f".staging-{name}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -150,7 +177,7 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
         trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
     if not r.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    results = {"parameters": count_parameters(model), "global_step": trainer.state.global_step,
+    results = {"parameters": parameters, "global_step": trainer.state.global_step,
                "resumed_from": Path(last).name if last else None, "train_runtime_s": output.metrics["train_runtime"],
                "peak_memory_training": m, "log_history": trainer.state.log_history, "oom_backoffs": backoffs}
     del trainer, model
@@ -158,100 +185,289 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
     return results
 
 
-def run_reward(cfg: Config) -> dict:
-    """Run stage 3 end to end and write its record; returns ``{"models": {name: results}, "table": [...]}``.
+def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> dict[str, dict]:
+    """``reward.method = "lora"``: train, save and evaluate every precision (every seed), the judge, and
+    the post-training-quantized bf16 model. Extra seeds are evaluated, then their folders removed."""
+    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    jobs = [(p, p, "trained", "train", "validation") for p in r.precisions]
+    if r.judge:
+        jobs.append(("judge", "bf16", "judge (pairs no proxy saw)", "judge_train", "judge_validation"))
+    models: dict[str, dict] = {}
+    for name, precision, mode, train_split, val_split in jobs:
+        seeds = r.seeds if mode == "trained" else r.seeds[:1]
+        accuracies = []
+        for i, seed in enumerate(seeds):
+            folder_name = name if i == 0 else f".{name}-seed{seed}"
+            trained = train_one(folder_name, precision, cfg, ctx, sft_location, tokenizer, ex[train_split],
+                                ex[val_split], seed)
+            evaluated = evaluate_folder(out_dir / folder_name, precision, ex["test"], ex["validation"], r, ctx.device)
+            accuracies.append(evaluated["accuracy"])
+            if i == 0:
+                models[name] = {"precision": precision, "mode": mode, "method": "lora", "folder": str(out_dir / name),
+                                "dtype": dtype_that_ran(precision, ctx.device), **trained, **evaluated}
+            else:
+                shutil.rmtree(out_dir / folder_name)
+        models[name].update(seeds=list(seeds), seed_accuracies=accuracies)
+    if r.post_training_quantization and "bf16" in r.precisions:
+        for precision in [p for p in PRECISIONS if p != "bf16"]:
+            models[f"{precision}-ptq"] = {
+                "precision": precision, "mode": "post-training quantization", "method": "lora",
+                "folder": str(out_dir / "bf16"), "dtype": dtype_that_ran(precision, ctx.device),
+                **evaluate_folder(out_dir / "bf16", precision, ex["test"], ex["validation"], r, ctx.device)}
+    return models
+
+
+def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardConfig,
+                   device) -> tuple[dict, dict]:
+    """Frozen-backbone features of every pair in ``splits`` at ``precision``.
+
+    Returns ``({split: (features_chosen, features_rejected)}, cost)``, features ``FloatTensor[N, hidden]``;
+    ``cost`` has the seconds per split and the peak memory of the pass.
+    """
+    feats, seconds = {}, {}
+    with measure(device) as m:
+        model, _ = load_backbone(sft_location, precision, device)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.eval()
+        for split, examples in splits.items():
+            start = time.perf_counter()
+            feats[split] = pair_features(model, tokenizer, [e["prompt"] for e in examples],
+                                         [e["chosen"][0]["content"] for e in examples],
+                                         [e["rejected"][0]["content"] for e in examples], r.feature_batch_size,
+                                         r.max_length)
+            seconds[split] = time.perf_counter() - start
+        total = sum(p.numel() for p in model.parameters())  # 4-bit weights counted as stored
+        del model
+        free_memory()
+    return feats, {"seconds": seconds, "peak_memory_features": m, "parameters_total": total}
+
+
+def probe_scores(weight: np.ndarray, feats: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of the chosen and rejected replies: the head ``weight`` (``float[hidden]``) on their features."""
+    return feats[0].numpy().astype(float) @ weight, feats[1].numpy().astype(float) @ weight
+
+
+def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, precision: str, device,
+               fit: dict) -> None:
+    """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, hidden]`` float32) on
+    the SFT backbone named and hashed in ``rm_info.json`` (quantized on load like during training)."""
+    tokenizer.save_pretrained(staging / "tokenizer")
+    save_file({f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()},
+              staging / "head.safetensors")
+    write_info(staging, layout="head", precision=precision, made_by="probe", dtype=dtype_that_ran(precision, device),
+               backbone=sft_location, backbone_sha256=weights_fingerprint(sft_location),
+               tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"])
+
+
+def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
+                      device, n: int = 2) -> dict:
+    """Load a saved probe through the PPO API and score ``n`` test replies: they must equal the scores it
+    was evaluated with (``|a - b| <= 1e-3 (1 + |b|)``). Returns its loading cost.
 
     Raises:
-        ValueError: unknown precision; no pairs left after fitting.
+        RuntimeError: the saved model scores differently from the features it was fitted on.
+    """
+    model, tokenizer, cost = loading_cost(folder, precision, device)
+    got = score(model, tokenizer, [e["prompt"] for e in test[:n]], [e["chosen"][0]["content"] for e in test[:n]],
+                r.score_batch_size, r.max_length).numpy()
+    if not np.all(np.abs(got - expected[:n]) <= 1e-3 * (1 + np.abs(expected[:n]))):
+        raise RuntimeError(f"{folder}: the saved reward model scores {got.tolist()} where its features gave "
+                           f"{expected[:n].tolist()}")
+    del model
+    return cost
+
+
+def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> dict[str, dict]:
+    """``reward.method = "probe"``: features once per precision, a head fitted per seed, saved, evaluated;
+    the judge on bf16 features of its own pairs; post-training quantization = the bf16 head on int8/int4
+    features (the same arithmetic as loading the bf16 folder quantized)."""
+    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
+    feats, costs = {}, {}
+    for precision in list(dict.fromkeys(list(r.precisions) + ptq)):
+        wanted = ["validation", "test"] + (["train"] if precision in r.precisions else [])
+        wanted += ["judge_train", "judge_validation"] if precision == "bf16" and r.judge else []
+        feats[precision], costs[precision] = probe_features(sft_location, precision, tokenizer,
+                                                            {k: ex[k] for k in wanted}, r, ctx.device)
+
+    def entry(precision: str, mode: str, fits: list[dict], train_split: str | None, folder: Path) -> dict:
+        test, cost = feats[precision]["test"], costs[precision]
+        c, rj = probe_scores(fits[0]["weight"], test)
+        vc, vr = probe_scores(fits[0]["weight"], feats[precision]["validation"])
+        hidden, total = fits[0]["weight"].shape[0], cost["parameters_total"]
+        return {"precision": precision, "mode": mode, "method": "probe", "folder": str(folder),
+                "dtype": dtype_that_ran(precision, ctx.device), "C": fits[0]["C"],
+                "parameters": {"trainable": hidden, "total": total, "trainable_share": hidden / total},
+                "seeds": [f["seed"] for f in fits],
+                "seed_accuracies": [float(np.mean(np.greater(*probe_scores(f["weight"], test)))) for f in fits],
+                "train_pairs": len(ex[train_split]) if train_split else None,
+                "train_runtime_s": cost["seconds"][train_split] if train_split else None,
+                "peak_memory_training": cost["peak_memory_features"] if train_split else None,
+                "pairs_per_second": len(ex["test"]) / cost["seconds"]["test"],
+                "peak_memory_scoring": cost["peak_memory_features"],
+                **evaluate_pairs(c, rj, vc - vr), "scores_chosen": c.tolist(), "scores_rejected": rj.tolist()}
+
+    models: dict[str, dict] = {}
+    fitted: dict[str, list[dict]] = {}
+    jobs = [(p, p, "trained", "train") for p in r.precisions]
+    if r.judge:
+        jobs.append(("judge", "bf16", "judge (pairs no proxy saw)", "judge_train"))
+    for name, precision, mode, train_split in jobs:
+        seeds = r.seeds if mode == "trained" else r.seeds[:1]
+        diff = (feats[precision][train_split][0] - feats[precision][train_split][1]).numpy()
+        fitted[name] = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed} for seed in seeds]
+        staging = out_dir / f".staging-{name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_probe(staging, fitted[name][0]["weight"], tokenizer, sft_location, precision, ctx.device, fitted[name][0])
+        swap_in_dir(staging, out_dir / name)
+        models[name] = entry(precision, mode, fitted[name], train_split, out_dir / name)
+        models[name].update(check_saved_probe(out_dir / name, precision, ex["test"],
+                                              np.asarray(models[name]["scores_chosen"]), r, ctx.device))
+    for precision in ptq:
+        models[f"{precision}-ptq"] = entry(precision, "post-training quantization", fitted["bf16"], None,
+                                           out_dir / "bf16")
+        models[f"{precision}-ptq"].update(loading_cost(out_dir / "bf16", precision, ctx.device)[2])
+    return models
+
+
+def split_pairs(rows: list[dict], r: RewardConfig) -> dict[str, list[dict]]:
+    """Disjoint slices of the training pairs: the proxies' ``train`` / ``validation`` and the judge's.
+
+    With ``judge`` on, the last ``judge_fraction`` of the pairs go to the judge and no proxy sees them.
+    Each share is cut to ``max_train_samples`` and gives ``validation_fraction`` of its pairs (at
+    least one) to validation (early stopping, temperature fitting).
+
+    Raises:
+        ValueError: ``judge_fraction`` is not in (0, 1).
+    """
+    if r.judge and not 0 < r.judge_fraction < 1:
+        raise ValueError(f"reward.judge_fraction must be in (0, 1), got {r.judge_fraction}")
+    n_judge = int(round(r.judge_fraction * len(rows))) if r.judge else 0
+    out = {}
+    for prefix, share in (("", rows[: len(rows) - n_judge]), ("judge_", rows[len(rows) - n_judge:])):
+        share = share[: r.max_train_samples]
+        n_val = max(1, int(round(r.validation_fraction * len(share)))) if share else 0
+        out[prefix + "validation"], out[prefix + "train"] = share[:n_val], share[n_val:]
+    return out
+
+
+def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict) -> Path:
+    """``models/rm/evaluation.json``: each reward model's held-out verdict, read by stage 4 to label
+    its PPO rows (accuracy and interval, learned or not, agreement with the judge)."""
+    keep = ("precision", "mode", "method", "folder", "accuracy", "accuracy_ci95", "n", "learned", "vs_length",
+            "vs_best_baseline", "agreement_with_judge", "dtype")
+    summary = {"length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
+               "baseline_accuracy": assessment["baseline_accuracy"],
+               "models": {name: {k: e.get(k) for k in keep} for name, e in models.items()}}
+    return atomic_write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2) + "\n")
+
+
+def run_reward(cfg: Config) -> dict:
+    """Run stage 3 end to end and write its record; returns ``{"models", "baselines", "table", "conclusions", ...}``.
+
+    Raises:
+        ValueError: unknown precision or method; an empty split after fitting to ``reward.max_length``.
         FileExistsError: checkpoints of an unfinished run exist and ``reward.resume`` is False.
     """
     r = cfg.reward
     unknown = [p for p in r.precisions if p not in PRECISIONS]
-    if unknown:
-        raise ValueError(f"reward.precisions: unknown {unknown}; choose from {PRECISIONS}")
+    if unknown or r.method not in METHODS or not r.seeds:
+        raise ValueError(f"reward.precisions must be within {PRECISIONS}, reward.method one of {METHODS} and "
+                         f"reward.seeds non-empty; got {r.precisions}, {r.method!r}, {r.seeds}")
     ctx = begin(cfg)
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
-        # data
-        rows = read_prefs(data_dir / "train_prefs.jsonl")
-        halves = (rows[: len(rows) // 2], rows[len(rows) // 2:]) if r.judge else (rows, [])
-        rows, judge_rows = halves[0][: r.max_train_samples], halves[1][: r.max_train_samples]
-        n_val = max(1, int(round(r.validation_fraction * len(rows))))
-        test_rows = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
+        # data: disjoint proxy / judge shares of the training pairs, and the held-out test pairs
+        splits = split_pairs(read_prefs(data_dir / "train_prefs.jsonl"), r)
+        splits["test"] = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
         # tokenizer (the SFT model's, with its chat template and pad token)
         sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
         tokenizer = load_tokenizer(sft_location)
         ensure_chat_template(tokenizer)
         ensure_pad_token(tokenizer)
-        train, train_counts = reward_examples(rows[n_val:], tokenizer, r.max_length)
-        validation, val_counts = reward_examples(rows[:n_val], tokenizer, r.max_length)
-        test, test_counts = reward_examples(test_rows, tokenizer, r.max_length)
-        if not train or not validation or not test:
-            raise ValueError(f"no pairs left after fitting to reward.max_length={r.max_length}: "
-                             f"train {train_counts}, validation {val_counts}, test {test_counts}")
-        # model, trainer, train, save - one precision at a time
-        models: dict[str, dict] = {}
-        for precision in r.precisions:
-            models[precision] = {"precision": precision, "mode": "trained",
-                                 **train_one(precision, precision, cfg, ctx, sft_location, tokenizer, train,
-                                             validation)}
-        if r.judge:  # a bf16 model trained on the other half of the pairs, for judging PPO
-            judge_train, _ = reward_examples(judge_rows[n_val:], tokenizer, r.max_length)
-            judge_val, _ = reward_examples(judge_rows[:n_val], tokenizer, r.max_length)
-            models["judge"] = {"precision": "bf16", "mode": "judge (other half)",
-                               **train_one("judge", "bf16", cfg, ctx, sft_location, tokenizer, judge_train, judge_val)}
-        if r.post_training_quantization and "bf16" in r.precisions:
-            for precision in [p for p in PRECISIONS if p != "bf16"]:
-                models[f"{precision}-ptq"] = {"precision": precision, "mode": "post-training quantization"}
-        # evaluate every model on the same held-out pairs (post-training quantization: bf16 loaded quantized)
-        for name, entry in models.items():
-            entry["folder"] = str(out_dir / ("bf16" if entry["mode"] == "post-training quantization" else name))
-            entry.update(evaluate_folder(Path(entry["folder"]), entry["precision"], test, validation, r, ctx.device))
-        if "bf16" in models:
-            ref = models["bf16"]
-            for entry in models.values():
-                entry.update(agreement(
-                    ref["scores_chosen"] + ref["scores_rejected"], entry["scores_chosen"] + entry["scores_rejected"],
-                    [c - j for c, j in zip(ref["scores_chosen"], ref["scores_rejected"])],
-                    [c - j for c, j in zip(entry["scores_chosen"], entry["scores_rejected"])]))
-    table = summary_table(models)
+        ex, counts = {}, {}
+        for name, rows in splits.items():
+            ex[name], counts[name] = reward_examples(rows, tokenizer, r.max_length)
+        empty = [k for k in ("train", "validation", "test") + (("judge_train", "judge_validation") if r.judge else ())
+                 if not ex[k]]
+        if empty:
+            raise ValueError(f"no pairs left in {empty} after fitting to reward.max_length={r.max_length}: {counts}")
+        # baselines, trained on the proxies' training pairs and scored on the test pairs
+        plain = {k: [{"chosen": e["chosen"][0]["content"], "rejected": e["rejected"][0]["content"]} for e in ex[k]]
+                 for k in ("train", "test")}
+        baselines = baseline_scores(plain["train"], plain["test"], seed=r.seeds[0])
+        for b in baselines.values():
+            b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
+        # models: train, save, evaluate (every precision and seed, the judge, post-training quantization)
+        models = (probe_models if r.method == "probe" else lora_models)(cfg, ctx, sft_location, tokenizer, ex)
+        # paired comparisons on the same test pairs, agreement between models
+        assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
+        for anchor in ("bf16", "judge"):
+            if anchor in models:
+                ref = models[anchor]
+                for entry in models.values():
+                    agree = agreement(
+                        ref["scores_chosen"] + ref["scores_rejected"], entry["scores_chosen"] + entry["scores_rejected"],
+                        np.subtract(ref["scores_chosen"], ref["scores_rejected"]),
+                        np.subtract(entry["scores_chosen"], entry["scores_rejected"]))
+                    entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
+                                 if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"]})
+        write_evaluation(out_dir, models, assessment)
+    table = summary_table(models, baselines)
     figures = {
         "reliability": str(reliability_figure(models, ctx.run_dir / "figures" / "rm_reliability.png")),
         "margins": str(margin_figure(models, ctx.run_dir / "figures" / "rm_margins.png")),
+        "accuracy": str(accuracy_figure(table, ctx.run_dir / "figures" / "rm_accuracy.png")),
     }
-    results = {"models": models, "table": table, "figures": figures,
-               "data": {"train": train_counts, "validation": val_counts, "test": test_counts}}
+    results = {"method": r.method, "models": models, "baselines": baselines, "table": table,
+               "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
+               "best_baseline": assessment["best_baseline"], "figures": figures,
+               "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(
         ctx, "reward", results, stage_m,
-        model_config={"backbone": sft_location, "precisions": r.precisions, "lora_rank": r.lora_r},
+        model_config={"backbone": sft_location, "precisions": r.precisions, "method": r.method,
+                      "lora_rank": r.lora_r if r.method == "lora" else None},
         training_config={k: getattr(r, k) for k in (
-            "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
-            "max_length", "gradient_checkpointing")},
+            "method", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+            "num_train_epochs", "max_length", "gradient_checkpointing", "judge_fraction")},
         data={"train_file": str(data_dir / "train_prefs.jsonl"), "test_file": str(data_dir / "test_prefs.jsonl")},
     ))
     return results
 
 
-def summary_table(models: dict[str, dict]) -> list[dict]:
-    """One row per reward model: precision x mode and the study's metrics."""
+def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[dict]:
+    """One row per baseline and reward model: quality with intervals, paired comparisons, verdict and cost."""
     rows = []
+    for name, b in baselines.items():
+        rows.append({"model": name, "precision": None, "mode": "baseline", "method": b["description"], "dtype": None,
+                     "accuracy": b["accuracy"], "accuracy_ci95": b["accuracy_ci95"], "ties": b["ties"],
+                     "auc_roc": b["auc_roc"], "learned": None})
     for name, e in models.items():
         peak = e.get("peak_memory_training") or {}
+        ref, length = e.get("vs_reference"), e["vs_length"]
+        seeds = e.get("seed_accuracies") or [e["accuracy"]]
         rows.append({
-            "model": name, "precision": e["precision"], "mode": e["mode"],
+            "model": name, "precision": e["precision"], "mode": e["mode"], "method": e["method"], "dtype": e["dtype"],
             "accuracy": e["accuracy"], "accuracy_ci95": e["accuracy_ci95"], "ties": e["ties"],
-            "auc_roc": e["auc_roc"], "ece": e["ece"], "ece_temperature_scaled": e["ece_temperature_scaled"],
+            "seed_accuracy_mean": float(np.mean(seeds)), "seed_accuracy_sd": float(np.std(seeds, ddof=1))
+            if len(seeds) > 1 else None, "n_seeds": len(seeds),
+            "auc_roc": e["auc_roc"], "auc_roc_ci95": e["auc_roc_ci95"], "learned": e["learned"],
+            "vs_length_points": 100 * length["difference"], "vs_length_ci95": [100 * x for x in length["ci"]],
+            "vs_length_p": length["p_value"],
+            "vs_bf16_points": 100 * ref["difference"] if ref else None,
+            "vs_bf16_ci95": [100 * x for x in ref["ci"]] if ref else None, "vs_bf16_p": ref["p_value"] if ref else None,
+            "vs_bf16_mde_points": 100 * ref["mde"] if ref else None,
+            "ece": e["ece"], "ece_temperature_scaled": e["ece_temperature_scaled"],
             "nll": e["nll"], "brier": e["brier"], "spearman_vs_bf16": e.get("spearman"),
-            "same_ranking_vs_bf16": e.get("same_ranking"), "weights_mib": e["weights_mib"],
-            "folder_mib": e["folder_mib"],
+            "same_ranking_vs_bf16": e.get("same_ranking"), "agreement_with_judge": e.get("agreement_with_judge"),
+            "trainable_parameters": (e.get("parameters") or {}).get("trainable"),
+            "weights_mib": e["weights_mib"], "folder_mib": e["folder_mib"],
             "memory_footprint_mib": e["memory_footprint_mib"],
             "peak_cpu_rss_training_mib": peak.get("cpu_peak_rss_mib"),
-            "cpu_increase_training_mib": peak.get("cpu_peak_increase_mib"),
             "peak_cuda_training_mib": peak.get("cuda_peak_allocated_mib"),
-            "peak_cpu_rss_scoring_mib": e["peak_memory_scoring"]["cpu_peak_rss_mib"],
-            "cpu_increase_scoring_mib": e["peak_memory_scoring"]["cpu_peak_increase_mib"],
-            "peak_cuda_scoring_mib": e["peak_memory_scoring"]["cuda_peak_allocated_mib"],
-            "pairs_per_second": e["pairs_per_second"], "train_time_s": e.get("train_runtime_s"),
+            "peak_cpu_rss_scoring_mib": (e.get("peak_memory_scoring") or {}).get("cpu_peak_rss_mib"),
+            "peak_cuda_scoring_mib": (e.get("peak_memory_scoring") or {}).get("cuda_peak_allocated_mib"),
+            "pairs_per_second": e.get("pairs_per_second"), "train_time_s": e.get("train_runtime_s"),
         })
     return rows
 
@@ -259,7 +475,7 @@ def summary_table(models: dict[str, dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: ``python -m edgerlhf.reward [--profile P] [--config F] [--set K=V ...]``."""
     results = run_reward(cli_config("Stage 3: reward models at bf16, int8 and int4.", argv))
-    print(json.dumps(results["table"], indent=2))
+    print("\n".join(results["conclusions"]))
 
 
 if __name__ == "__main__":

@@ -11,35 +11,73 @@ from pathlib import Path
 
 import torch
 
+from edgerlhf.alignment import comparison_table, conclusions
 from edgerlhf.config import load_config
 from edgerlhf.memory import apply_vram_budget
+from edgerlhf.metrics import assess, evaluate_pairs
+from edgerlhf.reward import summary_table
 from edgerlhf.stage import StageContext, finish
+from edgerlhf.stats import paired_bootstrap, wilson_interval
 
 MEM = {"device": "cpu", "wall_time_s": 2.0, "cpu_peak_rss_mib": 900.0, "cpu_peak_scope": "block",
        "cuda_peak_allocated_mib": None, "cuda_peak_reserved_mib": None}
 
 
+CHOSEN = [0.5, 0.2, 0.9, -0.1] * 10
+REJECTED = [0.1, 0.4, 0.3, -0.3] * 10
+
+
 def _reward_model(precision: str, mode: str, shift: float) -> dict:
-    chosen = [0.5 + shift, 0.2, 0.9, -0.1]
-    rejected = [0.1, 0.4, 0.3, -0.3]
-    return {"precision": precision, "mode": mode, "folder": f"models/rm/{precision}", "accuracy": 0.75, "ties": 0,
-            "n": 4, "accuracy_ci95": [0.25, 1.0], "auc_roc": 0.8125, "ece": 0.12, "nll": 0.6, "brier": 0.2,
-            "reliability": [{"lo": 0.5, "hi": 0.55, "n": 2, "accuracy": 0.5, "confidence": 0.52},
-                            {"lo": 0.55, "hi": 0.6, "n": 2, "accuracy": 1.0, "confidence": 0.57}],
-            "weights_mib": 1.5, "peak_memory_training": dict(MEM), "peak_memory_scoring": dict(MEM),
-            "pairs_per_second": 40.0, "scores_chosen": chosen, "scores_rejected": rejected}
+    chosen = [c + shift for c in CHOSEN]
+    return {"precision": precision, "mode": mode, "method": "probe", "dtype": "float32",
+            "folder": f"models/rm/{precision}", **evaluate_pairs(chosen, REJECTED), "seed_accuracies": [0.75, 0.7],
+            "parameters": {"trainable": 64, "total": 1234}, "weights_mib": 1.5, "folder_mib": 0.1,
+            "memory_footprint_mib": 1.5, "peak_memory_training": dict(MEM), "peak_memory_scoring": dict(MEM),
+            "pairs_per_second": 40.0, "train_runtime_s": 2.0, "scores_chosen": chosen, "scores_rejected": REJECTED}
+
+
+def _reward_results() -> dict:
+    """Reward-stage results built by the stage's own assessment and table functions on made-up scores."""
+    models = {"bf16": _reward_model("bf16", "trained", 0.0), "int8": _reward_model("int8", "trained", 0.01),
+              "judge": _reward_model("bf16", "judge (pairs no proxy saw)", 0.02)}
+    shorter = ([-(i % 5) for i in range(40)], [-(i % 3) for i in range(40)])
+    baselines = {name: {"scores_chosen": shorter[0], "scores_rejected": shorter[1], "description": name}
+                 for name in ("shorter wins", "longer wins", "tf-idf")}
+    for b in baselines.values():
+        b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
+    assessment = assess(models, baselines)
+    for e in models.values():
+        e["agreement_with_judge"] = 1.0
+    return {"method": "probe", "models": models, "baselines": baselines, "table": summary_table(models, baselines),
+            "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
+            "data": {"train": {"kept": 20}, "validation": {"kept": 4}, "judge_train": {"kept": 20},
+                     "judge_validation": {"kept": 4}, "test": {"kept": 40}}}
 
 
 def _experiment(precision: str, data_dir: Path) -> dict:
-    history = [{"step": s, "score": 0.1 * s, "kl": 0.05 * s} for s in (1, 2)]
+    history = [{"step": s, "score": 0.1 * s, "kl": 0.05 * s, "beta": 0.1} for s in (1, 2)]
+    before, after = [0.1, 0.2, 0.0, 0.1], [0.3, 0.2, 0.4, 0.3]
     return {"precision": precision, "reward_model": str(data_dir.parent / "models" / "rm" / precision),
+            "proxy": precision, "proxy_verdict": {"learned": True},
             "judge_model": str(data_dir.parent / "models" / "rm" / "judge"),
-            "before": {"judge_mean": 0.1, "proxy_mean": 0.2, "kl_mean": 0.0},
-            "after": {"judge_mean": 0.3, "proxy_mean": 0.5, "kl_mean": 0.1},
+            "before": {"judge_mean": 0.1, "proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before},
+            "after": {"judge_mean": 0.3, "proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after},
+            "judge_change": paired_bootstrap(after, before), "judge_change_mde": 0.2,
             "curve": [{"step": 0, "kl": 0.0, "proxy": 0.2, "judge": 0.1}, {"step": 2, "kl": 0.1, "proxy": 0.5,
                                                                             "judge": 0.3}],
-            "history": history, "win_rate": 0.75, "peak_memory": dict(MEM), "wall_time_s": 3.0,
+            "history": history, "win_rate": 0.75, "win_rate_ci95": wilson_interval(3, 4), "peak_memory": dict(MEM),
+            "wall_time_s": 3.0,
             "samples": [{"prompt": "How do I bake bread?", "sft": "Mix flour and water.", "ppo": "Mix, knead, bake."}]}
+
+
+def _ppo_results(data_dir: Path) -> dict:
+    """PPO-stage results built by the stage's own table and conclusion functions."""
+    experiments = {p: _experiment(p, data_dir) for p in ("bf16", "int8")}
+    judge = {"folder": "models/rm/judge", "accuracy": 0.75, "accuracy_ci95": [0.6, 0.875], "learned": True,
+             "vs_length": {"p_value": 0.01}, "length_baseline": "shorter wins",
+             "agreement_with_proxies": {"bf16": 0.9, "int8": 0.85}}
+    return {"experiments": experiments, "table": comparison_table(experiments), "judge": judge,
+            "conclusions": conclusions(experiments, judge, 0), "n_eval_prompts": 4}
 
 
 def stage_results(root: Path) -> dict[str, dict]:
@@ -51,9 +89,6 @@ def stage_results(root: Path) -> dict[str, dict]:
         (data_dir / name).write_text(text)
         files[name] = hashlib.sha256(text.encode()).hexdigest()
     lengths = {"min": 3.0, "mean": 10.5, "median": 10.0, "p95": 20.0, "max": 24.0}
-    models = {"bf16": _reward_model("bf16", "trained", 0.0), "int8": _reward_model("int8", "trained", 0.01),
-              "judge": _reward_model("bf16", "judge (other half)", 0.02)}
-    experiments = {p: _experiment(p, data_dir) for p in ("bf16", "int8")}
     return {
         "setup": {"base_model": {"name": "tiny-gpt2", "parameters": 1234}, "disk_free_mib": 50_000,
                   "memory_plan": [{"profile": "tiny", "stage": "sft", "estimate_mib": 100.0, "fits": True,
@@ -68,15 +103,8 @@ def stage_results(root: Path) -> dict[str, dict]:
                 "perplexity_after": 850.0, "eval_tokens": 120,
                 "log_history": [{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.7}, {"step": 4, "eval_loss": 6.8}],
                 "samples": [{"prompt": "Hi", "before": "hello hello", "after": "Hello!"}]},
-        "reward": {"models": models, "data": {"train": {"kept": 20}, "validation": {"kept": 4}, "test": {"kept": 4}},
-                   "table": [{"model": k, "precision": m["precision"], "mode": m["mode"], "accuracy": m["accuracy"],
-                              "accuracy_ci95": m["accuracy_ci95"], "ties": 0, "auc_roc": m["auc_roc"],
-                              "ece": m["ece"], "weights_mib": 1.5, "pairs_per_second": 40.0, "train_time_s": 2.0}
-                             for k, m in models.items()]},
-        "ppo": {"experiments": experiments,
-                "table": [{"reward_precision": p, "judge_before": 0.1, "judge_after": 0.3, "proxy_before": 0.2,
-                           "proxy_after": 0.5, "kl": 0.1, "win_rate": 0.75, "wall_time_s": 3.0}
-                          for p in experiments]},
+        "reward": _reward_results(),
+        "ppo": _ppo_results(data_dir),
     }
 
 

@@ -314,3 +314,27 @@ def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(ti
     assert seen == [(2, CFG.batch_size), (1, half), (1, half)]  # backed off once, then kept the smaller sizes
     assert history[0]["oom_backoffs"][0]["micro_batch"] == 2 and history[1]["oom_backoffs"] == []
     assert history[1]["mini_batch_size"] == 1
+
+
+def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tmp_path):
+    """eval_every 0 and 1 give identical training: evaluations sample on their own RNG (fork_rng)."""
+    from edgerlhf.alignment import sample_and_measure
+
+    runs = []
+    for name, evaluate in (("plain", False), ("evaluated", True)):
+        policy, head = tiny_policy(tiny_gpt2)
+        tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+        queries, prompts = queries_for(tok, 8), [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+        scorer = token_share_scorer(tok, "the")
+        cfg = PPOConfig(**{**CFG.__dict__, "eval_every": 1 if evaluate else 0})
+        points = []
+
+        def on_step(step, stats):
+            if cfg.eval_every:
+                points.append(sample_and_measure(policy, head, tok, queries[:4], prompts[:4], cfg, {"s": scorer}, 7))
+
+        torch.manual_seed(0)
+        history = train(policy, head, tok, queries, prompts, scorer, cfg, tmp_path / name, 0, on_step)
+        runs.append(([(h["score"], h["kl"], h["pg_loss"], h["vf_loss"]) for h in history], points))
+    (plain, _), (evaluated, points) = runs
+    assert len(points) == CFG.steps and plain == evaluated  # bit for bit

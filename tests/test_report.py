@@ -18,11 +18,12 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
     positions = [text.index(s) for s in SECTIONS]
     assert positions == sorted(positions)
     # numbers that exist only in the records
-    for expected in ("| malformed_dialogue | 4 |", "900.00 → 850.00", "0.750 [0.250, 1.000]", "0.812",
-                     "0.100 → 0.300", "| bf16 | judge |", "abc123", "tiny-gpt2 (1,234 parameters)",
-                     "Mix, knead, bake.", "| sft | cpu | 900 |"):
+    for expected in ("| malformed_dialogue | 4 |", "900.00 → 850.00", "| bf16 | trained | float32 | 0.750 [",
+                     "0.100 → 0.300", "+0.200 [", "**What can be concluded:**", "- bf16: ", "abc123",
+                     "tiny-gpt2 (1,234 parameters)", "Mix, knead, bake.", "| sft | cpu | 900 |",
+                     "| shorter wins | baseline |", "0.75 [0.30, 0.95]"):
         assert expected in text, expected
-    for figure in ("sft_loss", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "memory"):
+    for figure in ("sft_loss", "rm_accuracy", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "memory"):
         assert f"(report_figures/{figure}.png)" in text
         assert (run_dir / "report_figures" / f"{figure}.png").stat().st_size > 1000
 

@@ -48,14 +48,15 @@ def test_runs_on_different_processors_are_named_but_compared_as_usual(tmp_path, 
 
 
 def test_a_metric_beyond_tolerance_fails_and_is_named(tmp_path, capsys):
-    a, b = two_runs(tmp_path, lambda r: r["reward"]["models"]["int8"].update(auc_roc=0.8126))
+    a, b = two_runs(tmp_path, lambda r: r["reward"]["models"]["int8"].update(auc_roc=r["reward"]["models"]["int8"]["auc_roc"] + 1e-4))
     assert main([str(a), str(b)]) == 1
     out = capsys.readouterr().out
     assert "reward.models.int8.auc_roc" in out and "NOT reproduced (1 out of tolerance)" in out
 
 
 def test_a_metric_within_tolerance_passes(tmp_path):
-    a, b = two_runs(tmp_path, lambda r: r["reward"]["models"]["int8"].update(auc_roc=0.8125 * (1 + 1e-7)))
+    a, b = two_runs(tmp_path, lambda r: r["reward"]["models"]["int8"].update(
+        auc_roc=r["reward"]["models"]["int8"]["auc_roc"] * (1 + 1e-7)))
     diffs = {d.key: d for d in compare_runs(a, b)}
     assert diffs["reward.models.int8.auc_roc"].status == "within"
     assert not any(d.failed for d in diffs.values())

@@ -12,8 +12,9 @@ from edgerlhf.rewards import RewardModelError, load_backbone, load_reward_model,
 
 @pytest.fixture
 def rm_cfg(tiny_cfg, tiny_sft):
+    """Tiny-profile configs on the session's SFT model; LoRA reward models unless ``reward.method`` is given."""
     def make(**over):
-        return tiny_cfg(**{"sft.output_dir": str(tiny_sft), **over})
+        return tiny_cfg(**{"sft.output_dir": str(tiny_sft), "reward.method": "lora", "reward.seeds": [42], **over})
     return make
 
 
@@ -45,6 +46,7 @@ def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 2}))
     models = results["models"]
     assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
+    assert models["bf16"]["parameters"]["trainable"] > 1000  # LoRA + head, counted before the merge
     for name, entry in models.items():
         assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["auc_roc"] <= 1 and entry["weights_mib"] > 0
     expected = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}
@@ -57,7 +59,7 @@ def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
         assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
     assert models["int8-ptq"]["spearman"] > 0.9 and models["int4-ptq"]["spearman"] > 0.8
     assert models["bf16"]["weights_mib"] > models["int8-ptq"]["weights_mib"] > models["int4-ptq"]["weights_mib"]
-    assert json.load(open(results["record"]))["results"]["table"][0]["model"] == "bf16"
+    assert [row["model"] for row in json.load(open(results["record"]))["results"]["table"]][3] == "bf16"
 
 
 def test_loading_errors_are_clear(rm_cfg, tmp_path):
@@ -113,3 +115,74 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
                     "reward.eval_steps": 100, "reward.post_training_quantization": False, "reward.judge": False})
     results = reward.run_reward(cfg)
     assert results["models"]["bf16"]["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_pair_features_are_what_the_head_reads(name, precision, models_dir):
+    # prompt run once with its cache reused for both replies == two full passes through score()
+    from edgerlhf.models import load_tokenizer, prepare_base_model
+    from edgerlhf.rewards import pair_features
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)  # GPT-2: pad = EOS, so the head reads the token before the final EOS
+    model, _ = load_backbone(location, precision, "cpu")
+    model.config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.score.weight)
+    prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
+    chosen, rejected = ["yes sure " * (i % 3 + 1) for i in range(5)], ["no" + " way" * i for i in range(5)]
+    fc, fr = pair_features(model.eval(), tok, prompts, chosen, rejected, batch_size=3)
+    w = model.score.weight.detach().float()[0]
+    assert torch.allclose(fc @ w, score(model, tok, prompts, chosen, batch_size=2), atol=1e-4)
+    assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
+
+
+def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
+    results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.seeds": [42, 43]}))
+    models = results["models"]
+    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
+    assert [row["model"] for row in results["table"][:3]] == ["shorter wins", "longer wins", "tf-idf"]
+    for name, entry in models.items():
+        assert entry["method"] == "probe" and len(entry["seed_accuracies"]) == (1 if name == "judge" else 2)
+        assert isinstance(entry["learned"], bool) and entry["vs_length"]["n"] == entry["n"]
+        assert entry["parameters"]["trainable"] == 64  # the head of a width-64 model, counted as trained
+        assert entry["vs_reference"] is None if name == "bf16" else entry["vs_reference"]["n"] == entry["n"]
+    assert models["bf16"]["dtype"] == "float32" and models["int4"]["dtype"].startswith("nf4")
+    # a bf16 probe loads quantized (post-training quantization) and scores as it was evaluated
+    ptq, _ = load_reward_model(models["int8-ptq"]["folder"], "int8", "cpu")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in ptq.modules())
+    with pytest.raises(RewardModelError, match="cannot be loaded at bf16"):
+        load_reward_model(models["int4"]["folder"], "bf16")
+    verdicts = json.load(open(f"{models['bf16']['folder']}/../evaluation.json"))
+    assert verdicts["models"]["judge"]["learned"] == models["judge"]["learned"]
+    assert any(c.startswith("bf16: ") for c in results["conclusions"])
+
+
+def test_the_judge_never_sees_a_proxy_pair(rm_cfg):
+    cfg = rm_cfg(**{"reward.judge_fraction": 0.25, "reward.max_train_samples": 100})
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"} for i in range(40)]
+    splits = reward.split_pairs(rows, cfg.reward)
+    proxy = {r["prompt"][0]["content"] for k in ("train", "validation") for r in splits[k]}
+    judge = {r["prompt"][0]["content"] for k in ("judge_train", "judge_validation") for r in splits[k]}
+    assert len(judge) == 10 and len(proxy) == 30 and not proxy & judge
+    assert sum(len(v) for v in splits.values()) == 40
+    with pytest.raises(ValueError, match="judge_fraction"):
+        reward.split_pairs(rows, rm_cfg(**{"reward.judge_fraction": 1.0}).reward)
+
+
+def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):
+    from edgerlhf.alignment import judge_is_independent
+
+    for name, head in (("proxy", b"1"), ("judge", b"2"), ("copy", b"1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rm_info.json").write_text(json.dumps({"layout": "head"}))
+        (tmp_path / name / "head.safetensors").write_bytes(head)
+    judge_is_independent(tmp_path / "judge", tmp_path / "proxy")
+    with pytest.raises(ValueError, match="same weights"):
+        judge_is_independent(tmp_path / "copy", tmp_path / "proxy")
+    with pytest.raises(ValueError, match="same weights"):
+        judge_is_independent(tmp_path / "proxy", tmp_path / "proxy")
