@@ -31,6 +31,8 @@ def apply_vram_budget(gib: float | None = 8.0, device: torch.device | str | None
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if gib is None or dev.type != "cuda":
         return {"budget_gib": gib, "applied": False, "fraction": None, "device_total_mib": None}
+    if dev.index is None:  # torch.device("cuda") names no card, and the per-process cap needs one
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     fraction = min(1.0, gib * GIB / total)
     torch.cuda.set_per_process_memory_fraction(fraction, dev)

@@ -151,3 +151,17 @@ def test_vram_budget_sets_the_fraction_of_a_mocked_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda dev: type("Props", (), {"total_memory": 6 * 2**30})())
     assert apply_vram_budget(8, "cuda:0")["fraction"] == 1.0  # a smaller card is not capped above its size
+
+
+def test_vram_budget_accepts_a_cuda_device_without_an_index(monkeypatch):
+    # torch.device("cuda") (what "auto" resolves to) has no index; set_per_process_memory_fraction needs one
+    from torch.cuda._utils import _get_device_index
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("Props", (), {"total_memory": 16 * 2**30})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, dev: calls.append((f, _get_device_index(dev))))  # raises for a bare "cuda"
+    out = apply_vram_budget(8, torch.device("cuda"))
+    assert calls == [(0.5, 0)] and out["applied"] is True
