@@ -262,7 +262,10 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
 def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
                       device, n: int = 2) -> dict:
     """Load a saved probe through the PPO API and score ``n`` test replies: they must equal the scores it
-    was evaluated with (``|a - b| <= 1e-3 (1 + |b|)``). Returns its loading cost.
+    was evaluated with, ``|a - b| <= tol (1 + |b|)``, catching a wrong head or backbone. ``tol`` is 1e-3,
+    and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so int8 scores
+    depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
+    Returns its loading cost.
 
     Raises:
         RuntimeError: the saved model scores differently from the features it was fitted on.
@@ -270,7 +273,8 @@ def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: 
     model, tokenizer, cost = loading_cost(folder, precision, device)
     got = score(model, tokenizer, [e["prompt"] for e in test[:n]], [e["chosen"][0]["content"] for e in test[:n]],
                 r.score_batch_size, r.max_length).numpy()
-    if not np.all(np.abs(got - expected[:n]) <= 1e-3 * (1 + np.abs(expected[:n]))):
+    tol = 0.1 if precision == "int8" else 1e-3
+    if not np.all(np.abs(got - expected[:n]) <= tol * (1 + np.abs(expected[:n]))):
         raise RuntimeError(f"{folder}: the saved reward model scores {got.tolist()} where its features gave "
                            f"{expected[:n].tolist()}")
     del model
