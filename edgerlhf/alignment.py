@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from .adapters import PRECISIONS, compute_dtype, quantization_config
 from .config import Config, PPOConfig
-from .files import sha256_file, swap_in_dir
+from .files import swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
 from .memory import measure
@@ -43,7 +43,7 @@ from .ppo import decode_responses, policy_and_reference_logprobs, rollout
 from .ppo_loop import build_policy, train
 from .prefs import read_prefs
 from .reproducibility import seed_everything
-from .rewards import load_reward_model, read_info, score
+from .rewards import load_reward_model, score, weights_digest
 from .stage import begin, cli_config, finish
 from .stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .templates import ensure_chat_template, ppo_pad_token, render_prompt
@@ -152,15 +152,6 @@ def judge_is_independent(judge_folder: Path, proxy_folder: Path) -> None:
     if judge_folder.resolve() == proxy_folder.resolve() or weights_digest(judge_folder) == weights_digest(proxy_folder):
         raise ValueError(f"the judge {judge_folder} has the same weights as the proxy {proxy_folder}: a policy "
                          "cannot be judged by the reward model it was trained against")
-
-
-def weights_digest(folder: Path) -> str:
-    """SHA-256 of the file holding what training changed in a reward-model folder (its head, adapter
-    or merged weights; see :mod:`edgerlhf.rewards`)."""
-    layout = read_info(folder)["layout"]
-    name = {"head": "head.safetensors", "model": "model/model.safetensors",
-            "adapter": "adapter/adapter_model.safetensors"}[layout]
-    return sha256_file(folder / name)
 
 
 def rm_verdicts(rm_dir: Path) -> dict:

@@ -161,7 +161,8 @@ def section_reward(records: dict, figures: Path) -> str:
         entry = models.get(row["model"], {})
         rows.append([row["model"], row["mode"], row.get("dtype") or "-",
                      f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", seeds, learned, vs_len, vs_bf16,
-                     f"{_n(row['auc_roc'])} {_ci(row.get('auc_roc_ci95'))}".replace(" -", ""), _n(row.get("ece")),
+                     " ".join([_n(row["auc_roc"])] + ([_ci(row["auc_roc_ci95"])] if row.get("auc_roc_ci95") else [])),
+                     _n(row.get("ece")),
                      _n(row.get("agreement_with_judge")), _n(row.get("trainable_parameters")),
                      _n(row.get("weights_mib"), 1), _peak(entry.get("peak_memory_training")),
                      _n(row.get("pairs_per_second"), 2), _n(row.get("train_time_s"), 1)])

@@ -65,6 +65,20 @@ def weights_fingerprint(folder: str | Path) -> str:
     return sha256_file(Path(folder) / "model.safetensors")
 
 
+#: The file of each layout that holds what training changed (head, adapter or merged weights).
+TRAINED_WEIGHTS = {"head": "head.safetensors", "model": "model/model.safetensors",
+                   "adapter": "adapter/adapter_model.safetensors"}
+
+
+def weights_digest(folder: str | Path) -> str:
+    """SHA-256 of the file holding what training changed in a reward-model folder (:data:`TRAINED_WEIGHTS`).
+
+    Raises:
+        RewardModelError: the folder has no ``rm_info.json``.
+    """
+    return sha256_file(Path(folder) / TRAINED_WEIGHTS[read_info(folder)["layout"]])
+
+
 def write_info(folder: Path, **info) -> None:
     """Write ``rm_info.json`` (precision, layout, how it was made, fingerprints)."""
     (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
