@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig
 from transformers import BitsAndBytesConfig
 
+from .config import PRECISIONS  # noqa: F401  (re-exported: the stages import it from here)
+
 #: LoRA targets per architecture: attention and MLP projections (QLoRA, Dettmers et al. 2023,
 #: recommends all linear layers). GPT-2 uses Conv1D layers named c_attn / c_proj / c_fc.
 LORA_TARGETS = {
@@ -18,7 +20,6 @@ LORA_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-PRECISIONS = ("bf16", "int8", "int4")
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

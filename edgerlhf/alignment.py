@@ -40,11 +40,11 @@ from .memory import measure
 from .models import load_causal_lm, load_tokenizer
 from .plots import overoptimisation_figure, ppo_curves_figure
 from .ppo import decode_responses, policy_and_reference_logprobs, rollout
-from .ppo_loop import build_policy, train
+from .ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
 from .prefs import read_prefs
 from .reproducibility import seed_everything
 from .rewards import load_reward_model, score, weights_digest
-from .stage import begin, cli_config, finish
+from .stage import begin, cli_config, finish, recorded
 from .stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .templates import ensure_chat_template, ppo_pad_token, render_prompt
 
@@ -71,22 +71,41 @@ def load_policy(sft_location: str, cfg: PPOConfig, device: torch.device):
     return policy, value_head, tokenizer
 
 
-def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int) -> tuple[list[list[int]], list[list[dict]]]:
-    """Token ids of the rendered prompts, truncated from the left by whole turns; prompts that
-    cannot fit are skipped. Returns ``(queries, prompts)`` of equal length."""
-    queries, prompts = [], []
+def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
+                   counts: dict | None = None) -> tuple[list[list[int]], list[list[dict]]]:
+    """Token ids of the rendered prompts, truncated from the left by whole turns to ``max_prompt_length``
+    tokens; a prompt whose last user turn alone is longer is skipped, and counted into ``counts``
+    (``"prompts_kept"``, ``"prompts_truncated"``, ``"prompts_dropped"``) when given.
+
+    Returns:
+        ``(queries, prompts)`` of equal length.
+    Raises:
+        ValueError: no prompt fits (names ``ppo.max_prompt_length``).
+    """
+    queries, prompts, seen = [], [], {"prompts_kept": 0, "prompts_truncated": 0, "prompts_dropped": 0}
     for row in rows:
-        messages, _ = fit_prompt(tokenizer, row["prompt"], [""], max_prompt_length)
-        if messages is not None:
-            queries.append(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
-            prompts.append(messages)
+        messages, cut = fit_prompt(tokenizer, row["prompt"], [""], max_prompt_length)
+        if messages is None:
+            seen["prompts_dropped"] += 1
+            continue
+        seen["prompts_kept"] += 1
+        seen["prompts_truncated"] += int(cut)
+        queries.append(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        prompts.append(messages)
+    if rows and not queries:
+        raise ValueError(f"none of the {len(rows)} prompts fits ppo.max_prompt_length={max_prompt_length} tokens, "
+                         "even with only its last user turn")
+    if counts is not None:
+        counts.update(seen)
     return queries, prompts
 
 
-def reward_scorer(model, tokenizer, cfg: PPOConfig, max_length: int, gain: float = 1.0, bias: float = 0.0):
-    """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``."""
+def reward_scorer(model, tokenizer, cfg: PPOConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
+                  counts: dict | None = None):
+    """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``;
+    over-long items are fitted from the left and counted into ``counts`` (see :func:`edgerlhf.rewards.score`)."""
     def scorer(prompts, replies):
-        return gain * score(model, tokenizer, prompts, replies, cfg.score_batch_size, max_length) + bias
+        return gain * score(model, tokenizer, prompts, replies, cfg.score_batch_size, max_length, counts) + bias
     return scorer
 
 
@@ -179,28 +198,34 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
     eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
     before = shared["before"]
     with measure(ctx.device) as m:
+        ctx.step = f"experiment {precision}: loading"
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
         policy, value_head, tokenizer = load_policy(sft_location, p, ctx.device)
-        queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length)
-        proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length)
+        prompt_counts, truncation = {}, {}
+        queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length, prompt_counts)
+        proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, counts=truncation)
         gain, bias = normalisation(policy, value_head, tokenizer, queries, prompts, p, proxy, cfg.run.seed)
         scorers = {"proxy": proxy, "judge": shared["judge"]}
         proxy_before = proxy(eval_prompts, before["replies"]).tolist()
-        curve = [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
-                  "judge": float(np.mean(before["judge_scores"]))}]
+        # the evaluation curve, checkpointed with the policy so that a resumed run keeps its points
+        extra = {"curve": [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
+                            "judge": float(np.mean(before["judge_scores"]))}]}
 
         def on_step(step, stats):
+            ctx.step = f"experiment {precision}: PPO step {step} of {p.steps} done"
             if p.eval_every and step % p.eval_every == 0 and step != p.steps:
                 point = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers,
                                            cfg.run.seed)
-                curve.append({"step": step, "kl": point["kl_mean"], "proxy": point["proxy_mean"],
-                              "judge": point["judge_mean"]})
+                extra["curve"].append({"step": step, "kl": point["kl_mean"], "proxy": point["proxy_mean"],
+                                       "judge": point["judge_mean"]})
 
         out_dir = ctx.path(p.output_dir)
         checkpoints = out_dir / "checkpoints" / precision
         history = train(policy, value_head, tokenizer, queries, prompts,
-                        reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias), p, checkpoints,
-                        cfg.run.seed, on_step, cfg.run.max_oom_backoffs)
+                        reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias, truncation), p,
+                        checkpoints, cfg.run.seed, on_step, cfg.run.max_oom_backoffs, extra)
+        curve = extra["curve"]
+        ctx.step = f"experiment {precision}: evaluation after training"
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
                       "judge": after["judge_mean"]})
@@ -229,6 +254,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "after": after, "curve": curve, "judge_change": change,
         "judge_change_mde": mde_paired_mean(n, change["sd_difference"]),
         "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n), "win_ties": int(np.sum(judge_after == judge_before)),
+        "training_prompts": prompt_counts, "reward_truncation": truncation,
+        "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a}
                     for pr, b, a in zip(eval_prompts, before["replies"], after["replies"])],
@@ -297,6 +324,7 @@ def comparison_table(experiments: dict[str, dict]) -> list[dict]:
     return rows
 
 
+@recorded("ppo")
 def run_alignment(cfg: Config) -> dict:
     """Run stage 4 (every experiment) and write its record; returns ``{"experiments", "table", "judge", ...}``.
 
@@ -318,16 +346,22 @@ def run_alignment(cfg: Config) -> dict:
     if not judge_folder.exists():
         raise FileNotFoundError(f"{judge_folder}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
     verdicts = rm_verdicts(rm_dir)
+    for precision in p.experiments:  # an unfinished run, or a resume under changed settings: refuse before loading
+        checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / precision, p.resume,
+                             run_signature(p, cfg.run.seed))
     data_dir = ctx.path(cfg.data.out_dir)
     eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: p.n_eval_prompts]
     with measure(ctx.device) as m:
         # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
+        ctx.step = "SFT replies to the held-out prompts"
         policy, _, tokenizer = load_policy(sft_location, p, ctx.device)
-        eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length)
+        eval_counts = {}
+        eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)
         before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
         del policy
         judge_model, judge_tok = load_reward_model(judge_folder, "bf16", resolve_device(p.reward_device))
-        judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length)
+        judge_truncation = {}
+        judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length, counts=judge_truncation)
         before["judge_scores"] = judge(eval_prompts, before["replies"]).tolist()
         shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_folder": judge_folder,
@@ -344,7 +378,8 @@ def run_alignment(cfg: Config) -> dict:
         "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
     }
     results = {"experiments": experiments, "table": comparison_table(experiments), "judge": judge_info,
-               "conclusions": words, "n_eval_prompts": len(eval_prompts), "figures": figures}
+               "conclusions": words, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
+               "judge_truncation": judge_truncation, "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,

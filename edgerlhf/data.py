@@ -25,7 +25,7 @@ from .memory import measure
 from .models import load_tokenizer, prepare_base_model
 from .paths import resolve
 from .plots import save
-from .stage import StageContext, begin, cli_config, finish
+from .stage import StageContext, begin, cli_config, finish, recorded
 from .templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
 
 DROP_REASONS = (
@@ -133,6 +133,25 @@ def split_by_prompt(n_pairs: int, n_train: int, n_test: int, seed: int) -> tuple
     return order[n_test:n_test + n_train], order[:n_test]
 
 
+def check_counts(got: Collected, n_train: int, n_test: int, where: str) -> None:
+    """Refuse a split with an empty training or test set, before anything is written.
+
+    ``split_by_prompt`` fills the test split first, so too few usable pairs leave training empty.
+
+    Raises:
+        ValueError: fewer than 2 usable pairs, or fewer than ``n_test + 1``; the message names the
+            input, the rows read, what was dropped and why, and the two fixes.
+    """
+    kept = len(got.pairs)
+    if kept < 2 or kept <= n_test:
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(got.dropped.items())) or "none"
+        raise ValueError(
+            f"{where}: {got.rows_read} row(s) read, {kept} usable pair(s) after filtering (dropped: {dropped}); "
+            f"data.n_test={n_test} would leave {max(kept - n_test, 0)} for training (data.n_train={n_train}). "
+            "Lower data.n_test, raise data.max_length, or use a larger file; the existing data files are kept."
+        )
+
+
 def check_no_leakage(train: list[Pair], test: list[Pair]) -> None:
     """Raise ``ValueError`` if any prompt is in both splits."""
     shared = {p.prompt for p in train} & {p.prompt for p in test}
@@ -168,6 +187,7 @@ def length_figure(lengths: dict[str, list[int]], path: Path) -> Path:
     return save(fig, path)
 
 
+@recorded("data")
 def prepare(cfg: Config) -> dict:
     """Run stage 1 end to end and write its record; returns the stage's results dict."""
     ctx: StageContext = begin(cfg)
@@ -177,6 +197,7 @@ def prepare(cfg: Config) -> dict:
         template = ensure_chat_template(tokenizer)
         source = resolve_source(cfg.data, ctx.root)
         got = collect(iter_source(source, cfg.data), tokenizer, cfg.data.max_length)
+        check_counts(got, cfg.data.n_train, cfg.data.n_test, source["location"])
         train_idx, test_idx = split_by_prompt(len(got.pairs), cfg.data.n_train, cfg.data.n_test, cfg.run.seed)
         train, test = [got.pairs[i] for i in train_idx], [got.pairs[i] for i in test_idx]
         check_no_leakage(train, test)

@@ -1,30 +1,43 @@
 """Small file helpers: atomic writes that never leave a half-written file, and hashes."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
-    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``path`` through a temp file and a rename.
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    A crash leaves either the old file or the new one, never a partial file. With
-    ``overwrite=False`` the final step is a hard link, which fails if ``path`` exists.
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it becomes ``path`` in one rename.
+
+    A crash or an exception leaves either the old file or the new one, never a partial file, and no
+    temporary file. The new file gets the usual mode (``0o666`` less the umask), not ``mkstemp``'s
+    0600. With ``overwrite=False`` the final step is a hard link, which fails if ``path`` exists.
 
     Raises:
         FileExistsError: ``overwrite`` is False and ``path`` exists.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -32,7 +45,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``path`` atomically (:func:`atomic_path`, fsynced).
+
+    Raises:
+        FileExistsError: ``overwrite`` is False and ``path`` exists.
+    """
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -44,17 +70,48 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def swap_in_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Replace folder ``target`` with the complete folder ``staging`` (two renames).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
-    The old ``target`` is moved aside first and deleted only after the new one is in place,
-    so an interruption leaves either the old or the new folder (plus, at worst, a
-    ``.old-<name>`` folder to delete by hand), never a half-written one.
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the C library or the file system lacks the call
+    (errno ENOSYS, EINVAL, ENOTSUP); :func:`swap_in_dir` then uses two renames.
+
+    Raises:
+        OSError: any other failure of the call (missing path, permissions...).
+    """
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swap_in_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Replace folder ``target`` with the complete folder ``staging``; returns ``target``.
+
+    Where the platform allows, the two folders are exchanged in one atomic step (:func:`exchange`),
+    so ``target`` always exists, old or new. Elsewhere the old ``target`` is renamed aside to
+    ``.old-<name>`` first; if an interruption falls between the two renames, the next call finds
+    ``.old-<name>`` without ``target`` and restores it before anything else, so the last good folder
+    is never lost. The old folder is deleted only once the new one is in place.
     """
     staging, target = Path(staging), Path(target)
     old = target.with_name(f".old-{target.name}")
+    if old.exists() and not target.exists():  # an earlier swap stopped between its two renames
+        old.rename(target)
     if old.exists():
         shutil.rmtree(old)
+    if target.exists() and exchange(staging, target):
+        shutil.rmtree(staging)  # now holds the old folder
+        return target
     if target.exists():
         target.rename(old)
     staging.rename(target)

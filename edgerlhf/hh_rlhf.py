@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -42,10 +41,27 @@ class Pair:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def _numbered(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of a local file (gzip-decompressed for ``.gz``), each line decoded as UTF-8
+    on its own, so that bytes that are not UTF-8 (UnicodeDecodeError), a ``.gz`` cut short (EOFError) or
+    not gzip at all (``gzip.BadGzipFile``) become a :class:`DataFormatError` naming the file and line."""
+    number = 0
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+        it = iter(fh)
+        while True:
+            try:
+                raw = next(it)
+            except StopIteration:
+                return
+            except (EOFError, OSError) as exc:
+                raise DataFormatError(f"{path}:{number + 1}: damaged gzip file after {number} complete "
+                                      f"line(s): {type(exc).__name__}: {exc}") from exc
+            number += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{path}:{number}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+            yield number, text
 
 
 def check_row(row: object, where: str) -> dict[str, str]:
@@ -69,41 +85,43 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, str]]]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        DataFormatError: unknown suffix, invalid JSON, or a row with a missing/wrong field;
-            the message is ``"<file>:<line>: ..."`` and names the field.
+        DataFormatError: a directory, unknown suffix, bytes that are not UTF-8, a damaged ``.gz``,
+            invalid JSON, or a row with a missing/wrong field; the message is ``"<file>:<line>: ..."``
+            and names the field.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataFormatError(f"{path}: is a directory or special file, not a data file")
     if not path.name.endswith(SUFFIXES):
         raise DataFormatError(f"{path}: unsupported file type; use one of {SUFFIXES}")
-    with _open_text(path) as fh:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            for number, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataFormatError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
-                yield number, check_row(row, f"{path}:{number}")
-        elif path.name.endswith(".json"):
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        for number, text in _numbered(path):
+            if not text.strip():
+                continue
             try:
-                tree = json.load(fh)
+                row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-            items = tree.get("data") if isinstance(tree, dict) else tree
-            if not isinstance(items, list):
-                raise DataFormatError(f"{path}: expected a list of rows or {{\"data\": [...]}}")
-            for number, row in enumerate(items, start=1):
-                yield number, check_row(row, f"{path}: row {number}")
-        else:
-            reader = csv.DictReader(fh)
-            missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
-            if missing:
-                raise DataFormatError(f"{path}:1: header lacks field(s) {missing}")
-            for row in reader:
-                yield reader.line_num, check_row(row, f"{path}:{reader.line_num}")
+                raise DataFormatError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            yield number, check_row(row, f"{path}:{number}")
+    elif path.name.endswith(".json"):
+        try:
+            tree = json.loads("".join(text for _, text in _numbered(path)))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        items = tree.get("data") if isinstance(tree, dict) else tree
+        if not isinstance(items, list):
+            raise DataFormatError(f"{path}: expected a list of rows or {{\"data\": [...]}}")
+        for number, row in enumerate(items, start=1):
+            yield number, check_row(row, f"{path}: row {number}")
+    else:
+        reader = csv.DictReader(text for _, text in _numbered(path))
+        missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise DataFormatError(f"{path}:1: header lacks field(s) {missing}")
+        for row in reader:
+            yield reader.line_num, check_row(row, f"{path}:{reader.line_num}")
 
 
 def split_dialogue(text: str) -> tuple[tuple[tuple[str, str], ...], str] | None:

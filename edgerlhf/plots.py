@@ -5,14 +5,16 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .files import atomic_path
+
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Save ``fig`` as a PNG (100 dpi), creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``fig`` as a PNG (100 dpi) atomically (:func:`edgerlhf.files.atomic_path`), creating the folder;
+    returns the path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return Path(path)
 
 
 def loss_figure(log_history: list[dict], path: str | Path) -> Path:

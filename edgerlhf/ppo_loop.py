@@ -98,14 +98,53 @@ def load_checkpoint(folder: Path, model, value_head, optimizer) -> dict:
     return state
 
 
+#: PPO settings a resumed run may change: they do not alter the training trajectory.
+RESUME_MAY_CHANGE = ("resume", "keep_checkpoints", "checkpoint_every", "eval_every", "output_dir", "experiments",
+                     "n_eval_prompts")
+
+
+def run_signature(cfg, seed: int, n_prompts: int | None = None) -> dict:
+    """What a checkpoint must share with the run that resumes it: every PPO setting but
+    :data:`RESUME_MAY_CHANGE`, the seed, and (when given) the number of training prompts."""
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE} | {"seed": seed}
+    return out | ({"n_prompts": n_prompts} if n_prompts is not None else {})
+
+
+def checkpoint_to_resume(checkpoints: Path, resume: bool, signature: dict) -> Path | None:
+    """The checkpoint a run continues from, or None for a fresh start; cheap enough to call before any
+    model is loaded. Only the keys of ``signature`` are compared (see :func:`run_signature`).
+
+    Raises:
+        FileExistsError: checkpoints of an unfinished run exist and ``resume`` is False.
+        ValueError: ``resume`` is True but the checkpoint was written under other settings (names them).
+    """
+    last = latest_checkpoint(checkpoints) if checkpoints.exists() else None
+    if last is None:
+        return None
+    if not resume:
+        raise FileExistsError(f"{checkpoints} holds checkpoints of an unfinished run ({last.name}); "
+                              "set ppo.resume=true to continue it, or delete the folder to start over")
+    saved = torch.load(last / "state.pt", weights_only=False).get("signature", {})
+    changed = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+    if changed:
+        words = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(f"{last}: cannot resume with changed settings ({words}); restore them, or delete "
+                         f"{checkpoints} to start over")
+    return last
+
+
 def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list, scorer: Callable, cfg,
-          checkpoints: Path, seed: int, on_step: Callable | None = None, max_backoffs: int = 3) -> list[dict]:
+          checkpoints: Path, seed: int, on_step: Callable | None = None, max_backoffs: int = 3,
+          extra: dict | None = None) -> list[dict]:
     """Run ``cfg.steps`` PPO iterations; returns one statistics dict per step.
 
     Each step samples ``cfg.batch_size`` prompts without replacement from a ``torch.Generator``
     seeded with ``seed`` (its state is checkpointed, so a resumed run sees the same prompts).
-    With ``cfg.resume`` the loop continues from the latest checkpoint in ``checkpoints``.
-    ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation).
+    With ``cfg.resume`` the loop continues from the latest checkpoint in ``checkpoints``, which must
+    have been written under the same settings (:func:`checkpoint_to_resume`).
+    ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation). ``extra``
+    (a dict of the caller's picklable state, e.g. its evaluation curve) is saved in every checkpoint
+    and, on resume, updated in place from it; ``extra["resumed_from"]`` is then the checkpoint's name.
 
     A step that runs out of memory is retried from the same state with the micro-batch halved and
     the accumulation doubled, and generation and scoring forward passes in halved chunks
@@ -116,17 +155,17 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         FloatingPointError: non-finite score, KL, reward or loss; the failing step's rollout and
             state are saved to ``checkpoints/failed-step-<n>`` and the path is in the message.
         FileExistsError: checkpoints exist but ``cfg.resume`` is False.
+        ValueError: resuming a checkpoint written under other settings.
     """
     optimizer = make_optimizer(model, value_head, cfg)
     generator = torch.Generator().manual_seed(seed)
     kl_ctl = KLController(cfg.init_kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     moments = RunningMoments() if cfg.score_norm else None
     history: list[dict] = []
+    extra = {} if extra is None else extra
     start = 0
-    last = latest_checkpoint(checkpoints) if checkpoints.exists() else None
-    if last is not None and not cfg.resume:
-        raise FileExistsError(f"{checkpoints} holds checkpoints of an unfinished run ({last.name}); "
-                              "set ppo.resume=true to continue it, or delete the folder to start over")
+    signature = run_signature(cfg, seed, len(queries))
+    last = checkpoint_to_resume(checkpoints, cfg.resume, signature)
     if last is not None:
         state = load_checkpoint(last, model, value_head, optimizer)
         start, history, kl_ctl.beta = state["step"], state["history"], state["beta"]
@@ -134,10 +173,12 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         if moments is not None:
             moments.load_state_dict(state["moments"])
         set_rng_state(state["rng"])
+        extra.update(state.get("extra", {}), resumed_from=last.name)
 
     def loop_state(step: int) -> dict:
         return {"step": step, "history": history, "beta": kl_ctl.beta, "generator": generator.get_state(),
-                "moments": moments.state_dict() if moments else None, "rng": rng_state()}
+                "moments": moments.state_dict() if moments else None, "rng": rng_state(), "signature": signature,
+                "extra": {k: v for k, v in extra.items() if k != "resumed_from"}}
 
     for step in range(start, cfg.steps):
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()

@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback
 
 from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .baselines import baseline_scores, fit_pairwise_logistic
-from .config import Config, RewardConfig
+from .config import REWARD_METHODS, Config, RewardConfig
 from .files import atomic_write_text, swap_in_dir
 from .lm import fit_prompt
 from .memory import free_memory, measure
@@ -46,11 +46,11 @@ from .rewards import (
     HEAD, load_backbone, load_reward_model, pair_features, score, state_dict_mib, tokenizer_fingerprint,
     weights_fingerprint, write_info,
 )
-from .stage import begin, cli_config, finish
+from .stage import begin, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
-METHODS = ("lora", "probe")
+METHODS = REWARD_METHODS
 MIB = 2**20
 
 
@@ -197,6 +197,7 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
         seeds = r.seeds if mode == "trained" else r.seeds[:1]
         accuracies = []
         for i, seed in enumerate(seeds):
+            ctx.step = f"models: {name} seed {seed} training"
             folder_name = name if i == 0 else f".{name}-seed{seed}"
             trained = train_one(folder_name, precision, cfg, ctx, sft_location, tokenizer, ex[train_split],
                                 ex[val_split], seed)
@@ -289,6 +290,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     feats, costs = {}, {}
     for precision in list(dict.fromkeys(list(r.precisions) + ptq)):
+        ctx.step = f"models: {precision} features"
         wanted = ["validation", "test"] + (["train"] if precision in r.precisions else [])
         wanted += ["judge_train", "judge_validation"] if precision == "bf16" and r.judge else []
         feats[precision], costs[precision] = probe_features(sft_location, precision, tokenizer,
@@ -317,6 +319,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
     if r.judge:
         jobs.append(("judge", "bf16", "judge (pairs no proxy saw)", "judge_train"))
     for name, precision, mode, train_split in jobs:
+        ctx.step = f"models: {name} fit, save and check"
         seeds = r.seeds if mode == "trained" else r.seeds[:1]
         diff = (feats[precision][train_split][0] - feats[precision][train_split][1]).numpy()
         fitted[name] = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed} for seed in seeds]
@@ -366,6 +369,7 @@ def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict) -
     return atomic_write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2) + "\n")
 
 
+@recorded("reward")
 def run_reward(cfg: Config) -> dict:
     """Run stage 3 end to end and write its record; returns ``{"models", "baselines", "table", "conclusions", ...}``.
 
@@ -382,9 +386,11 @@ def run_reward(cfg: Config) -> dict:
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
         # data: disjoint proxy / judge shares of the training pairs, and the held-out test pairs
+        ctx.step = "data"
         splits = split_pairs(read_prefs(data_dir / "train_prefs.jsonl"), r)
         splits["test"] = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
         # tokenizer (the SFT model's, with its chat template and pad token)
+        ctx.step = "tokenizer"
         sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
         tokenizer = load_tokenizer(sft_location)
         ensure_chat_template(tokenizer)
@@ -397,14 +403,17 @@ def run_reward(cfg: Config) -> dict:
         if empty:
             raise ValueError(f"no pairs left in {empty} after fitting to reward.max_length={r.max_length}: {counts}")
         # baselines, trained on the proxies' training pairs and scored on the test pairs
+        ctx.step = "baselines"
         plain = {k: [{"chosen": e["chosen"][0]["content"], "rejected": e["rejected"][0]["content"]} for e in ex[k]]
                  for k in ("train", "test")}
         baselines = baseline_scores(plain["train"], plain["test"], seed=r.seeds[0])
         for b in baselines.values():
             b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
         # models: train, save, evaluate (every precision and seed, the judge, post-training quantization)
+        ctx.step = "models"
         models = (probe_models if r.method == "probe" else lora_models)(cfg, ctx, sft_location, tokenizer, ex)
         # paired comparisons on the same test pairs, agreement between models
+        ctx.step = "assessment"
         assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
         for anchor in ("bf16", "judge"):
             if anchor in models:

@@ -157,42 +157,69 @@ def load_reward_model(path: str | Path, precision: str | None = None, device: to
     return model.eval(), tokenizer
 
 
-def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_length: int) -> tuple[list, int]:
-    """Token ids of prompt + reply for each item, prompts truncated from the left to fit.
+def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_length: int) -> tuple[list, dict]:
+    """Token ids of prompt + reply for each item, fitted to ``max_length`` tokens from the left.
 
-    Returns ``(token_lists, n_truncated)``.
+    The prompt loses its oldest turns first (:func:`edgerlhf.lm.fit_prompt`); an item that is still too
+    long with only its last user turn keeps its last ``max_length`` tokens (the reply's end, where the
+    reward is read). Nothing is dropped.
 
+    Returns:
+        ``(token_lists, counts)``, ``counts = {"turns_dropped": items whose prompt lost turns,
+        "tokens_cut": items cut at the token level}``.
     Raises:
-        ValueError: an item that does not fit even with only its last user turn.
+        TypeError: a reply that is not a ``str`` (names the item).
     """
-    out, truncated = [], 0
+    out, counts = [], {"turns_dropped": 0, "tokens_cut": 0}
     for i, (messages, reply) in enumerate(zip(prompts, replies)):
+        if not isinstance(reply, str):
+            raise TypeError(f"item {i}: reply must be a str, got {type(reply).__name__}")
         fitted, cut = fit_prompt(tokenizer, messages, [reply], max_length, "truncate_left")
         if fitted is None:
-            raise ValueError(f"item {i}: reply with its last user turn exceeds max_length={max_length} tokens")
-        truncated += int(cut)
+            ids = encode_prompt_completion(tokenizer, messages[-1:], reply)[0]
+            counts["tokens_cut"] += 1
+            out.append(ids[-max_length:])
+            continue
+        counts["turns_dropped"] += int(cut)
         out.append(encode_prompt_completion(tokenizer, fitted, reply)[0])
-    return out, truncated
+    return out, counts
+
+
+def position_limit(model) -> int | None:
+    """The most positions the model can embed (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
 @torch.inference_mode()
 def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 8,
-          max_length: int = 512) -> torch.Tensor:
+          max_length: int = 512, counts: dict | None = None) -> torch.Tensor:
     """Rewards of ``replies`` to ``prompts`` (chat messages) under a reward model.
 
-    Items are sorted by length and batched (left padding, with ``position_ids`` that skip
-    the padding) to avoid padding waste, then put back in input order. Runs on the model's own device, under inference mode.
+    Over-long items are fitted from the left (:func:`encode_pairs`), never dropped, and counted into
+    ``counts`` when given (its ``"turns_dropped"`` / ``"tokens_cut"`` are incremented). Items are sorted
+    by length and batched (left padding, with ``position_ids`` that skip the padding) to avoid padding
+    waste, then put back in input order. Runs on the model's own device, under inference mode.
 
     Args:
         prompts: ``N`` prompts, each a list of ``{"role", "content"}`` messages.
         replies: ``N`` reply strings.
+        max_length: tokens of prompt + reply (int).
     Returns:
         ``FloatTensor[N]`` (float32, on the CPU).
+    Raises:
+        ValueError: different numbers of prompts and replies; ``max_length`` beyond the model's positions.
+        TypeError: a reply that is not a ``str``.
     """
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length={max_length} (reward.max_length) exceeds the reward model's {limit} positions")
     device = next(model.parameters()).device
-    encoded, _ = encode_pairs(tokenizer, prompts, replies, max_length)
+    encoded, cut = encode_pairs(tokenizer, prompts, replies, max_length)
+    if counts is not None:
+        for key, value in cut.items():
+            counts[key] = counts.get(key, 0) + value
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     rewards = torch.empty(len(encoded), dtype=torch.float32)
     for start in range(0, len(order), batch_size):

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +61,48 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    """Write ``run_dir/manifest.json`` atomically (the previous version stays whole until replaced)."""
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def mark_abandoned(results_dir: Path) -> list[Path]:
+    """Mark as failed every manifest under ``results_dir/runs`` that still says ``running`` although its
+    runner (``pid`` on this ``host``) no longer exists: a runner killed by SIGKILL or the OOM killer cannot
+    write its own ending. Returns the manifests changed."""
+    changed = []
+    for path in sorted((results_dir / "runs").glob("*/manifest.json")):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("status") != "running" or manifest.get("host") != socket.gethostname():
+            continue
+        if manifest.get("pid") is None or pid_alive(manifest["pid"]):
+            continue
+        manifest["status"] = "failed"
+        manifest["error"] = f"interrupted: runner process {manifest['pid']} ended without writing its status"
+        for entry in manifest.get("notebooks", []):
+            if entry.get("status") == "running":
+                entry.update(status="failed", error="interrupted")
+        manifest["marked_failed"] = _now()
+        write_manifest(path.parent, manifest)
+        changed.append(path)
+    return changed
+
+
 def run_notebooks(
     profile: str,
     only: str | None = None,
@@ -69,51 +114,75 @@ def run_notebooks(
     """Execute the selected notebooks with papermill; returns the run folder.
 
     Each notebook's ``parameters`` cell receives ``profile``, ``root``, ``run_dir`` and
-    ``overrides`` (dotted config keys). A manifest is rewritten after every notebook. When all
-    five notebooks ran, ``REPORT.md`` is built in the run folder (:mod:`edgerlhf.report`).
+    ``overrides`` (dotted config keys). ``manifest.json`` is written before the first notebook
+    (``status: "running"``, the runner's ``pid`` and ``host``) and rewritten after every notebook and
+    on every way out: ``ok``, or ``failed`` with the error (a notebook's exception, a dead kernel,
+    KeyboardInterrupt, SIGTERM). Runs left ``running`` by a runner that was killed outright are marked
+    ``failed`` by the next run (:func:`mark_abandoned`). When all five notebooks ran, ``REPORT.md`` is
+    built in the run folder (:mod:`edgerlhf.report`).
 
     Raises:
-        NotebookFailed: a notebook raised; earlier notebooks' outputs are kept.
+        NotebookFailed: a notebook raised or its kernel died; earlier notebooks' outputs are kept.
+        FileExistsError: ``run_dir`` exists and is not empty (a finished or running run is never written into).
     """
     import papermill as pm
     from tqdm.auto import tqdm
 
     root = resolve(root)
-    run_dir = resolve(run_dir, root) if run_dir else create_run_dir(root / "results", profile)
+    selected = select(only)
+    if run_dir:
+        run_dir = resolve(run_dir, root)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"--run-dir {run_dir} exists and is not empty; a run folder is never written "
+                                  "into twice (choose a new folder, or leave --run-dir out)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = create_run_dir(root / "results", profile)
+    mark_abandoned(root / "results")
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     manifest = {
         "run_id": run_dir.name, "profile": profile, "overrides": overrides or {}, "root": str(root),
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "python": sys.executable, "status": "running", "notebooks": [],
+        "started": _now(), "git_commit": git_commit(), "python": sys.executable, "pid": os.getpid(),
+        "host": socket.gethostname(), "status": "running", "notebooks": [],
     }
+    write_manifest(run_dir, manifest)
     parameters = {"profile": profile, "root": str(root), "run_dir": str(run_dir), "overrides": overrides or {}}
-    selected = select(only)
     for name in tqdm(selected, desc="notebooks", unit="nb", disable=not progress):
         entry = {"notebook": name, "output": str(run_dir / "notebooks" / name), "status": "running"}
         manifest["notebooks"].append(entry)
+        write_manifest(run_dir, manifest)
         start = time.perf_counter()
         try:
             pm.execute_notebook(
                 str(REPO_ROOT / name), entry["output"], parameters=parameters, cwd=str(root),
                 progress_bar=progress, kernel_name="python3",
             )
-        except pm.PapermillExecutionError as exc:
-            entry.update(status="failed", seconds=round(time.perf_counter() - start, 1),
-                         error=f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}")
-            manifest["status"] = "failed"
-            atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-            raise NotebookFailed(f"{name} failed at cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
-                                 f"(executed copy: {entry['output']})") from exc
+        except BaseException as exc:  # recorded, then re-raised: nothing is swallowed
+            if isinstance(exc, pm.PapermillExecutionError):
+                error, where = f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}", " at "
+            else:  # a dead kernel (nbclient DeadKernelError), KeyboardInterrupt, SIGTERM (SystemExit)...
+                error, where = f"{type(exc).__name__}: {exc}", ": "
+            entry.update(status="failed", seconds=round(time.perf_counter() - start, 1), error=error)
+            manifest.update(status="failed", finished=_now())
+            write_manifest(run_dir, manifest)
+            if isinstance(exc, Exception):
+                raise NotebookFailed(f"{name} failed{where}{error} (executed copy: {entry['output']})") from exc
+            raise
         entry.update(status="ok", seconds=round(time.perf_counter() - start, 1))
-        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_manifest(run_dir, manifest)
     manifest["status"] = "ok"
-    manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    manifest["finished"] = _now()
+    write_manifest(run_dir, manifest)
     if selected == NOTEBOOKS:  # a whole run: its report, from the records just written
         from .report import build_report
 
         build_report(run_dir)
     return run_dir
+
+
+def _terminate(signum, frame):
+    """SIGTERM handler: raise SystemExit so that the manifest records the failure on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="run folder (default: a new results/runs/<run_id>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         run_dir = run_notebooks(args.profile, args.only, parse_cli_sets(args.set), args.root, args.run_dir,
                                 progress=not args.no_progress)
-    except NotebookFailed as exc:
+    except (NotebookFailed, FileExistsError) as exc:
         print(f"edgerlhf.run: {exc}", file=sys.stderr)
         return 1
     print(f"edgerlhf.run: done; results in {run_dir}" + (f"; report: {run_dir / 'REPORT.md'}"

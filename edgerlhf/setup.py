@@ -15,7 +15,7 @@ from .hardware import hardware_report, recommend
 from .memory import measure
 from .models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
 from .planner import plan
-from .stage import begin, cli_config, finish
+from .stage import begin, cli_config, finish, recorded
 
 #: (import name, distribution name) of every library the pipeline uses.
 REQUIRED = [
@@ -45,6 +45,7 @@ def check_packages() -> list[dict]:
     return rows
 
 
+@recorded("setup")
 def run_setup(cfg: Config) -> dict:
     """Run stage 0 and write its record; returns ``{"packages", "hardware", "recommendation", "base_model", ...}``.
 

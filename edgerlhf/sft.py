@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback
 
 from .adapters import compute_dtype, count_parameters, freeze_first_blocks, lora_config, quantization_config
-from .config import Config, SFTConfig
+from .config import SFT_STRATEGIES, Config, SFTConfig
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
 from .lm import completion_nll, fit_prompt
@@ -31,11 +31,11 @@ from .memory import free_memory, measure
 from .models import load_causal_lm, load_tokenizer, prepare_base_model
 from .plots import loss_figure
 from .prefs import read_prefs
-from .stage import begin, cli_config, finish
+from .stage import begin, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, train_with_backoff, trainer_arguments
 
-STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
+STRATEGIES = SFT_STRATEGIES
 
 
 def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) -> tuple[list[dict], dict]:
@@ -128,6 +128,7 @@ def samples_table(prompts: list[list[dict]], before: list[str], after: list[str]
     return [{"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
 
 
+@recorded("sft")
 def run_sft(cfg: Config) -> dict:
     """Run stage 2 end to end and write its record; returns the stage's results.
 
@@ -147,9 +148,11 @@ def run_sft(cfg: Config) -> dict:
     last = checkpoint_to_resume(checkpoints, s.resume, "sft.resume")
     with measure(ctx.device) as m:
         # data
+        ctx.step = "data"
         train_rows = read_prefs(data_dir / "train_prefs.jsonl")[: s.max_train_samples]
         eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: s.max_eval_samples]
         # tokenizer
+        ctx.step = "tokenizer"
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
         tokenizer = load_tokenizer(base)
         template = ensure_chat_template(tokenizer)
@@ -162,6 +165,7 @@ def run_sft(cfg: Config) -> dict:
         pairs = [(e["prompt"], e["completion"][0]["content"]) for e in evaluation]
         sample_prompts = [e["prompt"] for e in evaluation[: s.n_samples]]
         # model, and the "before" measurements on the untouched base
+        ctx.step = "model"
         base_model = load_causal_lm(base, compute_dtype(ctx.device)).to(ctx.device)
         before = completion_nll(base_model, tokenizer, pairs)
         samples_before = generate(base_model, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
@@ -172,10 +176,12 @@ def run_sft(cfg: Config) -> dict:
         model = build_model(base, s, ctx.device, base_model)
         parameters = count_parameters(model)
         # trainer, train
+        ctx.step = "train"
         trainer, output, backoffs = train_with_backoff(
             lambda args: make_trainer(model, tokenizer, s, args, train, evaluation, teacher),
             training_arguments(s, checkpoints, ctx.device, cfg.run.seed), last, cfg.run.max_oom_backoffs)
         # save (into a staging folder, swapped in only when complete)
+        ctx.step = "save"
         staging = out_dir / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
         adapter_dir = staging / "adapter" if isinstance(trainer.model, PeftModel) else None
@@ -187,6 +193,7 @@ def run_sft(cfg: Config) -> dict:
         final.save_pretrained(staging / "merged", safe_serialization=True)
         tokenizer.save_pretrained(staging / "merged")
         # evaluate the merged model: what stages 3 and 4 load
+        ctx.step = "evaluate"
         after = completion_nll(final, tokenizer, pairs)
         samples_after = generate(final, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
         results = {

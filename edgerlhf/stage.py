@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import torch
 
 from .config import Config, load_config, parse_cli_sets
 from .hardware import resolve_device
-from .memory import apply_vram_budget
+from .memory import apply_vram_budget, measure
 from .paths import resolve
 from .records import create_run_dir, make_record, write_record
 from .reproducibility import seed_everything
@@ -24,6 +26,7 @@ class StageContext:
     run_dir: Path
     device: torch.device
     budget: dict
+    step: str = "begin"  #: where the stage is, named in its record if it fails (set by the stage as it goes)
 
     def path(self, relative: str) -> Path:
         """Resolve a config path against the project root."""
@@ -46,7 +49,41 @@ def begin(cfg: Config) -> StageContext:
         run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.run.device)
     budget = apply_vram_budget(cfg.run.vram_budget_gib, device)
-    return StageContext(cfg=cfg, root=root, run_dir=run_dir, device=device, budget=budget)
+    ctx = StageContext(cfg=cfg, root=root, run_dir=run_dir, device=device, budget=budget)
+    _BEGUN.append(ctx)
+    return ctx
+
+
+#: Contexts begun inside the stage functions now running (innermost last), for :func:`recorded`.
+_BEGUN: list[StageContext] = []
+
+
+def recorded(stage: str):
+    """Decorator for a stage's run function ``fn(cfg, ...)``: if it raises (any exception, KeyboardInterrupt
+    included) after :func:`begin`, a record with ``status: "failed"``, the error, the step reached
+    (``ctx.step``), the last traceback lines, wall time and peak memory is written to the run folder, then
+    the exception propagates unchanged. A failure before :func:`begin` (bad config) writes nothing."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg: Config, *args, **kwargs):
+            depth = len(_BEGUN)
+            try:
+                with measure() as m:
+                    return fn(cfg, *args, **kwargs)
+            except BaseException as exc:
+                if len(_BEGUN) > depth:
+                    ctx = _BEGUN[depth]
+                    results = {"error": f"{type(exc).__name__}: {exc}", "step": ctx.step,
+                               "traceback": traceback.format_exception(exc)[-4:]}
+                    record = make_record(stage, ctx.run_dir, ctx.cfg.to_dict(), results, measurement=m,
+                                         device=str(ctx.device), status="failed")
+                    record["vram_budget"] = ctx.budget
+                    write_record(record, ctx.run_dir)
+                raise
+            finally:
+                del _BEGUN[depth:]
+        return run
+    return wrap
 
 
 def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fields) -> Path:

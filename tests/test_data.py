@@ -96,3 +96,22 @@ def test_prepare_reports_bad_input_and_keeps_old_files(tmp_path, models_dir):
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'chosen' must be a string"):
         prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(bad)}))
     assert (tmp_path / "data" / "train_prefs.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("content, over", [
+    ("", {}),  # empty
+    ("\n  \n\n", {}),  # blank lines only
+    (None, {}),  # 3 good rows, the tiny profile wants 16 for test
+    (None, {"data.n_test": 3}),  # all 3 would be test, none left for training
+])
+def test_too_little_data_fails_before_writing(tmp_path, models_dir, content, over):
+    cfg = tiny_cfg(tmp_path, models_dir)
+    prepare(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    small = tmp_path / "small.jsonl"
+    rows = [json.dumps({"chosen": dialogue(f"q{i}", "a"), "rejected": dialogue(f"q{i}", "b")}) for i in range(3)]
+    small.write_text(content if content is not None else "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"small.jsonl: \d+ row\(s\) read, \d+ usable pair\(s\).*existing data files "
+                                         r"are kept"):
+        prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(small), **over}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before

@@ -128,3 +128,23 @@ def test_read_rows_unknown_suffix_and_missing_file(tmp_path):
         list(read_rows(tmp_path / "x.txt"))
     with pytest.raises(FileNotFoundError):
         list(read_rows(tmp_path / "missing.jsonl"))
+
+
+def test_damaged_files_name_file_and_line(tmp_path):
+    good = json.dumps(row("a", "b")).encode()
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + good + b"\n" + good.replace(b"a", b"\xe9") + b"\n")
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:3: not UTF-8 text"):
+        list(read_rows(tmp_path / "latin1.jsonl"))
+    (tmp_path / "latin1.csv").write_bytes(b"chosen,rejected\n\xe9,b\n")
+    with pytest.raises(DataFormatError, match=r"latin1.csv:2: not UTF-8 text"):
+        list(read_rows(tmp_path / "latin1.csv"))
+    (tmp_path / "plain.jsonl.gz").write_bytes(good + b"\n")  # named .gz, not gzip
+    with pytest.raises(DataFormatError, match=r"plain.jsonl.gz:1: damaged gzip file .*BadGzipFile"):
+        list(read_rows(tmp_path / "plain.jsonl.gz"))
+    whole = gzip.compress((good + b"\n") * 2000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    with pytest.raises(DataFormatError, match=r"cut.jsonl.gz:\d+: damaged gzip file .*EOFError"):
+        list(read_rows(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataFormatError, match=r"folder.jsonl: is a directory"):
+        list(read_rows(tmp_path / "folder.jsonl"))

@@ -193,24 +193,40 @@ def gpt2_tokenizer_with_pad(location):
     return tok
 
 
-def run_loop(tiny_gpt2, checkpoints, cfg, seed=0):
+def run_loop(tiny_gpt2, checkpoints, cfg, seed=0, on_step=None, extra=None):
     policy, head = tiny_policy(tiny_gpt2, seed)
     tok = gpt2_tokenizer_with_pad(tiny_gpt2)
     queries = queries_for(tok, 8)
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
     torch.manual_seed(seed)
-    history = train(policy, head, tok, queries, prompts, token_share_scorer(tok, "the"), cfg, checkpoints, seed)
+    history = train(policy, head, tok, queries, prompts, token_share_scorer(tok, "the"), cfg, checkpoints, seed,
+                    on_step, extra=extra)
     return history, policy, head
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_gpt2, tmp_path):
+def test_resume_equals_an_uninterrupted_run_and_keeps_the_callers_state(tiny_gpt2, tmp_path):
     straight, policy_a, head_a = run_loop(tiny_gpt2, tmp_path / "a", CFG)
-    half = PPOConfig(**{**CFG.__dict__, "steps": 2})
-    run_loop(tiny_gpt2, tmp_path / "b", half)
-    resumed_cfg = PPOConfig(**{**CFG.__dict__, "resume": True})
+
+    def crash_at_3(step, stats):
+        interrupted["curve"].append(step)
+        if step == 3:  # after checkpoint-2 was written
+            raise KeyboardInterrupt
+
+    interrupted = {"curve": [0]}
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(tiny_gpt2, tmp_path / "b", CFG, on_step=crash_at_3, extra=interrupted)
     with pytest.raises(FileExistsError, match="ppo.resume=true"):
         run_loop(tiny_gpt2, tmp_path / "b", CFG)
-    resumed, policy_b, head_b = run_loop(tiny_gpt2, tmp_path / "b", resumed_cfg, seed=123)  # seed must not matter
+    resumed_cfg = PPOConfig(**{**CFG.__dict__, "resume": True})
+    for changed, message in ((PPOConfig(**{**resumed_cfg.__dict__, "steps": 6}), "steps: 4 -> 6"),
+                             (resumed_cfg, "seed: 0 -> 123")):
+        with pytest.raises(ValueError, match=f"cannot resume with changed settings \\({message}\\)"):
+            run_loop(tiny_gpt2, tmp_path / "b", changed, seed=123 if changed is resumed_cfg else 0)
+    extra = {"curve": "replaced by the checkpoint's"}
+    resumed, policy_b, head_b = run_loop(
+        tiny_gpt2, tmp_path / "b", PPOConfig(**{**resumed_cfg.__dict__, "eval_every": 5, "keep_checkpoints": True}),
+        on_step=lambda step, stats: extra["curve"].append(step), extra=extra)
+    assert extra == {"curve": [0, 1, 2, 3, 4], "resumed_from": "checkpoint-2"}  # the points before the crash kept
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["pg_loss"] == pytest.approx(b["pg_loss"], abs=1e-6)
@@ -289,9 +305,14 @@ def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
     for i in range(5):
         turns += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": "ok " * 8}]
     rows = [{"prompt": turns + [{"role": "user", "content": "last"}]}, {"prompt": [{"role": "user", "content": "x"}]}]
-    queries, prompts = encode_queries(gpt2_tokenizer, rows, 48)
+    counts = {}
+    queries, prompts = encode_queries(gpt2_tokenizer, rows + [{"prompt": [{"role": "user", "content": "y " * 60}]}],
+                                      48, counts)
     assert len(queries) == 2 and all(len(q) <= 48 for q in queries)
     assert prompts[0][-1]["content"] == "last" and len(prompts[0]) < len(rows[0]["prompt"])
+    assert counts == {"prompts_kept": 2, "prompts_truncated": 1, "prompts_dropped": 1}
+    with pytest.raises(ValueError, match="none of the 1 prompts fits ppo.max_prompt_length=8"):
+        encode_queries(gpt2_tokenizer, rows[:1], 8)
 
 
 def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(tiny_gpt2, tmp_path, monkeypatch):

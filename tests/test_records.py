@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,63 @@ def test_atomic_write_leaves_no_temp_and_respects_overwrite(tmp_path):
     atomic_write_text(path, "three")
     assert path.read_text() == "three"
     assert os.listdir(tmp_path) == ["a.txt"]
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    from edgerlhf.files import atomic_path
+    from edgerlhf.plots import save
+    from matplotlib.figure import Figure
+
+    path = atomic_write_text(tmp_path / "fig.png", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["fig.png"]
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    save(fig, path)
+    assert path.read_bytes()[:4] == b"\x89PNG" and os.listdir(tmp_path) == ["fig.png"]
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_swap_in_dir_never_loses_the_last_good_folder(tmp_path, monkeypatch, atomic):
+    from edgerlhf import files
+
+    if not atomic:  # a platform without renameat2(RENAME_EXCHANGE): two renames
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    target = tmp_path / "model"
+
+    def staged(text):
+        folder = tmp_path / ".staging"
+        folder.mkdir()
+        (folder / "w").write_text(text)
+        return folder
+
+    files.swap_in_dir(staged("one"), target)
+    files.swap_in_dir(staged("two"), target)
+    assert (target / "w").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["model"]
+    # a swap interrupted between its two renames: only .old-model is left, then the next swap comes
+    target.rename(tmp_path / ".old-model")
+    staging = staged("three")
+    real_rename = Path.rename
+    calls = []
+
+    def rename(self, dest):
+        calls.append((Path(self).name, Path(dest).name))
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    files.swap_in_dir(staging, target)
+    assert calls[0] == (".old-model", "model")  # the last good folder is restored first
+    assert (target / "w").read_text() == "three" and sorted(os.listdir(tmp_path)) == ["model"]
 
 
 def test_seed_everything_repeats_all_generators():

@@ -117,6 +117,37 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
     assert results["models"]["bf16"]["accuracy"] >= 0.9
 
 
+def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batch(models_dir):
+    from edgerlhf.models import load_tokenizer, prepare_base_model
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model("tiny-llama", models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    model, _ = load_backbone(location, "bf16", "cpu")
+    model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    history = [{"role": "user", "content": "old " * 30}, {"role": "assistant", "content": "ok " * 30}]
+    prompts = [[{"role": "user", "content": "hi"}], history + [{"role": "user", "content": "new"}],
+               [{"role": "user", "content": "huge " * 200}]]
+    replies = ["fine", "sure", "the end of a long reply"]
+    counts = {}
+    got = score(model, tok, prompts, replies, batch_size=3, max_length=64, counts=counts)
+    assert got.shape == (3,) and torch.isfinite(got).all()
+    assert counts == {"turns_dropped": 1, "tokens_cut": 1}
+    # the cut item is scored on its last 64 tokens, so its reply's end is what the head reads
+    tail = encode_prompt_completion(tok, prompts[2], replies[2])[0][-64:]
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([tail])).logits[0, 0]
+    assert torch.allclose(got[2], alone, atol=1e-5)
+    with pytest.raises(TypeError, match="item 1: reply must be a str, got bytes"):
+        score(model, tok, prompts[:2], ["ok", b"bytes"], max_length=64)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the reward model's {limit} positions"):
+        score(model, tok, prompts[:1], ["ok"], max_length=limit + 1)
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_pair_features_are_what_the_head_reads(name, precision, models_dir):
