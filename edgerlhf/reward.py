@@ -227,7 +227,7 @@ def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[st
     """
     feats, seconds = {}, {}
     with measure(device) as m:
-        model, _ = load_backbone(sft_location, precision, device)
+        model, _ = load_backbone(sft_location, precision, device, r.probe_layer)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.eval()
         for split, examples in splits.items():
@@ -249,15 +249,17 @@ def probe_scores(weight: np.ndarray, feats: tuple) -> tuple[np.ndarray, np.ndarr
 
 
 def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, precision: str, device,
-               fit: dict) -> None:
+               fit: dict, num_layers: int | None = None) -> None:
     """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, hidden]`` float32) on
-    the SFT backbone named and hashed in ``rm_info.json`` (quantized on load like during training)."""
+    the SFT backbone named and hashed in ``rm_info.json`` (quantized on load like during training), truncated
+    to its first ``num_layers`` blocks when given (``reward.probe_layer``)."""
     tokenizer.save_pretrained(staging / "tokenizer")
     save_file({f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()},
               staging / "head.safetensors")
     write_info(staging, layout="head", precision=precision, made_by="probe", dtype=dtype_that_ran(precision, device),
                backbone=sft_location, backbone_sha256=weights_fingerprint(sft_location),
-               tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"])
+               tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"],
+               num_layers=num_layers)
 
 
 def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
@@ -325,7 +327,8 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
         fitted[name] = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed} for seed in seeds]
         staging = out_dir / f".staging-{name}"
         shutil.rmtree(staging, ignore_errors=True)
-        save_probe(staging, fitted[name][0]["weight"], tokenizer, sft_location, precision, ctx.device, fitted[name][0])
+        save_probe(staging, fitted[name][0]["weight"], tokenizer, sft_location, precision, ctx.device, fitted[name][0],
+                   r.probe_layer)
         swap_in_dir(staging, out_dir / name)
         models[name] = entry(precision, mode, fitted[name], train_split, out_dir / name)
         models[name].update(check_saved_probe(out_dir / name, precision, ex["test"],

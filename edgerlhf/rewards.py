@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .adapters import compute_dtype, quantization_config
 from .files import sha256_file
@@ -40,17 +40,29 @@ class RewardModelError(ValueError):
     """A reward-model folder is incomplete or does not match what was asked of it."""
 
 
-def load_backbone(location: str, precision: str, device: torch.device | str):
+def load_backbone(location: str, precision: str, device: torch.device | str, num_layers: int | None = None):
     """A one-output sequence-classification model from ``location`` at ``precision``; head in full precision.
+
+    ``num_layers`` keeps only the first N transformer blocks (the final norm then reads block N's output;
+    the checkpoint's later blocks are not loaded); None keeps them all.
 
     Returns ``(model, missing_keys)``; ``missing_keys`` lists weights the checkpoint lacked
     (``score.weight`` when starting from a causal LM).
+    Raises:
+        ValueError: ``num_layers`` outside ``[1, blocks of the checkpoint]``.
     """
     device = torch.device(device)
     dtype = compute_dtype(device)
+    extra = {}
+    if num_layers is not None:
+        blocks = AutoConfig.from_pretrained(location, trust_remote_code=False).num_hidden_layers
+        if not 1 <= num_layers <= blocks:
+            raise ValueError(f"num_layers={num_layers} (reward.probe_layer) must be in [1, {blocks}] for {location}")
+        extra["num_hidden_layers"] = num_layers
     model, info = AutoModelForSequenceClassification.from_pretrained(
         location, num_labels=1, dtype=dtype, quantization_config=quantization_config(precision, dtype, [HEAD]),
         device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+        **extra,
     )
     return model, set(info["missing_keys"])
 
@@ -137,7 +149,7 @@ def load_reward_model(path: str | Path, precision: str | None = None, device: to
         if not Path(backbone).exists() or weights_fingerprint(backbone) != info["backbone_sha256"]:
             raise RewardModelError(f"{path}: its backbone {backbone} is missing or changed since training; "
                                    "retrain the reward model (stage 3)")
-        model, _ = load_backbone(backbone, precision, device)
+        model, _ = load_backbone(backbone, precision, device, info.get("num_layers"))
         if info["layout"] == "head":
             if not (path / "head.safetensors").exists():
                 raise RewardModelError(f"{path} has no head weights (head.safetensors)")

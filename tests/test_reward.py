@@ -193,6 +193,20 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     assert any(c.startswith("bf16: ") for c in results["conclusions"])
 
 
+def test_a_probe_on_the_first_blocks_is_saved_and_loaded_truncated(rm_cfg):
+    # tiny-gpt2 has 2 blocks; the probe reads block 1 through the final norm, and the saved model is that
+    # truncated backbone plus the head (the stage's own reload check compares its scores with the features)
+    results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.probe_layer": 1,
+                                          "reward.precisions": ["bf16", "int8"], "reward.judge": False}))
+    for name in ("bf16", "int8", "int8-ptq"):
+        model, _ = load_reward_model(results["models"][name]["folder"], name[:4], "cpu")
+        assert model.config.num_hidden_layers == 1, name
+    info = json.load(open(f"{results['models']['bf16']['folder']}/rm_info.json"))
+    assert info["num_layers"] == 1
+    with pytest.raises(ValueError, match=r"reward.probe_layer\) must be in \[1, 2\]"):
+        load_backbone(info["backbone"], "bf16", "cpu", num_layers=3)
+
+
 def test_the_judge_never_sees_a_proxy_pair(rm_cfg):
     cfg = rm_cfg(**{"reward.judge_fraction": 0.25, "reward.max_train_samples": 100})
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"} for i in range(40)]
