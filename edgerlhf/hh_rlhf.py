@@ -54,8 +54,7 @@ def _numbered(path: Path) -> Iterator[tuple[int, str]]:
             except StopIteration:
                 return
             except (EOFError, OSError) as exc:
-                what = "damaged gzip file" if path.name.endswith(".gz") else "read error"
-                raise DataFormatError(f"{path}:{number + 1}: {what} after {number} complete "
+                raise DataFormatError(f"{path}:{number + 1}: damaged gzip file after {number} complete "
                                       f"line(s): {type(exc).__name__}: {exc}") from exc
             number += 1
             try:
