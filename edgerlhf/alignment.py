@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .adapters import PRECISIONS, compute_dtype, quantization_config
+from .adapters import compute_dtype, quantization_config
 from .config import Config, PPOConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
@@ -333,10 +333,6 @@ def run_alignment(cfg: Config) -> dict:
         FileNotFoundError: missing SFT model, judge, reward models, their evaluation or preference files.
     """
     p = cfg.ppo
-    unknown = [e for e in p.experiments if e not in PRECISIONS]
-    if unknown or p.reward_mode not in ("trained", "ptq"):
-        raise ValueError(f"ppo.experiments must be within {PRECISIONS} and ppo.reward_mode 'trained' or 'ptq'; "
-                         f"got {p.experiments}, {p.reward_mode!r}")
     ctx = begin(cfg)
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():

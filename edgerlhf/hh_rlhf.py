@@ -54,7 +54,8 @@ def _numbered(path: Path) -> Iterator[tuple[int, str]]:
             except StopIteration:
                 return
             except (EOFError, OSError) as exc:
-                raise DataFormatError(f"{path}:{number + 1}: damaged gzip file after {number} complete "
+                what = "damaged gzip file" if path.name.endswith(".gz") else "read error"
+                raise DataFormatError(f"{path}:{number + 1}: {what} after {number} complete "
                                       f"line(s): {type(exc).__name__}: {exc}") from exc
             number += 1
             try:

@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback
 
 from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .baselines import baseline_scores, fit_pairwise_logistic
-from .config import REWARD_METHODS, Config, RewardConfig
+from .config import Config, RewardConfig
 from .files import atomic_write_text, swap_in_dir
 from .lm import fit_prompt
 from .memory import free_memory, measure
@@ -50,7 +50,6 @@ from .stage import begin, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
-METHODS = REWARD_METHODS
 MIB = 2**20
 
 
@@ -381,10 +380,6 @@ def run_reward(cfg: Config) -> dict:
         FileExistsError: checkpoints of an unfinished run exist and ``reward.resume`` is False.
     """
     r = cfg.reward
-    unknown = [p for p in r.precisions if p not in PRECISIONS]
-    if unknown or r.method not in METHODS or not r.seeds:
-        raise ValueError(f"reward.precisions must be within {PRECISIONS}, reward.method one of {METHODS} and "
-                         f"reward.seeds non-empty; got {r.precisions}, {r.method!r}, {r.seeds}")
     ctx = begin(cfg)
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:

@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback
 
 from .adapters import compute_dtype, count_parameters, freeze_first_blocks, lora_config, quantization_config
-from .config import SFT_STRATEGIES, Config, SFTConfig
+from .config import Config, SFTConfig
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
 from .lm import completion_nll, fit_prompt
@@ -34,9 +34,6 @@ from .prefs import read_prefs
 from .stage import begin, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, train_with_backoff, trainer_arguments
-
-STRATEGIES = SFT_STRATEGIES
-
 
 def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) -> tuple[list[dict], dict]:
     """Conversational prompt-completion rows for TRL, fitted to ``max_length`` tokens.
@@ -138,8 +135,6 @@ def run_sft(cfg: Config) -> dict:
         DataFormatError / FileNotFoundError: bad or missing preference files.
     """
     s = cfg.sft
-    if s.strategy not in STRATEGIES:
-        raise ValueError(f"sft.strategy={s.strategy!r} is unknown; choose one of {STRATEGIES}")
     if s.strategy == "distill" and not s.teacher:
         raise ValueError("sft.strategy='distill' needs sft.teacher (a registry name or model folder)")
     ctx = begin(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config, parse_cli_sets
+from .config import Config, load_config, parse_cli_sets, validate
 from .hardware import resolve_device
 from .memory import apply_vram_budget, measure
 from .paths import resolve
@@ -34,11 +34,16 @@ class StageContext:
 
 
 def begin(cfg: Config) -> StageContext:
-    """Seed everything, resolve the device, apply the VRAM budget and find or create the run folder.
+    """Validate the config, seed everything, resolve the device, apply the VRAM budget and find or create
+    the run folder.
 
     A new run folder (``results/runs/<run_id>``) is created when ``cfg.run.run_dir`` is
     None, and written back into ``cfg`` so the record names it.
+
+    Raises:
+        ValueError: a config value out of range (:func:`edgerlhf.config.validate`); nothing is written.
     """
+    validate(cfg)  # also a Config built or changed in code, not only through load_config
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     root = resolve(cfg.run.root)
     if cfg.run.run_dir is None:
