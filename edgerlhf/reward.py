@@ -43,7 +43,7 @@ from .models import load_tokenizer
 from .plots import accuracy_figure, margin_figure, reliability_figure
 from .prefs import read_prefs
 from .rewards import (
-    HEAD, load_backbone, load_reward_model, pair_features, score, state_dict_mib, tokenizer_fingerprint,
+    HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib, tokenizer_fingerprint,
     weights_fingerprint, write_info,
 )
 from .stage import begin, cli_config, finish, recorded
@@ -218,15 +218,18 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
 
 
 def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardConfig,
-                   device) -> tuple[dict, dict]:
-    """Frozen-backbone features of every pair in ``splits`` at ``precision``.
+                   device, num_layers: int | None = None, layers: list[int] | None = None) -> tuple[dict, dict]:
+    """Frozen-backbone features of every pair in ``splits`` at ``precision``, the backbone truncated to its
+    first ``num_layers`` blocks (None: all).
 
-    Returns ``({split: (features_chosen, features_rejected)}, cost)``, features ``FloatTensor[N, hidden]``;
-    ``cost`` has the seconds per split and the peak memory of the pass.
+    Returns ``({split: (features_chosen, features_rejected)}, cost)``, features ``FloatTensor[N, hidden]``,
+    or ``FloatTensor[N, len(layers), hidden]`` read after each block in ``layers`` (:func:`pair_features`);
+    ``cost`` has the seconds per split, the peak memory of the pass, the blocks run, and the parameter
+    count (with ``layers``: a dict ``{block: parameters of the backbone truncated there}``).
     """
     feats, seconds = {}, {}
     with measure(device) as m:
-        model, _ = load_backbone(sft_location, precision, device, r.probe_layer)
+        model, _ = load_backbone(sft_location, precision, device, num_layers)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.eval()
         for split, examples in splits.items():
@@ -234,12 +237,36 @@ def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[st
             feats[split] = pair_features(model, tokenizer, [e["prompt"] for e in examples],
                                          [e["chosen"][0]["content"] for e in examples],
                                          [e["rejected"][0]["content"] for e in examples], r.feature_batch_size,
-                                         r.max_length)
+                                         r.max_length, layers)
             seconds[split] = time.perf_counter() - start
         total = sum(p.numel() for p in model.parameters())  # 4-bit weights counted as stored
+        blocks = blocks_and_norm(backbone_of(model))[0]
+        if layers:
+            per_block = [sum(p.numel() for p in block.parameters()) for block in blocks]
+            total = {k: total - sum(per_block[k:]) for k in layers}
+        blocks_run = len(blocks)
         del model
         free_memory()
-    return feats, {"seconds": seconds, "peak_memory_features": m, "parameters_total": total}
+    return feats, {"seconds": seconds, "peak_memory_features": m, "parameters_total": total,
+                   "blocks_run": blocks_run}
+
+
+def choose_probe_layer(train: tuple[torch.Tensor, torch.Tensor], layers: list[int], seed: int) -> dict:
+    """The block whose features give the lowest 5-fold cross-validated log-loss of the pairwise logistic
+    probe on the training pairs (:func:`edgerlhf.baselines.fit_pairwise_logistic`, C chosen per block).
+
+    Args:
+        train: ``(features_chosen, features_rejected)``, each ``FloatTensor[N, len(layers), hidden]``.
+        layers: the blocks the features were read after.
+    Returns:
+        ``{"chosen": block, "pairs": N, "candidates": [{"layer", "C", "cv_log_loss"}, ...]}``.
+    """
+    diff = (train[0] - train[1]).numpy()
+    rows = []
+    for j, layer in enumerate(layers):
+        fit = fit_pairwise_logistic(diff[:, j], seed=seed)
+        rows.append({"layer": layer, "C": fit["C"], "cv_log_loss": fit["cv_log_loss"]})
+    return {"chosen": min(rows, key=lambda row: row["cv_log_loss"])["layer"], "pairs": len(diff), "candidates": rows}
 
 
 def probe_scores(weight: np.ndarray, feats: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -290,12 +317,23 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     feats, costs = {}, {}
-    for precision in list(dict.fromkeys(list(r.precisions) + ptq)):
+    layer, search = r.probe_layer, None
+    for i, precision in enumerate(dict.fromkeys(list(r.precisions) + ptq)):
         ctx.step = f"models: {precision} features"
         wanted = ["validation", "test"] + (["train"] if precision in r.precisions else [])
         wanted += ["judge_train", "judge_validation"] if precision == "bf16" and r.judge else []
-        feats[precision], costs[precision] = probe_features(sft_location, precision, tokenizer,
-                                                            {k: ex[k] for k in wanted}, r, ctx.device)
+        splits = {k: ex[k] for k in wanted}
+        if i == 0 and r.probe_layer_search:  # every candidate block from one pass, chosen on the training pairs
+            candidates = sorted(set(r.probe_layer_search))
+            many, costs[precision] = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device,
+                                                    candidates[-1], candidates)
+            search = {"precision": precision, **choose_probe_layer(many["train"], candidates, r.seeds[0])}
+            layer, j = search["chosen"], candidates.index(search["chosen"])
+            feats[precision] = {k: (c[:, j], rj[:, j]) for k, (c, rj) in many.items()}
+            costs[precision]["parameters_total"] = costs[precision]["parameters_total"][layer]
+        else:
+            feats[precision], costs[precision] = probe_features(sft_location, precision, tokenizer, splits, r,
+                                                                ctx.device, layer)
 
     def entry(precision: str, mode: str, fits: list[dict], train_split: str | None, folder: Path) -> dict:
         test, cost = feats[precision]["test"], costs[precision]
@@ -311,6 +349,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
                 "train_runtime_s": cost["seconds"][train_split] if train_split else None,
                 "peak_memory_training": cost["peak_memory_features"] if train_split else None,
                 "pairs_per_second": len(ex["test"]) / cost["seconds"]["test"],
+                "blocks_run_when_timed": cost["blocks_run"], "probe_layer": layer, "probe_layer_search": search,
                 "peak_memory_scoring": cost["peak_memory_features"],
                 **evaluate_pairs(c, rj, vc - vr), "scores_chosen": c.tolist(), "scores_rejected": rj.tolist()}
 
@@ -327,7 +366,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
         staging = out_dir / f".staging-{name}"
         shutil.rmtree(staging, ignore_errors=True)
         save_probe(staging, fitted[name][0]["weight"], tokenizer, sft_location, precision, ctx.device, fitted[name][0],
-                   r.probe_layer)
+                   layer)
         swap_in_dir(staging, out_dir / name)
         models[name] = entry(precision, mode, fitted[name], train_split, out_dir / name)
         models[name].update(check_saved_probe(out_dir / name, precision, ex["test"],
@@ -424,6 +463,13 @@ def run_reward(cfg: Config) -> dict:
                     entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
                                  if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"]})
         write_evaluation(out_dir, models, assessment)
+        search = next(iter(models.values())).get("probe_layer_search")
+        if search:
+            losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
+            assessment["conclusions"].insert(0, (
+                f"probe layer: block {search['chosen']} (lowest 5-fold cross-validated log-loss on the "
+                f"{search['pairs']} {search['precision']} training pairs, by block: {losses}); the test pairs "
+                "played no part in the choice"))
     table = summary_table(models, baselines)
     figures = {
         "reliability": str(reliability_figure(models, ctx.run_dir / "figures" / "rm_reliability.png")),
@@ -432,7 +478,7 @@ def run_reward(cfg: Config) -> dict:
     }
     results = {"method": r.method, "models": models, "baselines": baselines, "table": table,
                "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
-               "best_baseline": assessment["best_baseline"], "figures": figures,
+               "best_baseline": assessment["best_baseline"], "figures": figures, "probe_layer_search": search,
                "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(
         ctx, "reward", results, stage_m,

@@ -279,9 +279,22 @@ def encode_pair_suffixes(tokenizer, prompts: list[list[dict]], chosen: list[str]
     return out, truncated
 
 
+def blocks_and_norm(backbone) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """The transformer blocks and the final norm of a backbone (Llama ``layers``/``norm``, GPT-2 ``h``/``ln_f``).
+
+    Raises:
+        TypeError: the backbone has neither pair.
+    """
+    for blocks, norm in (("layers", "norm"), ("h", "ln_f")):
+        if hasattr(backbone, blocks) and hasattr(backbone, norm):
+            return getattr(backbone, blocks), getattr(backbone, norm)
+    raise TypeError(f"{type(backbone).__name__} has no known blocks and final norm (layers/norm or h/ln_f)")
+
+
 @torch.inference_mode()
 def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
-                  batch_size: int = 2, max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 2, max_length: int = 512,
+                  layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-layer hidden states at the last token of prompt + chosen and prompt + rejected.
 
     These are the features the one-output ``score`` head of a reward model reads, so
@@ -296,10 +309,14 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
         model: a sequence-classification reward model or backbone at any precision (its
             :func:`backbone_of` is run; the head is not).
         prompts: ``N`` chat prompts; chosen, rejected: ``N`` reply strings each.
+        layers: also read the output of these blocks (1-based), each through the final norm, from the
+            same pass: block k's feature equals the final-layer feature of the backbone truncated to k
+            blocks (:func:`load_backbone` ``num_layers=k``).
     Returns:
-        ``(features_chosen, features_rejected)``, each ``FloatTensor[N, hidden_size]`` (float32, CPU).
+        ``(features_chosen, features_rejected)``, each ``FloatTensor[N, hidden_size]`` (float32, CPU),
+        or ``FloatTensor[N, len(layers), hidden_size]`` with ``layers``.
     Raises:
-        ValueError: lengths differ, or a pair cannot fit ``max_length``.
+        ValueError: lengths differ, a pair cannot fit ``max_length``, or a layer is not a block of the model.
     """
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected replies")
@@ -309,7 +326,30 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
     encoded, _ = encode_pair_suffixes(tokenizer, prompts, chosen, rejected, max_length)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar prompt lengths together
     hidden = model.config.hidden_size
-    feats = torch.empty(len(encoded), 2, hidden, dtype=torch.float32)
+    taps: dict[int, torch.Tensor] = {}
+    hooks, norm = [], None
+    if layers:
+        blocks, norm = blocks_and_norm(backbone)
+        if any(not 1 <= k <= len(blocks) for k in layers):
+            raise ValueError(f"layers {layers} must be blocks of the model, in [1, {len(blocks)}]")
+        for k in layers:  # keeps the block's latest output: the reply pass overwrites the prompt pass
+            hooks.append(blocks[k - 1].register_forward_hook(
+                lambda _module, _args, out, k=k: taps.__setitem__(k, out[0] if isinstance(out, tuple) else out)))
+    feats = torch.empty(len(encoded), 2, len(layers) if layers else 1, hidden, dtype=torch.float32)
+    try:
+        _pair_feature_batches(backbone, encoded, order, batch_size, pad, device, feats, layers, taps, norm)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not layers:
+        return feats[:, 0, 0], feats[:, 1, 0]
+    return feats[:, 0], feats[:, 1]
+
+
+def _pair_feature_batches(backbone, encoded, order, batch_size, pad, device, feats, layers, taps, norm) -> None:
+    """The batched passes of :func:`pair_features`, writing ``feats[N, 2, L, hidden]`` in place; with
+    ``layers``, block k's output is read from ``taps[k]`` (filled by forward hooks) through ``norm``."""
+    hidden = feats.shape[-1]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         prefix, prefix_mask = pad_left([encoded[i][0] for i in idx], pad)
@@ -327,6 +367,9 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
         out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=False).last_hidden_state
         read = torch.tensor([encoded[i][j] for i in idx for j in (3, 4)], device=device)
-        last = out[torch.arange(len(suffixes), device=device), read]
-        feats[idx] = last.float().cpu().view(len(idx), 2, hidden)
-    return feats[:, 0], feats[:, 1]
+        rows = torch.arange(len(suffixes), device=device)
+        if layers:
+            last = torch.stack([norm(taps[k][rows, read]) for k in layers], 1)
+        else:
+            last = out[rows, read][:, None]
+        feats[idx] = last.float().cpu().view(len(idx), 2, -1, hidden)

@@ -172,6 +172,55 @@ def test_pair_features_are_what_the_head_reads(name, precision, models_dir):
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_features_read_after_a_block_equal_the_backbone_truncated_there(name, models_dir):
+    from edgerlhf.models import load_tokenizer, prepare_base_model
+    from edgerlhf.rewards import pair_features
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
+    chosen, rejected = ["yes sure " * (i % 3 + 1) for i in range(5)], ["no" + " way" * i for i in range(5)]
+    full, _ = load_backbone(location, "bf16", "cpu")
+    n = full.config.num_hidden_layers
+    many = pair_features(full.eval(), tok, prompts, chosen, rejected, batch_size=3, layers=[1, n])
+    assert many[0].shape == (5, 2, full.config.hidden_size)
+    for j, k in enumerate([1, n]):
+        truncated, _ = load_backbone(location, "bf16", "cpu", num_layers=k)
+        fc, fr = pair_features(truncated.eval(), tok, prompts, chosen, rejected, batch_size=2)
+        assert torch.allclose(many[0][:, j], fc, atol=1e-5) and torch.allclose(many[1][:, j], fr, atol=1e-5), k
+    assert not torch.allclose(many[0][:, 0], many[0][:, 1])  # the blocks differ: the test can fail
+    with pytest.raises(ValueError, match=rf"must be blocks of the model, in \[1, {n}\]"):
+        pair_features(full, tok, prompts, chosen, rejected, layers=[n + 1])
+
+
+def test_the_probe_layer_is_the_block_whose_training_pairs_cross_validate_best():
+    # block 7 carries the preference in one feature, block 3 is noise: the choice must follow the training pairs
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(200, 2, 16, generator=g), torch.randn(200, 2, 16, generator=g)
+    chosen[:, 1, 0] += 3.0
+    search = reward.choose_probe_layer((chosen, rejected), [3, 7], seed=0)
+    assert search["chosen"] == 7 and search["pairs"] == 200
+    losses = {c["layer"]: c["cv_log_loss"] for c in search["candidates"]}
+    assert losses[7] < 0.3 < 0.6 < losses[3]
+
+
+def test_a_probe_layer_search_saves_every_model_at_the_chosen_block(rm_cfg):
+    results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.probe_layer_search": [1, 2],
+                                          "reward.precisions": ["bf16", "int8"]}))
+    search = results["probe_layer_search"]
+    assert search["precision"] == "bf16" and [c["layer"] for c in search["candidates"]] == [1, 2]
+    assert results["conclusions"][0].startswith(f"probe layer: block {search['chosen']} ")
+    for name in ("bf16", "int8", "judge", "int8-ptq"):
+        info = json.load(open(f"{results['models'][name]['folder']}/rm_info.json"))
+        assert info["num_layers"] == search["chosen"] == results["models"][name]["probe_layer"], name
+    with pytest.raises(ValueError, match=r"reward.probe_layer_search=\[0\] must be a list of int >= 1"):
+        rm_cfg(**{"reward.probe_layer_search": [0]})
+
+
 def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.seeds": [42, 43]}))
     models = results["models"]
