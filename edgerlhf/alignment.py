@@ -36,7 +36,7 @@ from .config import Config, PPOConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
-from .memory import measure
+from .memory import free_memory, measure
 from .models import load_causal_lm, load_tokenizer
 from .plots import overoptimisation_figure, ppo_curves_figure
 from .ppo import decode_responses, policy_and_reference_logprobs, rollout
@@ -355,6 +355,7 @@ def run_alignment(cfg: Config) -> dict:
         eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)
         before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
         del policy
+        free_memory()
         judge_model, judge_tok = load_reward_model(judge_folder, "bf16", resolve_device(p.reward_device))
         judge_truncation = {}
         judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length, counts=judge_truncation)
@@ -362,8 +363,10 @@ def run_alignment(cfg: Config) -> dict:
         shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_folder": judge_folder,
                   "verdicts": verdicts}
-        experiments = {precision: run_experiment(precision, cfg, ctx, sft_location, shared)
-                       for precision in p.experiments}
+        experiments = {}
+        for precision in p.experiments:
+            experiments[precision] = run_experiment(precision, cfg, ctx, sft_location, shared)
+            free_memory()  # that experiment's policy and proxy are unreferenced now: return their pages
     judge_info = {"folder": str(judge_folder), **verdicts["models"][JUDGE],
                   "length_baseline": verdicts["length_baseline"],
                   "agreement_with_proxies": {name: (e["proxy_verdict"] or {}).get("agreement_with_judge")

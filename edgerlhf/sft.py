@@ -164,6 +164,7 @@ def run_sft(cfg: Config) -> dict:
         base_model = load_causal_lm(base, compute_dtype(ctx.device)).to(ctx.device)
         before = completion_nll(base_model, tokenizer, pairs)
         samples_before = generate(base_model, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
+        free_memory()  # the perplexity pass's logits are gone; give their pages back before training
         if s.strategy == "qlora":  # trains its own 4-bit copy
             del base_model
             base_model = None
