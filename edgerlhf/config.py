@@ -484,9 +484,10 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
 
     Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
     ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` is a non-empty list of
-    int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.response_length <= reward.max_length`` (tokens), so every PPO reply
-    fits the reward model; ``ppo.mini_batch_size <= ppo.batch_size``. ``origins`` (key -> where it was set:
-    profile, config file, parameter, command-line flag) is named in the message.
+    int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.response_length <=
+    reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.mini_batch_size <=
+    ppo.batch_size``. ``origins`` (key -> where it was set: profile, config file, parameter, command-line flag)
+    is named in the message.
 
     Raises:
         ValueError: one message listing every offending key with its value and the allowed range.

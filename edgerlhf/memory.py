@@ -1,6 +1,7 @@
 """Memory: the VRAM budget and a context manager that measures peaks and wall time."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,8 +133,7 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "malloc_trim"):
+    if os.name == "posix" and hasattr(libc := ctypes.CDLL(None), "malloc_trim"):
         libc.malloc_trim(0)
 
 

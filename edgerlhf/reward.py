@@ -43,8 +43,8 @@ from .models import load_tokenizer
 from .plots import accuracy_figure, margin_figure, reliability_figure
 from .prefs import read_prefs
 from .rewards import (
-    HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib, tokenizer_fingerprint,
-    weights_fingerprint, write_info,
+    HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
+    tokenizer_fingerprint, weights_fingerprint, write_info,
 )
 from .stage import begin, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
