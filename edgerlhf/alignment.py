@@ -43,7 +43,7 @@ from .ppo import decode_responses, policy_and_reference_logprobs, rollout
 from .ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
 from .prefs import read_prefs
 from .reproducibility import seed_everything
-from .rewards import load_reward_model, score, weights_digest
+from .rewards import backbone_of, load_reward_model, score, weights_digest
 from .stage import begin, cli_config, finish, recorded
 from .stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .templates import ensure_chat_template, ppo_pad_token, render_prompt
@@ -69,6 +69,30 @@ def load_policy(sft_location: str, cfg: PPOConfig, device: torch.device):
     ensure_chat_template(tokenizer)
     ppo_pad_token(tokenizer)
     return policy, value_head, tokenizer
+
+
+def share_frozen_weights(reward_model, policy) -> float:
+    """Point the reward model's backbone weights at the policy's frozen base weights wherever they are the
+    same tensor values, so the process holds the SFT backbone once instead of once per model (stage 3's
+    probes and judge are that backbone, frozen, plus a head).
+
+    Safe because neither side changes them: PPO trains only the LoRA adapter and the value head and never
+    merges the adapter into the base weights. Only floating-point parameters with the same name (peft's
+    ``.base_layer`` removed), shape, dtype, device and values are shared; quantized or different weights are
+    left alone. Returns the weights no longer held twice, in MiB.
+    """
+    base = {name.replace(".base_layer", ""): param
+            for name, param in backbone_of(policy.get_base_model()).named_parameters()}
+    shared = 0
+    for name, param in backbone_of(reward_model).named_parameters():
+        other = base.get(name)
+        if (other is None or not param.dtype.is_floating_point or other.dtype != param.dtype
+                or other.shape != param.shape or other.device != param.device or other.data_ptr() == param.data_ptr()):
+            continue
+        if torch.equal(param, other):
+            param.data = other.data
+            shared += param.numel() * param.element_size()
+    return shared / 2**20
 
 
 def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
@@ -201,6 +225,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         ctx.step = f"experiment {precision}: loading"
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
         policy, value_head, tokenizer = load_policy(sft_location, p, ctx.device)
+        shared_mib = {"proxy": share_frozen_weights(proxy_model, policy),
+                      "judge": share_frozen_weights(shared["judge_model"], policy)}
         prompt_counts, truncation = {}, {}
         queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length, prompt_counts)
         proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, counts=truncation)
@@ -254,7 +280,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "after": after, "curve": curve, "judge_change": change,
         "judge_change_mde": mde_paired_mean(n, change["sd_difference"]),
         "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n), "win_ties": int(np.sum(judge_after == judge_before)),
-        "training_prompts": prompt_counts, "reward_truncation": truncation,
+        "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a}
@@ -361,7 +387,8 @@ def run_alignment(cfg: Config) -> dict:
         judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length, counts=judge_truncation)
         before["judge_scores"] = judge(eval_prompts, before["replies"]).tolist()
         shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
-                  "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_folder": judge_folder,
+                  "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_model": judge_model,
+                  "judge_folder": judge_folder,
                   "verdicts": verdicts}
         experiments = {}
         for precision in p.experiments:

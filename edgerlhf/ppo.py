@@ -126,10 +126,12 @@ def forward_logprobs(model, value_head, batch: dict, temperature: float, with_en
     query, response = batch["query"], batch["response"]
     mask = torch.cat([batch["query_mask"], batch["response_mask"].long()], dim=1)
     input_ids = torch.cat([query, response], dim=1)
+    # logits only at the R + 1 last positions (transformers' ``logits_to_keep``): position t predicts token
+    # t + 1, so positions Q - 1 .. Q + R - 2 predict the response; never the [B, Q + R, V] full-vocabulary block
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
-                output_hidden_states=value_head is not None, use_cache=False)
-    start = query.shape[1] - 1  # logits at position t predict token t + 1
-    logits = out.logits[:, start:-1] / temperature
+                output_hidden_states=value_head is not None, use_cache=False, logits_to_keep=response.shape[1] + 1)
+    start = query.shape[1] - 1
+    logits = out.logits[:, :-1] / temperature
     result = {"logprobs": token_logprobs(logits, response), "values": None, "entropy": None}
     if value_head is not None:
         hidden = out.hidden_states[-1][:, start:-1]

@@ -139,6 +139,30 @@ def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
             assert torch.allclose(batched["logprobs"][i, :n], one["logprobs"][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, models_dir):
+    # forward_logprobs asks the model for the last R + 1 positions only (logits_to_keep); the result must be the
+    # log-softmax of the full [B, Q + R, V] logits at the positions that predict each response token
+    from edgerlhf.lm import position_ids
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    policy, head = tiny_policy(location)
+    tok = load_tokenizer(location)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(2)
+    ro = ppo.rollout(policy, queries_for(tok, 3), pad, tok.eos_token_id, 6, 0.7, 0, 1.0)
+    with torch.no_grad():
+        got = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
+        mask = torch.cat([ro["query_mask"], ro["response_mask"].long()], dim=1)
+        logits = policy(input_ids=torch.cat([ro["query"], ro["response"]], dim=1), attention_mask=mask,
+                        position_ids=position_ids(mask)).logits
+        start = ro["query"].shape[1] - 1
+        want = torch.log_softmax(logits[:, start:-1].float() / 0.7, dim=-1).gather(-1, ro["response"][..., None])
+    assert got["logprobs"].shape == ro["response"].shape
+    assert torch.allclose(got["logprobs"], want.squeeze(-1), atol=1e-5)
+
+
 def test_forward_gives_log_probs_entropy_and_zero_initial_values(tiny_gpt2):
     policy, head = tiny_policy(tiny_gpt2)
     tok = load_tokenizer(tiny_gpt2)
@@ -359,3 +383,43 @@ def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tm
         runs.append(([(h["score"], h["kl"], h["pg_loss"], h["vf_loss"]) for h in history], points))
     (plain, _), (evaluated, points) = runs
     assert len(points) == CFG.steps and plain == evaluated  # bit for bit
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_reward_model_shares_the_policys_frozen_weights_and_scores_as_before(name, models_dir):
+    from edgerlhf.alignment import share_frozen_weights
+    from edgerlhf.models import prepare_base_model
+    from edgerlhf.ppo_loop import make_optimizer
+    from edgerlhf.rewards import backbone_of, load_backbone, score
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model(name, models_dir)
+    policy, head = tiny_policy(location)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    rm, _ = load_backbone(location, "bf16", "cpu")
+    rm.config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.score.weight)
+    params = dict(backbone_of(rm).named_parameters())
+    changed = next(n for n in params if ".0." in n and n.endswith("weight"))
+    with torch.no_grad():
+        params[changed].add_(0.5)  # no longer the policy's value: must keep its own copy
+    prompts, replies = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(3)], ["yes", "no way", "ok"]
+    before = score(rm.eval(), tok, prompts, replies)
+
+    mib = share_frozen_weights(rm, policy)
+    base = {n.replace(".base_layer", ""): p for n, p in backbone_of(policy.get_base_model()).named_parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
+    assert mib == pytest.approx(total - params[changed].numel() * params[changed].element_size() / 2**20)
+    assert all((p.data_ptr() == base[n].data_ptr()) == (n != changed) for n, p in backbone_of(rm).named_parameters())
+    assert torch.equal(score(rm, tok, prompts, replies), before)
+    # a PPO update moves the adapter, never the shared base weights: the reward model scores as before
+    optimizer = make_optimizer(policy, head, CFG)
+    ids = torch.tensor([tok("a short text", add_special_tokens=False)["input_ids"]])
+    policy.train()
+    policy(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    optimizer.step()
+    assert torch.equal(score(rm, tok, prompts, replies), before)
+    assert share_frozen_weights(rm, policy) == 0  # nothing left to share
