@@ -118,8 +118,8 @@ def queries_for(tokenizer, n):
     return [tokenizer(f"question {i} is about", add_special_tokens=False)["input_ids"][: 3 + i % 4] for i in range(n)]
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
+def tiny_rollout(name, models_dir, seed, new_tokens):
+    """A tiny policy, its value head, three queries and one sampled rollout of ``new_tokens`` at temperature 0.7."""
     from edgerlhf.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
@@ -127,8 +127,13 @@ def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
     tok = load_tokenizer(location)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     queries = queries_for(tok, 3)
-    torch.manual_seed(1)
-    ro = ppo.rollout(policy, queries, pad, tok.eos_token_id, 5, 0.7, 0, 1.0)
+    torch.manual_seed(seed)
+    return policy, head, queries, ppo.rollout(policy, queries, pad, tok.eos_token_id, new_tokens, 0.7, 0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
+    policy, head, queries, ro = tiny_rollout(name, models_dir, seed=1, new_tokens=5)
     with torch.no_grad():
         batched = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
         for i, q in enumerate(queries):
@@ -144,14 +149,8 @@ def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, mo
     # forward_logprobs asks the model for the last R + 1 positions only (logits_to_keep); the result must be the
     # log-softmax of the full [B, Q + R, V] logits at the positions that predict each response token
     from edgerlhf.lm import position_ids
-    from edgerlhf.models import prepare_base_model
 
-    location = prepare_base_model(name, models_dir)
-    policy, head = tiny_policy(location)
-    tok = load_tokenizer(location)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    torch.manual_seed(2)
-    ro = ppo.rollout(policy, queries_for(tok, 3), pad, tok.eos_token_id, 6, 0.7, 0, 1.0)
+    policy, head, _, ro = tiny_rollout(name, models_dir, seed=2, new_tokens=6)
     with torch.no_grad():
         got = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
         mask = torch.cat([ro["query_mask"], ro["response_mask"].long()], dim=1)
