@@ -1,18 +1,28 @@
-"""Benchmark one PPO step: wall time split into generation, scoring, forward passes and update,
-and peak memory, for a given policy, reward model and batch. Writes JSON to results/benchmarks/.
+"""Benchmark PPO steps: wall time split into generation, scoring, no-grad forward passes and update, the
+padded and real tokens of every pass, and peak memory. Writes JSON to results/benchmarks/.
 
-    python benchmarks/ppo_step.py --policy models/sft/model/merged --reward models/rm/bf16 --batch 8
-    python benchmarks/ppo_step.py --policy models/base/smollm2-135m-instruct --reward none   # constant reward
+The work of issue 15's comparison with TRL 0.11.4's PPOTrainer (8 prompts, batch 8, micro-batch 2, no
+accumulation, 4 PPO epochs, LoRA r16 on all seven projections, up to 64 new tokens at temperature 1, a
+scripted reward, the embedded base in float32)::
 
-The memory target (issue 5): the peak stays near policy backbone weights + reward-model weights +
-activations, with no second copy for the reference or the value function. The JSON reports those
-weights next to the measured peak.
+    python benchmarks/ppo_step.py --policy models/base/smollm2-135m-instruct --reward scripted \\
+        --batch 8 --mini-batch 2 --accumulation 1 --ppo-epochs 4 --response-length 64 --temperature 1.0
+
+    python benchmarks/ppo_step.py --policy models/sft/model/merged --reward models/rm/bf16   # a reward model
+
+``--reply-length N`` forces every reply to N tokens (EOS suppressed), so two implementations do the same
+work. Memory: the JSON reports the policy backbone and reward-model weights and the activations of one
+micro-batch (one forward + backward of the widest micro-batch, measured alone) next to the measured peak.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import os
+import resource
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,8 +30,8 @@ import torch
 from edgerlhf.alignment import encode_queries, load_policy, reward_scorer
 from edgerlhf.config import PPOConfig
 from edgerlhf.hardware import hardware_report, resolve_device
-from edgerlhf.memory import apply_vram_budget, measure
-from edgerlhf.ppo import KLController, ppo_step
+from edgerlhf.memory import MIB, apply_vram_budget, free_memory, limit_heap_retention, measure
+from edgerlhf.ppo import KLController, forward_logprobs, ppo_step
 from edgerlhf.ppo_loop import make_optimizer
 from edgerlhf.prefs import read_prefs
 from edgerlhf.records import software_versions
@@ -29,37 +39,108 @@ from edgerlhf.reproducibility import seed_everything
 from edgerlhf.rewards import load_reward_model, state_dict_mib
 
 PARTS = ("time_generation_s", "time_scoring_s", "time_forward_s", "time_update_s", "time_step_s")
+PASSES = ("generation", "no_grad_forward", "update_forward")
+
+
+def scripted_reward(prompts, replies) -> torch.Tensor:
+    """A cheap deterministic reward: the share of distinct words in the reply (0 for an empty reply)."""
+    return torch.tensor([len(set(r.split())) / max(len(r.split()), 1) for r in replies], dtype=torch.float32)
+
+
+@contextmanager
+def count_tokens(model):
+    """Count the tokens every forward pass of ``model`` processes, by pass: ``generation`` (``use_cache``),
+    ``no_grad_forward`` and ``update_forward`` (gradients on). ``padded`` is the width the pass ran at
+    (``input_ids.numel()``), ``real`` the positions whose attention mask is 1."""
+    counts = {p: {"calls": 0, "padded": 0, "real": 0} for p in PASSES}
+
+    def hook(module, args, kwargs):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None:
+            return
+        name = "generation" if kwargs.get("use_cache") else "update_forward" if torch.is_grad_enabled() \
+            else "no_grad_forward"
+        counts[name]["calls"] += 1
+        counts[name]["padded"] += ids.numel()
+        counts[name]["real"] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor took from this machine since boot (``/proc/stat`` steal column), in seconds;
+    None where not available. Steal during a step means its wall time is not comparable."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    fields = stat.read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else None
+
+
+def one_micro_batch(policy, value_head, batch, cfg) -> dict:
+    """Peak memory of one forward + backward on the widest ``cfg.mini_batch_size`` rows of ``batch``, measured
+    from a trimmed heap (:func:`edgerlhf.memory.free_memory`), as the update runs it."""
+    widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.mini_batch_size]
+    mb = batch.select(widest)
+    free_memory()
+    with measure() as m:
+        new = forward_logprobs(policy, value_head, mb, cfg.temperature, with_entropy=True,
+                               padding_free=cfg.padding_free)
+        (new["logprobs"].sum() + new["values"].sum()).backward()
+    policy.zero_grad(set_to_none=True)
+    value_head.zero_grad(set_to_none=True)
+    return m
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="causal LM folder (the SFT model's merged/ folder)")
-    parser.add_argument("--reward", default="none", help="reward-model folder, or 'none' for a constant reward")
+    parser.add_argument("--reward", default="scripted", help="reward-model folder, or 'scripted' (share of "
+                        "distinct words)")
     parser.add_argument("--reward-precision", default=None, help="bf16, int8 or int4 (default: as trained)")
-    parser.add_argument("--prompts", default="data/train_prefs.jsonl")
+    parser.add_argument("--prompts", default="data/train_prefs.jsonl", help="prefs JSONL; its first --batch "
+                        "prompts are used")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mini-batch", type=int, default=2)
-    parser.add_argument("--response-length", type=int, default=32)
-    parser.add_argument("--policy-precision", default="bf16")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--response-length", type=int, default=64, help="maximum new tokens")
+    parser.add_argument("--reply-length", type=int, default=None, help="force exactly this many new tokens "
+                        "(EOS suppressed); default: stop at EOS")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: all seven "
+                        "projections of a Llama-style model)")
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--policy-precision", default="bf16", help="bf16 runs in float32 on a CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reward-device", default="cpu")
     parser.add_argument("--vram-budget-gib", type=float, default=8.0)
-    parser.add_argument("--steps", type=int, default=2, help="steps measured after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="steps measured after one warm-up step")
+    parser.add_argument("--glibc-default-heap", action="store_true", help="skip limit_heap_retention (as before)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args(argv)
 
     seed_everything(0)
+    heap_limited = False if args.glibc_default_heap else limit_heap_retention()
     device = resolve_device(args.device)
     budget = apply_vram_budget(args.vram_budget_gib, device)
-    cfg = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch, gradient_accumulation_steps=1,
-                    ppo_epochs=1, response_length=args.response_length, policy_precision=args.policy_precision)
+    cfg = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
+                    gradient_accumulation_steps=args.accumulation, ppo_epochs=args.ppo_epochs,
+                    response_length=args.response_length, temperature=args.temperature, top_k=0, top_p=1.0,
+                    lora_r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets,
+                    policy_precision=args.policy_precision, max_prompt_length=args.max_prompt_length,
+                    min_response_length=args.reply_length or 0)
+    rss_before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with measure(device) as load:
         policy, value_head, tokenizer = load_policy(args.policy, cfg, device)
-        if args.reward == "none":
-            rm_mib = 0.0
-
-            def scorer(prompts, replies):
-                return torch.zeros(len(replies))
+        if args.reward == "scripted":
+            rm_mib, scorer = 0.0, scripted_reward
         else:
             rm, rm_tok = load_reward_model(args.reward, args.reward_precision, resolve_device(args.reward_device))
             rm_mib = state_dict_mib(rm)
@@ -70,31 +151,50 @@ def main(argv: list[str] | None = None) -> Path:
     generator = torch.Generator().manual_seed(0)
     steps = []
     for i in range(args.steps + 1):
-        with measure(device) as m:
+        cpu, steal = time.process_time(), steal_seconds()
+        with measure(device) as m, count_tokens(policy.get_base_model()) as tokens:
             stats = ppo_step(policy, value_head, optimizer, kl_ctl, tokenizer, queries, prompts, scorer, cfg, generator)
-        stats.pop("batch")
+        batch = stats.pop("batch")
         if i > 0:  # the first step warms up allocators and kernels
             steps.append({**{k: stats[k] for k in PARTS}, "generated_tokens_per_s": stats["generated_tokens_per_s"],
-                          "response_length": stats["response_length"], "peak": m})
-    policy_mib = state_dict_mib(policy.get_base_model()) - sum(
-        p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" in n) / 2**20
-    mean = {k: sum(s[k] for s in steps) / len(steps) for k in PARTS + ("generated_tokens_per_s",)}
+                          "cpu_time_s": time.process_time() - cpu,
+                          "steal_s": None if steal is None else steal_seconds() - steal,
+                          "response_length": stats["response_length"], "tokens": tokens, "peak": m,
+                          "losses": {k: stats[k] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac")}})
+    micro = one_micro_batch(policy, value_head, batch, cfg)
+    lora_mib = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" in n) / MIB
+    policy_mib = state_dict_mib(policy.get_base_model()) - lora_mib
+    mean = {k: sum(s[k] for s in steps) / len(steps)
+            for k in PARTS + ("generated_tokens_per_s", "response_length", "cpu_time_s")}
+    median_step_s = sorted(s["time_step_s"] for s in steps)[len(steps) // 2]
+    peak_rss = max(s["peak"]["cpu_peak_rss_mib"] for s in steps)
+    bound = policy_mib + rm_mib + micro["cpu_peak_increase_mib"]
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
         "hardware": hardware_report(args.device), "software": software_versions(), "vram_budget": budget,
-        "mean": mean, "steps": steps, "load": load,
-        "weights_mib": {"policy_backbone": policy_mib, "reward_model": rm_mib,
-                        "lora_and_value_head": sum(p.numel() * p.element_size() for p in optimizer.param_groups[0]["params"])
-                        / 2**20 + sum(p.numel() * 4 for p in value_head.parameters()) / 2**20},
-        "peak_mib": {"cpu_rss": max(s["peak"]["cpu_peak_rss_mib"] for s in steps),
-                     "cuda_allocated": max((s["peak"]["cuda_peak_allocated_mib"] or 0) for s in steps) or None},
+        "heap_limited": heap_limited, "query_tokens": [len(q) for q in queries], "mean": mean, "median_step_s": median_step_s, "steps": steps,
+        "load": load,
+        "weights_mib": {"policy_backbone": policy_mib, "reward_model": rm_mib, "lora": lora_mib,
+                        "value_head": sum(p.numel() * 4 for p in value_head.parameters()) / MIB},
+        "one_micro_batch": micro,
+        "peak_mib": {
+            "cpu_rss": peak_rss, "cpu_rss_with_load_and_micro_batch": max(peak_rss, load["cpu_peak_rss_mib"],
+                                                                          micro["cpu_peak_rss_mib"]),
+            "cpu_rss_before_model_load": rss_before_load,
+            "cuda_allocated": max((s["peak"]["cuda_peak_allocated_mib"] or 0) for s in steps) or None,
+            "weights_plus_one_micro_batch": bound,
+            "ratio_to_weights_plus_one_micro_batch": peak_rss / bound,
+            "ratio_without_runtime": (peak_rss - rss_before_load) / bound,
+        },
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ppo_step-{Path(args.policy).name}-{device.type}-b{args.batch}.json"
+    path = out / f"ppo_step-{Path(args.policy).name}-{device.type}-b{args.batch}{args.tag}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({"mean": mean, "weights_mib": report["weights_mib"], "peak_mib": report["peak_mib"]}, indent=2))
-    print("wrote", path)
+    print(json.dumps({"mean": mean, "median_step_s": median_step_s, "step_s": [s["time_step_s"] for s in steps],
+                      "steal_s": [s["steal_s"] for s in steps], "tokens": steps[-1]["tokens"], "weights_mib": report["weights_mib"],
+                      "peak_mib": report["peak_mib"], "losses": [s["losses"] for s in steps]}, indent=2))
+    print("wrote", path, time.strftime("%H:%M:%S"))
     return path
 
 

@@ -18,7 +18,7 @@ Evaluation, the same for every experiment so rows compare:
 
 Outputs: ``models/ppo/<precision>/`` (LoRA adapter and value head), the stage record with
 per-step statistics, the comparison table, and figures. Run without the notebook:
-``python -m edgerlhf.alignment --profile quick`` (also ``python -m edgerlhf.ppo``).
+``python -m edgerlhf.alignment --profile quick``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from .config import Config, PPOConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
-from .memory import free_memory, measure
+from .memory import free_memory, limit_heap_retention, measure
 from .models import load_causal_lm, load_tokenizer
 from .plots import overoptimisation_figure, ppo_curves_figure
 from .ppo import decode_responses, policy_and_reference_logprobs, rollout
@@ -156,7 +156,8 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOConfig, seed: int, value_
     with isolated_rng(seed, device):
         for start in range(0, len(queries), cfg.batch_size):
             ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
-                         tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+                         tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
+                         min_new_tokens=cfg.min_response_length)
             if value_head is not None:
                 lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature)
                 kls += ((lp["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
@@ -360,6 +361,7 @@ def run_alignment(cfg: Config) -> dict:
     """
     p = cfg.ppo
     ctx = begin(cfg)
+    heap_limited = limit_heap_retention()  # PPO's passes free large tensors every step: give their pages back
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
         raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft) first")
@@ -405,7 +407,7 @@ def run_alignment(cfg: Config) -> dict:
     }
     results = {"experiments": experiments, "table": comparison_table(experiments), "judge": judge_info,
                "conclusions": words, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
-               "judge_truncation": judge_truncation, "figures": figures}
+               "judge_truncation": judge_truncation, "figures": figures, "heap_limited": heap_limited}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,

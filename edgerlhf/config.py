@@ -234,8 +234,13 @@ class PPOConfig:
     mini_batch_size: int = _f(2, "Sequences per forward/backward (int). Research plan: 2.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
     generation_batch_size: Optional[int] = _f(
-        None, "Prompts per `generate` call and per log-prob forward pass in a rollout (int); None: the whole "
-        "batch. Halved with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
+        None, "Prompts per `generate` call (int); None: the whole batch. The no-grad log-prob passes of a rollout "
+        "take its rows sorted by length, this many at a time (None: one minibatch, `mini_batch_size * "
+        "gradient_accumulation_steps`). Halved with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
+    )
+    padding_free: bool = _f(
+        True, "Pack each update micro-batch's rows into one sequence without padding (bool; TRL's `padding_free`): "
+        "no compute on padding, attention over the packed length. False: pad to the micro-batch's longest row."
     )
     ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")
     learning_rate: float = _f(1.41e-5, "Adam learning rate of the policy's LoRA (float). Research plan / TRL: 1.41e-5.")
@@ -243,6 +248,10 @@ class PPOConfig:
         1e-4, "Adam learning rate of the value head (float); higher than the policy's because the head starts at 0."
     )
     response_length: int = _f(64, "Maximum new tokens per reply (int). Research plan: 64.")
+    min_response_length: int = _f(
+        0, "Minimum new tokens per reply: EOS is suppressed before it (int; `generate`'s `min_new_tokens`); 0: none. "
+        "Equal to `response_length` it forces a fixed length (benchmarks)."
+    )
     max_prompt_length: int = _f(256, "Prompts longer than this are truncated from the left by whole turns (int).")
     temperature: float = _f(0.7, "Sampling temperature (float); every log-prob forward divides logits by it.")
     top_k: int = _f(0, "Top-k sampling (int); 0 disables it, so PPO samples the full distribution.")
@@ -272,6 +281,10 @@ class PPOConfig:
     )
     lora_r: int = _f(16, "LoRA rank of the PPO adapter (int).")
     lora_alpha: int = _f(32, "LoRA alpha of the PPO adapter (int).")
+    target_modules: Optional[list] = _f(
+        None, "Module names the PPO adapter wraps (list of str); None: every attention and MLP projection of the "
+        "architecture (`q_proj` ... `down_proj` for Llama)."
+    )
     policy_precision: str = _f("bf16", "Precision of the policy's frozen base: `bf16`, `int8` or `int4` (str).")
     reward_device: str = _f("cpu", "Device of the reward model (str). Research plan: CPU to save VRAM.")
     score_batch_size: int = _f(8, "Replies per reward-model batch (int).")
@@ -453,7 +466,7 @@ LIMITS: dict[str, Any] = {
     "ppo.reward_mode": ("trained", "ptq"), "ppo.steps": _POSITIVE, "ppo.batch_size": _POSITIVE,
     "ppo.mini_batch_size": _POSITIVE, "ppo.gradient_accumulation_steps": _POSITIVE,
     "ppo.generation_batch_size": _POSITIVE, "ppo.ppo_epochs": _POSITIVE, "ppo.learning_rate": ("above", 0.0),
-    "ppo.value_learning_rate": ("above", 0.0), "ppo.response_length": _POSITIVE,
+    "ppo.value_learning_rate": ("above", 0.0), "ppo.response_length": _POSITIVE, "ppo.min_response_length": (0, None),
     "ppo.max_prompt_length": (8, None), "ppo.temperature": ("above", 0.0), "ppo.top_k": (0, None),
     "ppo.top_p": ("above", 0.0), "ppo.reward_norm_samples": (0, None), "ppo.init_kl_coef": (0.0, None),
     "ppo.target_kl": ("above", 0.0), "ppo.kl_horizon": _POSITIVE, "ppo.kl_estimator": ("k1", "k3"),
@@ -518,6 +531,9 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         problems.append(f"ppo.max_prompt_length + ppo.response_length = {p.max_prompt_length} + "
                         f"{p.response_length} must be <= reward.max_length={cfg.reward.max_length} (tokens), so "
                         "every PPO reply fits the reward model")
+    if p.min_response_length > p.response_length:
+        problems.append(f"ppo.min_response_length={p.min_response_length} must be <= ppo.response_length="
+                        f"{p.response_length}")
     if p.mini_batch_size > p.batch_size:
         problems.append(f"ppo.mini_batch_size={p.mini_batch_size} must be <= ppo.batch_size={p.batch_size}")
     if problems:

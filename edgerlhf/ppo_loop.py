@@ -3,7 +3,9 @@ checkpoints every N steps, exact resumption, and a saved failing step on non-fin
 
 A checkpoint ``checkpoint-<step>/`` holds the LoRA adapter and value head (safetensors) and
 ``state.pt`` (optimiser, KL controller, running score statistics, RNG states, prompt-sampler
-state, step and history), written by this project and read back with ``weights_only=False``.
+state, step and history): tensors and plain Python values only, read back with ``weights_only=True``.
+A step with a non-finite value is saved as ``failed-step-<step>/``: the state from before the step
+(a checkpoint it can be resumed from) plus ``rollout.safetensors``, the failing rollout's tensors.
 """
 from __future__ import annotations
 
@@ -20,21 +22,21 @@ from safetensors.torch import load_file, save_file
 
 from .files import swap_in_dir
 from .memory import halve_on_oom, measure
-from .ppo import KLController, RunningMoments, ppo_step, rng_state, set_rng_state
+from .ppo import KLController, NonFiniteError, RunningMoments, ppo_step, rng_state, set_rng_state
 
 
 def build_policy(model: torch.nn.Module, cfg) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """Wrap the SFT model (LoRA already merged into its weights) for PPO.
 
     Returns ``(policy, value_head)``: ``policy`` is a peft ``PeftModel`` with a fresh LoRA adapter
-    (``lora_r``, ``lora_alpha``, no dropout) whose ``disable_adapter()`` is the reference model;
+    (``lora_r``, ``lora_alpha``, ``target_modules``, no dropout) whose ``disable_adapter()`` is the reference model;
     ``value_head`` is a float32 ``Linear(hidden_size, 1)`` initialised to zero, on the model's device.
     """
     from peft import get_peft_model
 
     from .adapters import lora_config
 
-    policy = get_peft_model(model, lora_config(model, cfg.lora_r, cfg.lora_alpha, 0.0, None, "CAUSAL_LM"))
+    policy = get_peft_model(model, lora_config(model, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.target_modules, "CAUSAL_LM"))
     value_head = torch.nn.Linear(model.config.hidden_size, 1, dtype=torch.float32)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
@@ -78,13 +80,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(folder: Path, model, value_head, optimizer, state: dict) -> Path:
-    """Write ``folder`` atomically (temp folder, then rename)."""
+def save_checkpoint(folder: Path, model, value_head, optimizer, state: dict,
+                    rollout: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``folder`` atomically (temp folder, then rename); ``rollout`` tensors, when given, go to
+    ``rollout.safetensors`` (a failed step's batch)."""
     staging = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors")
     save_file(value_head.state_dict(), staging / "value_head.safetensors")
+    if rollout is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in rollout.items()}, staging / "rollout.safetensors")
     torch.save({**state, "optimizer": optimizer.state_dict()}, staging / "state.pt")
     return swap_in_dir(staging, folder)
 
@@ -93,7 +99,7 @@ def load_checkpoint(folder: Path, model, value_head, optimizer) -> dict:
     """Restore weights and optimiser from ``folder``; returns the saved loop state."""
     set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
     value_head.load_state_dict(load_file(folder / "value_head.safetensors"))
-    state = torch.load(folder / "state.pt", weights_only=False)
+    state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state.pop("optimizer"))
     return state
 
@@ -124,7 +130,7 @@ def checkpoint_to_resume(checkpoints: Path, resume: bool, signature: dict) -> Pa
     if not resume:
         raise FileExistsError(f"{checkpoints} holds checkpoints of an unfinished run ({last.name}); "
                               "set ppo.resume=true to continue it, or delete the folder to start over")
-    saved = torch.load(last / "state.pt", weights_only=False).get("signature", {})
+    saved = torch.load(last / "state.pt", weights_only=True).get("signature", {})
     changed = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
     if changed:
         words = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
@@ -152,8 +158,9 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     the step's statistics and the smaller sizes are kept for the rest of the run.
 
     Raises:
-        FloatingPointError: non-finite score, KL, reward or loss; the failing step's rollout and
-            state are saved to ``checkpoints/failed-step-<n>`` and the path is in the message.
+        FloatingPointError: non-finite score, KL, reward, loss or gradient; the state from before the
+            failing step (adapter, value head, optimiser, beta, RNG and prompt-sampler states) and the
+            step's rollout are saved to ``checkpoints/failed-step-<n>``, whose path is in the message.
         FileExistsError: checkpoints exist but ``cfg.resume`` is False.
         ValueError: resuming a checkpoint written under other settings.
     """
@@ -181,6 +188,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
                 "extra": {k: v for k, v in extra.items() if k != "resumed_from"}}
 
     for step in range(start, cfg.steps):
+        sampler_before = generator.get_state()  # a failed-step save resumes from here: the same prompts again
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()
         snapshot = snapshot_state(model, value_head, optimizer, kl_ctl, moments, generator)
 
@@ -198,10 +206,13 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         try:
             stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps,
                                            max_backoffs)
-        except FloatingPointError as exc:
+        except NonFiniteError as exc:  # save the state the step started from, then fail loudly
+            restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)
+            generator.set_state(sampler_before)
             failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
-                                     loop_state(step) | {"prompt_indices": idx})
-            raise FloatingPointError(f"step {step}: {exc}; state saved to {failed}") from exc
+                                     loop_state(step) | {"prompt_indices": idx}, exc.rollout)
+            raise FloatingPointError(f"step {step}: {exc}; state before the step and its rollout saved to "
+                                     f"{failed}") from exc
         batch, peak, step_cfg = stats.pop("batch"), stats.pop("peak"), stats.pop("cfg")
         if backoffs:  # keep the smaller sizes for the rest of the run; the effective batch is unchanged
             cfg = step_cfg

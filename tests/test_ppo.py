@@ -1,5 +1,6 @@
 """Unit tests of the PPO algorithm (edgerlhf.ppo) and its loop (edgerlhf.ppo_loop)."""
 import json
+import math
 
 import pytest
 import torch
@@ -94,6 +95,22 @@ def test_eos_masking_and_reward_placement():
     assert rewards[1, 3] == pytest.approx(3.0 - 0.05) and rewards[2, 0] == pytest.approx(4.0 - 0.05)
 
 
+def test_missing_eos_penalty_and_score_normalisation():
+    raw, ended = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([True, False, True, False])
+    assert ppo.final_scores(raw, ended, 0.0).tolist() == [1.0, 2.0, 3.0, 6.0]
+    assert ppo.final_scores(raw, ended, 1.5).tolist() == [1.0, 0.5, 3.0, 4.5]  # only rows without an EOS
+    moments = ppo.RunningMoments()
+    first = ppo.final_scores(raw, ended, 1.5, moments)  # the first batch: almost only its own statistics
+    penalised = torch.tensor([1.0, 0.5, 3.0, 4.5])
+    want = (penalised - penalised.mean()) / penalised.std(unbiased=False)
+    assert torch.allclose(first, want, atol=1e-4)
+    second = ppo.final_scores(torch.tensor([10.0]), torch.tensor([True]), 1.5, moments)
+    n = 4 + 1e-4  # counts of the running statistics: 1e-4 prior, 4 seen, then 1 more
+    mean = (penalised.sum() + 10.0) / (n + 1)
+    assert second.item() == pytest.approx((10.0 - mean.item()) / moments.std, rel=1e-6) and moments.mean == \
+        pytest.approx(mean.item(), rel=1e-4)
+
+
 def test_running_moments():
     m = ppo.RunningMoments()
     data = torch.randn(1000) * 3 + 2
@@ -151,15 +168,22 @@ def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, mo
     from edgerlhf.lm import position_ids
 
     policy, head, _, ro = tiny_rollout(name, models_dir, seed=2, new_tokens=6)
+    ro["response_mask"][1, 3:] = 0  # row 1 ends after 3 tokens, row 2 after 5: rows of different lengths
+    ro["response_mask"][2, 5:] = 0
     with torch.no_grad():
-        got = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
+        padded = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
+        packed = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True, padding_free=True)
         mask = torch.cat([ro["query_mask"], ro["response_mask"].long()], dim=1)
         logits = policy(input_ids=torch.cat([ro["query"], ro["response"]], dim=1), attention_mask=mask,
                         position_ids=position_ids(mask)).logits
         start = ro["query"].shape[1] - 1
         want = torch.log_softmax(logits[:, start:-1].float() / 0.7, dim=-1).gather(-1, ro["response"][..., None])
-    assert got["logprobs"].shape == ro["response"].shape
-    assert torch.allclose(got["logprobs"], want.squeeze(-1), atol=1e-5)
+    real = ro["response_mask"]
+    assert padded["logprobs"].shape == packed["logprobs"].shape == ro["response"].shape
+    assert torch.allclose(padded["logprobs"] * real, want.squeeze(-1) * real, atol=1e-5)
+    # padding-free: the rows packed into one sequence give the same log-probs, values and entropy on real tokens
+    for key in ("logprobs", "values", "entropy"):
+        assert torch.allclose(packed[key] * real, padded[key] * real, atol=1e-5), key
 
 
 def test_forward_gives_log_probs_entropy_and_zero_initial_values(tiny_gpt2):
@@ -251,11 +275,14 @@ def test_resume_equals_an_uninterrupted_run_and_keeps_the_callers_state(tiny_gpt
         on_step=lambda step, stats: extra["curve"].append(step), extra=extra)
     assert extra == {"curve": [0, 1, 2, 3, 4], "resumed_from": "checkpoint-2"}  # the points before the crash kept
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
-        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["pg_loss"] == pytest.approx(b["pg_loss"], abs=1e-6)
+    # bit for bit: the same prompts, replies, beta history, adapter and value head
+    for key in ("kl", "pg_loss", "vf_loss", "beta", "score"):
+        assert [h[key] for h in straight] == [h[key] for h in resumed], key
+    assert [h["samples"] for h in straight] == [h["samples"] for h in resumed]
     for (n, a), (_, b) in zip(policy_a.named_parameters(), policy_b.named_parameters()):
         if a.requires_grad:
-            assert torch.allclose(a, b, atol=1e-6), n
+            assert torch.equal(a, b), n
+    assert torch.equal(head_a.weight, head_b.weight) and torch.equal(head_a.bias, head_b.bias)
 
 
 def test_non_finite_reward_stops_and_saves_the_step(tiny_gpt2, tmp_path):
@@ -269,6 +296,39 @@ def test_non_finite_reward_stops_and_saves_the_step(tiny_gpt2, tmp_path):
         train(policy, head, tok, queries_for(tok, 4), [[{"role": "user", "content": "q"}]] * 4, nan_scorer, CFG,
               tmp_path, 0)
     assert (tmp_path / "failed-step-0" / "state.pt").exists()
+
+
+def test_a_failed_step_saves_the_state_before_it_and_its_rollout(tiny_gpt2, tmp_path):
+    from safetensors.torch import load_file
+
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+    calls = []
+
+    def nan_at_second_step(prompts, replies):
+        calls.append(len(replies))
+        scores = torch.ones(len(replies))
+        return scores * float("nan") if len(calls) == 2 else scores
+
+    cfg = PPOConfig(**{**CFG.__dict__, "checkpoint_every": 1})
+    queries, prompts = queries_for(tok, 8), [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+    with pytest.raises(FloatingPointError, match="step 1: non-finite score.*failed-step-1"):
+        train(policy, head, tok, queries, prompts, nan_at_second_step, cfg, tmp_path, 0)
+    ok, failed = tmp_path / "checkpoint-1", tmp_path / "failed-step-1"
+    saved, before = (torch.load(f / "state.pt", weights_only=True) for f in (failed, ok))
+    # the failed step starts where checkpoint-1 ends: the same RNG, prompt sampler, beta and weights
+    assert torch.equal(saved["generator"], before["generator"]) and saved["beta"] == before["beta"]
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+               for key in saved["rng"] for a, b in zip(saved["rng"][key], before["rng"][key]))
+    for name in ("adapter.safetensors", "value_head.safetensors"):
+        a, b = load_file(failed / name), load_file(ok / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rollout = load_file(failed / "rollout.safetensors")
+    assert rollout["response"].shape[0] == CFG.batch_size and rollout["raw_scores"].isnan().all()
+    assert {"query", "query_mask", "response_mask", "logprobs", "ref_logprobs", "values"} <= rollout.keys()
+    sampler = torch.Generator()
+    sampler.set_state(saved["generator"])
+    assert torch.randperm(8, generator=sampler)[: CFG.batch_size].tolist() == saved["prompt_indices"]
 
 
 def toy_tokenizer():
@@ -422,3 +482,176 @@ def test_a_reward_model_shares_the_policys_frozen_weights_and_scores_as_before(n
     optimizer.step()
     assert torch.equal(score(rm, tok, prompts, replies), before)
     assert share_frozen_weights(rm, policy) == 0  # nothing left to share
+
+
+def eos_prone_policy(location, eos_id, bias):
+    """A tiny policy whose LM head adds ``bias`` to the EOS logit, so sampled replies end at different lengths."""
+    model = load_causal_lm(location).eval()
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    head.weight = old.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[eos_id] = bias
+    model.set_output_embeddings(head)
+    torch.manual_seed(0)
+    return build_policy(model, CFG)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_log_probs_equal_the_distribution_generate_sampled_from(name, models_dir):
+    # independent of forward_logprobs: generate's processed scores are logits / temperature at each step;
+    # rows end at different lengths, so the masking after the first EOS is exercised
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    eos, temperature = tok.eos_token_id, 0.7
+    pad = ppo_pad(tok)
+    # EOS gets about 1 / (1 + e^1.5), 18%, of the probability at each step (the tiny models' logits are ~0)
+    policy, head = eos_prone_policy(location, eos, bias=temperature * (math.log(len(tok)) - 1.5))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # the policy differs from the reference
+    queries = queries_for(tok, 6)
+    query, query_mask = ppo.pad_left(queries, pad)
+    torch.manual_seed(3)
+    out = policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=8, do_sample=True,
+                          temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos,
+                          output_scores=True, return_dict_in_generate=True)
+    response = out.sequences[:, query.shape[1]:]
+    mask, ended = ppo.response_mask(response, eos)
+    lengths = mask.sum(dim=1)
+    assert ended.any() and len(set(lengths.tolist())) > 2, lengths  # EOS at different places
+    sampled = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+    batch = {"query": query, "query_mask": query_mask, "response": torch.where(mask.bool(), response, pad),
+             "response_mask": mask}
+    with torch.no_grad():
+        got = ppo.forward_logprobs(policy, head, batch, temperature, with_entropy=True)
+    assert torch.allclose(got["logprobs"] * mask, sampled * mask, atol=1e-5)
+    assert got["logprobs"].shape == response.shape and (got["entropy"] * mask > 0).any()
+
+
+def ppo_pad(tok):
+    from edgerlhf.templates import ppo_pad_token
+
+    return ppo_pad_token(tok)
+
+
+def update_batch(name, models_dir, n=4, new_tokens=5, fixed_length=False, seed=0):
+    """A tiny policy, its value head and a rollout :class:`ppo.Batch` with random advantages and returns."""
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    policy, head = tiny_policy(location)
+    torch.manual_seed(seed)
+    ro = ppo.rollout(policy, queries_for(tok, n), ppo_pad(tok), tok.eos_token_id, new_tokens, 0.7, 0, 1.0,
+                     min_new_tokens=new_tokens if fixed_length else 0)
+    old = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    mask = ro["response_mask"]
+    batch = ppo.Batch(query=ro["query"], query_mask=ro["query_mask"], response=ro["response"], response_mask=mask,
+                      logprobs=old["logprobs"], values=old["values"], advantages=torch.randn(mask.shape) * mask,
+                      returns=torch.randn(mask.shape) * mask)
+    return policy, head, batch
+
+
+def trainable(policy, head):
+    return [p.detach().clone() for p in policy.parameters() if p.requires_grad] + \
+        [p.detach().clone() for p in head.parameters()]
+
+
+def test_the_first_micro_batch_has_ratio_one_and_no_clipping(models_dir):
+    policy, head, batch = update_batch("tiny-llama", models_dir)
+    cfg = PPOConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 1})
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()))
+    stats = ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(0))
+    assert stats["optimizer_steps"] == 1 and stats["clipfrac"] == 0.0
+    assert abs(stats["approx_kl"]) < 1e-7  # the update's forward reproduces the rollout's log-probs
+
+
+@pytest.mark.parametrize("micro,accumulation", [(2, 2), (1, 3)])
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_minibatch(models_dir, micro, accumulation):
+    # equal reply lengths, so the token mean over the minibatch is the row-share-weighted mean of micro-batch
+    # means; SGD with lr 1 and no clipping turns the parameter change into the gradient itself
+    rows = micro * accumulation
+    results = []
+    for mb, acc in ((rows, 1), (micro, accumulation)):
+        policy, head, batch = update_batch("tiny-llama", models_dir, n=rows + 1, fixed_length=True)
+        cfg = PPOConfig(**{**CFG.__dict__, "batch_size": rows + 1, "mini_batch_size": mb,
+                           "gradient_accumulation_steps": acc, "ppo_epochs": 1, "max_grad_norm": 1e9})
+        before = trainable(policy, head)
+        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
+                                    lr=1.0)
+        stats = ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(1))
+        assert stats["optimizer_steps"] == 2  # rows + 1 rows: one full minibatch, then one of a single row
+        results.append([a - b for a, b in zip(trainable(policy, head), before)])
+    assert any(d.abs().max() > 0 for d in results[0])
+    for whole, accumulated in zip(*results):
+        assert torch.allclose(whole, accumulated, atol=1e-6)
+
+
+def test_approx_kl_stop_is_checked_every_minibatch(models_dir):
+    policy, head, batch = update_batch("tiny-llama", models_dir, n=4)
+    cfg = PPOConfig(**{**CFG.__dict__, "mini_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
+                       "approx_kl_stop": 1e-4})
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
+                                lr=50.0)
+    stats = ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(0))
+    # the first minibatch is at ratio 1 and steps; the large step puts the second one over the limit
+    assert stats["early_stopped"] and stats["epochs"] == 1 and stats["optimizer_steps"] == 1
+
+
+def test_a_non_finite_gradient_is_never_stepped(models_dir):
+    policy, head, batch = update_batch("tiny-llama", models_dir)
+    head.weight.register_hook(lambda grad: grad * float("inf"))  # finite losses, infinite gradient
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()))
+    before = trainable(policy, head)
+    with pytest.raises(FloatingPointError, match="non-finite PPO loss or gradient"):
+        ppo.ppo_update(policy, head, optimizer, batch, CFG, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(trainable(policy, head), before))
+
+
+def test_reward_gain_and_bias_give_sft_replies_mean_zero_and_unit_std(tiny_gpt2):
+    from edgerlhf.alignment import normalisation, sample_and_measure
+
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+    queries, prompts = queries_for(tok, 6), [[{"role": "user", "content": f"q{i}"}] for i in range(6)]
+
+    def scorer(prompts, replies):
+        return torch.tensor([3.0 + len(r) for r in replies])
+
+    cfg = PPOConfig(**{**CFG.__dict__, "reward_norm_samples": 6})
+    gain, bias = normalisation(policy, head, tok, queries, prompts, cfg, scorer, 5)
+    again = sample_and_measure(policy, head, tok, queries, prompts, cfg, {"rm": scorer}, 5)  # the same replies
+    scaled = gain * torch.tensor(again["rm_scores"]) + bias
+    assert scaled.mean().item() == pytest.approx(0.0, abs=1e-5) and scaled.std().item() == pytest.approx(1.0)
+    assert normalisation(policy, head, tok, queries, prompts, CFG, scorer, 5) == (1.0, 0.0)  # off by default
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouched(name, models_dir):
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    policy, _ = tiny_policy(location)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    weights = {n: (p, p.detach().clone()) for n, p in policy.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        with_adapter = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            reference = policy(input_ids=ids).logits
+        with ppo.merged_adapter(policy):
+            merged = policy(input_ids=ids).logits
+        after = policy(input_ids=ids).logits
+    assert torch.allclose(merged, with_adapter, atol=1e-5) and not torch.allclose(merged, reference, atol=1e-3)
+    assert torch.equal(after, with_adapter)
+    for n, p in policy.named_parameters():
+        if "lora_" not in n:
+            assert p is weights[n][0] and torch.equal(p, weights[n][1]), n  # the same tensors, bit for bit
