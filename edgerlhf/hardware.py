@@ -48,7 +48,7 @@ def hardware_report(device: str = "auto", disk_path: str | os.PathLike = ".") ->
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "vram_total_mib": None,
         "cuda_version": torch.version.cuda,
-        "driver_version": None,
+        "driver_version": _nvidia_driver(),  # also when torch cannot use CUDA: recommend() says so
         "bf16_supported": False,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -62,7 +62,6 @@ def hardware_report(device: str = "auto", disk_path: str | os.PathLike = ".") ->
             gpu_name=props.name,
             vram_total_mib=round(props.total_memory / MIB),
             bf16_supported=torch.cuda.is_bf16_supported(),
-            driver_version=_nvidia_driver(),
         )
     return report
 
@@ -83,9 +82,18 @@ def recommend(report: dict) -> dict:
     Rules: a GPU with at least 7.5 GiB (an "8 GB" card shows ~7.6-8.0 GiB) gets the
     ``full`` profile with the research plan's batches; a smaller GPU gets ``full`` with
     halved micro-batches and doubled accumulation (same effective batch); a CPU gets
-    ``quick``. Returns ``{"profile", "reason", "overrides"}``.
+    ``quick``, and when an NVIDIA driver is present (``driver_version``) the reason says that torch cannot
+    use it and how to install a CUDA build, rather than recommending the CPU profile silently.
+    Returns ``{"profile", "reason", "overrides"}``.
     """
     vram = report.get("vram_total_mib")
+    if vram is None and report.get("driver_version"):
+        build = f"CUDA {report['cuda_version']}" if report.get("cuda_version") else "CPU only"
+        return {"profile": "quick", "overrides": {}, "reason": (
+            f"an NVIDIA driver ({report['driver_version']}) is present but this torch cannot use CUDA (its build: "
+            f"{build}; a CUDA 13 build needs driver >= 580). Install a CUDA build that matches the driver "
+            "(README, 'Choosing the torch build': EDGERLHF_TORCH=... bash scripts/setup.sh) to use the GPU; "
+            "until then the CPU-sized profile")}
     if vram is None:
         return {"profile": "quick", "reason": "no CUDA device: CPU-sized profile", "overrides": {}}
     if vram >= 7.5 * 1024:

@@ -55,3 +55,18 @@ def test_a_failing_notebook_stops_the_run_and_names_itself(tmp_path, capsys):
     assert "01_Data_Preparation.ipynb failed at cell" in err and "FileNotFoundError" in err
     manifest = json.loads(next(tmp_path.glob("results/runs/*/manifest.json")).read_text())
     assert manifest["status"] == "failed" and manifest["notebooks"][0]["status"] == "failed"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_the_tiny_pipeline_runs_on_a_cuda_device(tmp_path):
+    # notebooks 00 -> 04 for real on the GPU, under the 8 GiB cap; every stage's record names the CUDA device
+    status = main(["--profile", "tiny", "--root", str(tmp_path), "--no-progress", "--set", "run.device=cuda"])
+    assert status == 0
+    run_dir = next(tmp_path.glob("results/runs/*"))
+    for stage in ("setup", "data", "sft", "reward", "ppo"):
+        record = json.loads((run_dir / "records" / f"{stage}.json").read_text())
+        assert record["hardware"]["device"].startswith("cuda"), stage
+    ppo = json.loads((run_dir / "records" / "ppo.json").read_text())
+    experiments = ppo["results"]["experiments"].values()
+    assert all(step["peak_cuda_allocated_mib"] for e in experiments for step in e["history"])

@@ -223,3 +223,46 @@ def test_vram_budget_accepts_a_cuda_device_without_an_index(monkeypatch):
                         lambda f, dev: calls.append((f, _get_device_index(dev))))  # raises for a bare "cuda"
     out = apply_vram_budget(8, torch.device("cuda"))
     assert calls == [(0.5, 0)] and out["applied"] is True
+
+
+def test_measure_reads_the_peaks_of_a_mocked_cuda_device_in_mib(monkeypatch):
+    # the CUDA branch of measure(), on a CPU-only machine: a bare "cuda" device (what "auto" resolves to), peaks
+    # reset on entry, read in MiB on exit, and an inner block's peak folded into the enclosing one
+    from edgerlhf.memory import measure
+
+    seen, counters = [], {"allocated": 0, "reserved": 0}
+
+    def device_call(name, value=None):
+        def call(dev=None):
+            seen.append((name, str(dev)))
+            if name == "reset":
+                counters.update(allocated=0, reserved=0)
+            return value if value is None else counters[value]
+        return call
+
+    monkeypatch.setattr(torch.cuda, "synchronize", device_call("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", device_call("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", device_call("allocated", "allocated"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", device_call("reserved", "reserved"))
+    with measure(torch.device("cuda")) as outer:
+        counters.update(allocated=300 * 2**20, reserved=512 * 2**20)
+        with measure("cuda") as inner:
+            counters.update(allocated=700 * 2**20, reserved=1024 * 2**20)
+        counters.update(allocated=100 * 2**20, reserved=128 * 2**20)  # the inner reset hid the earlier peak
+    assert inner["cuda_peak_allocated_mib"] == 700 and inner["cuda_peak_reserved_mib"] == 1024
+    assert outer["cuda_peak_allocated_mib"] == 700 and outer["cuda_peak_reserved_mib"] == 1024
+    assert outer["device"] == "cuda" and {d for _, d in seen} == {"cuda"}
+    assert ("reset", "cuda") in seen and ("synchronize", "cuda") in seen
+
+
+def test_a_driver_that_torch_cannot_use_is_named_in_the_recommendation():
+    from edgerlhf.hardware import recommend
+
+    cpu_build = {"vram_total_mib": None, "driver_version": "575.51.03", "cuda_version": None}
+    out = recommend(cpu_build)
+    assert out["profile"] == "quick"
+    assert "NVIDIA driver (575.51.03) is present but this torch cannot use CUDA (its build: CPU only" in out["reason"]
+    assert "EDGERLHF_TORCH" in out["reason"]
+    assert "its build: CUDA 13.0" in recommend({**cpu_build, "cuda_version": "13.0"})["reason"]
+    assert recommend({**cpu_build, "driver_version": None})["reason"] == "no CUDA device: CPU-sized profile"
+    assert recommend({**cpu_build, "vram_total_mib": 8192})["profile"] == "full"
