@@ -228,8 +228,6 @@ def test_vram_budget_accepts_a_cuda_device_without_an_index(monkeypatch):
 def test_measure_reads_the_peaks_of_a_mocked_cuda_device_in_mib(monkeypatch):
     # the CUDA branch of measure(), on a CPU-only machine: a bare "cuda" device (what "auto" resolves to), peaks
     # reset on entry, read in MiB on exit, and an inner block's peak folded into the enclosing one
-    from edgerlhf.memory import measure
-
     seen, counters = [], {"allocated": 0, "reserved": 0}
 
     def device_call(name, value=None):
