@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reward-device", default="cpu")
     parser.add_argument("--vram-budget-gib", type=float, default=8.0)
     parser.add_argument("--steps", type=int, default=3, help="steps measured after one warm-up step")
+    parser.add_argument("--logprobs-from-generation", action="store_true",
+                        help="old log-probs and values from the generation pass (ppo.logprobs_from_generation)")
     parser.add_argument("--glibc-default-heap", action="store_true", help="skip limit_heap_retention (as before)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--out", default="results/benchmarks")
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> Path:
                     response_length=args.response_length, temperature=args.temperature, top_k=0, top_p=1.0,
                     lora_r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets,
                     policy_precision=args.policy_precision, max_prompt_length=args.max_prompt_length,
-                    min_response_length=args.reply_length or 0)
+                    min_response_length=args.reply_length or 0,
+                    logprobs_from_generation=args.logprobs_from_generation)
     rss_before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with measure(device) as load:
         policy, value_head, tokenizer = load_policy(args.policy, cfg, device)

@@ -113,7 +113,8 @@ def merged_adapter(model):
 
 @torch.no_grad()
 def rollout(model, queries: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float,
-            top_k: int, top_p: float, chunk_size: int | None = None, min_new_tokens: int = 0) -> dict:
+            top_k: int, top_p: float, chunk_size: int | None = None, min_new_tokens: int = 0,
+            value_head: torch.nn.Module | None = None) -> dict:
     """Sample one reply per query with the policy (adapter on, dropout off).
 
     Queries are left-padded; ``generate`` builds its own position ids from the attention mask. The adapter
@@ -121,31 +122,45 @@ def rollout(model, queries: list[list[int]], pad_id: int, eos_id: int, max_new_t
     Tokens after the first EOS are replaced by ``pad_id`` and masked. ``chunk_size`` rows go
     through ``generate`` at a time (None: all), which bounds the KV cache (memory back-off).
     ``min_new_tokens`` suppresses EOS before that many tokens (``generate``'s option; 0: none).
+    With ``value_head``, the log-probs of the sampled tokens (``log_softmax(logits / temperature)`` of
+    ``generate``'s raw logits, float32) and the values (``value_head`` on the last hidden state at each step)
+    also come from the generation pass (``ppo.logprobs_from_generation``): no separate no-grad policy pass.
 
     Returns:
         ``{"query": LongTensor[B, P], "query_mask": [B, P], "response": LongTensor[B, R],
-        "response_mask": FloatTensor[B, R], "ended": BoolTensor[B]}``.
+        "response_mask": FloatTensor[B, R], "ended": BoolTensor[B]}``, plus ``"logprobs"`` and ``"values"``
+        (``FloatTensor[B, R]``, zero after the last generated step) with ``value_head``.
     """
     device = next(model.parameters()).device
     query, query_mask = pad_left(queries, pad_id)
     query, query_mask = query.to(device), query_mask.to(device)
     model.eval()
-    responses = []
+    responses, logprobs, values = [], [], []
     for rows in torch.arange(len(queries)).split(chunk_size or len(queries)):
         with merged_adapter(model):
             out = model.generate(
                 input_ids=query[rows], attention_mask=query_mask[rows], max_new_tokens=max_new_tokens,
                 do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_id,
-                eos_token_id=eos_id, min_new_tokens=min_new_tokens,
+                eos_token_id=eos_id, min_new_tokens=min_new_tokens, return_dict_in_generate=True,
+                output_logits=value_head is not None, output_hidden_states=value_head is not None,
             )
-        response = out[:, query.shape[1]:]
-        if response.shape[1] < max_new_tokens:  # generation stopped early for every row: pad to a fixed width
-            response = torch.nn.functional.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_id)
-        responses.append(response)
+        response = out.sequences[:, query.shape[1]:]
+        missing = max_new_tokens - response.shape[1]  # generation stopped early for every row: pad to a fixed width
+        if value_head is not None:
+            step_logits = torch.stack(out.logits, dim=1)  # [b, steps, V], raw
+            logprobs.append(torch.nn.functional.pad(logprobs_and_entropy(step_logits, response, temperature)[0],
+                                                    (0, missing)))
+            hidden = torch.stack([h[-1][:, -1] for h in out.hidden_states], dim=1)  # [b, steps, H], last layer
+            values.append(torch.nn.functional.pad(
+                value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float(), (0, missing)))
+        responses.append(torch.nn.functional.pad(response, (0, missing), value=pad_id))
     response = torch.cat(responses)
     mask, ended = response_mask(response, eos_id)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad_id))
-    return {"query": query, "query_mask": query_mask, "response": response, "response_mask": mask, "ended": ended}
+    out = {"query": query, "query_mask": query_mask, "response": response, "response_mask": mask, "ended": ended}
+    if value_head is not None:
+        out.update(logprobs=torch.cat(logprobs), values=torch.cat(values))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,14 +283,15 @@ def forward_logprobs(model, value_head, batch: dict, temperature: float, with_en
 
 @torch.no_grad()
 def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: float,
-                                  chunk_size: int | None = None) -> dict:
+                                  chunk_size: int | None = None, policy_pass: bool = True) -> dict:
     """Old policy log-probs and values, and reference log-probs with the adapter disabled (no second copy).
 
     ``model`` is a peft ``PeftModel``; ``model.disable_adapter()`` gives the SFT model, whose LoRA
     was merged into the base weights before PPO (see :func:`edgerlhf.alignment.load_policy`).
     Rows are sorted by real length (query + reply tokens) and passed ``chunk_size`` at a time (None: all),
     so each chunk pads only to its own longest row; rows do not interact, so the grouping changes nothing
-    but the padding. Returns ``[B, R]`` float32 tensors in the batch's row order.
+    but the padding. With ``policy_pass=False`` only the reference pass runs and ``logprobs``/``values`` are
+    None (they came from the generation pass). Returns ``[B, R]`` float32 tensors in the batch's row order.
     """
     model.eval()
     n = batch["query"].shape[0]
@@ -285,14 +301,15 @@ def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: f
            for key in ("logprobs", "values", "ref_logprobs")}
     for rows in order.split(chunk_size or n):
         chunk = {k: batch[k][rows] for k in ("query", "query_mask", "response", "response_mask")}
-        policy = forward_logprobs(model, value_head, chunk, temperature)
         with model.disable_adapter():
-            reference = forward_logprobs(model, None, chunk, temperature)
-        out["logprobs"][rows] = policy["logprobs"]
-        out["ref_logprobs"][rows] = reference["logprobs"]
-        if value_head is not None:
-            out["values"][rows] = policy["values"]
-    return out | {"values": out["values"] if value_head is not None else None}
+            out["ref_logprobs"][rows] = forward_logprobs(model, None, chunk, temperature)["logprobs"]
+        if policy_pass:
+            policy = forward_logprobs(model, value_head, chunk, temperature)
+            out["logprobs"][rows] = policy["logprobs"]
+            if value_head is not None:
+                out["values"][rows] = policy["values"]
+    return out | {"values": out["values"] if value_head is not None and policy_pass else None,
+                  "logprobs": out["logprobs"] if policy_pass else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,8 +621,9 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} needs a pad and an EOS token for PPO")
     timing = {}
     step_start = t = time.perf_counter()
+    from_generation = cfg.logprobs_from_generation
     ro = rollout(model, queries, pad_id, eos_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-                 cfg.generation_batch_size, cfg.min_response_length)
+                 cfg.generation_batch_size, cfg.min_response_length, value_head if from_generation else None)
     timing["time_generation_s"] = time.perf_counter() - t
     mask = ro["response_mask"]
     t = time.perf_counter()
@@ -615,7 +633,10 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     scores = final_scores(raw_scores, ro["ended"], cfg.missing_eos_penalty, moments)
     t = time.perf_counter()
     lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature,
-                                       cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps)
+                                       cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps,
+                                       policy_pass=not from_generation)
+    if from_generation:
+        lp.update(logprobs=ro["logprobs"], values=ro["values"])
     timing["time_forward_s"] = time.perf_counter() - t
     rewards, kl = compute_rewards(scores, lp["logprobs"], lp["ref_logprobs"], mask, kl_ctl.beta, cfg.kl_estimator)
     tensors = {**{k: ro[k] for k in ("query", "query_mask", "response", "response_mask")}, "raw_scores": raw_scores,

@@ -655,3 +655,35 @@ def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouc
     for n, p in policy.named_parameters():
         if "lora_" not in n:
             assert p is weights[n][0] and torch.equal(p, weights[n][1]), n  # the same tensors, bit for bit
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones(name, models_dir):
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    policy, head = eos_prone_policy(location, tok.eos_token_id, bias=0.7 * (math.log(len(tok)) - 1.5))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        torch.nn.init.normal_(head.weight)
+    torch.manual_seed(4)
+    ro = ppo.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head)
+    mask = ro["response_mask"]
+    assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1
+    again = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    for key in ("logprobs", "values"):
+        assert torch.allclose(ro[key] * mask, again[key] * mask, atol=1e-5), key
+    only_reference = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7, policy_pass=False)
+    assert only_reference["logprobs"] is None and only_reference["values"] is None
+    assert torch.equal(only_reference["ref_logprobs"], again["ref_logprobs"])
+
+
+def test_a_step_with_log_probs_from_generation_starts_at_ratio_one(tiny_gpt2, tmp_path):
+    cfg = PPOConfig(**{**CFG.__dict__, "steps": 1, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+                       "ppo_epochs": 1, "logprobs_from_generation": True})
+    history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
+    assert history[0]["optimizer_steps"] == 1 and history[0]["clipfrac"] == 0.0
+    assert abs(history[0]["approx_kl"]) < 1e-7  # the generation's log-probs are the policy's
