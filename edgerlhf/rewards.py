@@ -30,7 +30,7 @@ from .adapters import compute_dtype, quantization_config
 from .files import sha256_file
 from .lm import common_prefix, encode_prompt_completion, fit_prompt, pad_left, position_ids
 from .models import load_tokenizer
-from .templates import ensure_chat_template, ensure_pad_token
+from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
 
 HEAD = "score"
 INFO = "rm_info.json"
@@ -172,7 +172,8 @@ def load_reward_model(path: str | Path, precision: str | None = None, device: to
 def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_length: int) -> tuple[list, dict]:
     """Token ids of prompt + reply for each item, fitted to ``max_length`` tokens from the left.
 
-    The prompt loses its oldest turns first (:func:`edgerlhf.lm.fit_prompt`); an item that is still too
+    Each dialogue is rendered and tokenized once; only an item longer than ``max_length`` goes through
+    :func:`edgerlhf.lm.fit_prompt`, where the prompt loses its oldest turns first; an item that is still too
     long with only its last user turn keeps its last ``max_length`` tokens (the reply's end, where the
     reward is read). Nothing is dropped.
 
@@ -186,6 +187,10 @@ def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_l
     for i, (messages, reply) in enumerate(zip(prompts, replies)):
         if not isinstance(reply, str):
             raise TypeError(f"item {i}: reply must be a str, got {type(reply).__name__}")
+        ids = tokenizer(render_dialogue(tokenizer, messages, reply), add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_length:  # the common case: no fitting, no second tokenization
+            out.append(ids)
+            continue
         fitted, cut = fit_prompt(tokenizer, messages, [reply], max_length, "truncate_left")
         if fitted is None:
             ids = encode_prompt_completion(tokenizer, messages[-1:], reply)[0]

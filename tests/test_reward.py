@@ -280,3 +280,22 @@ def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):
         judge_is_independent(tmp_path / "copy", tmp_path / "proxy")
     with pytest.raises(ValueError, match="same weights"):
         judge_is_independent(tmp_path / "proxy", tmp_path / "proxy")
+
+
+def test_reward_inputs_are_the_rendered_dialogue_fitted_from_the_left(gpt2_tokenizer):
+    from edgerlhf.lm import encode_prompt_completion
+    from edgerlhf.rewards import encode_pairs
+    from edgerlhf.templates import ensure_chat_template
+
+    ensure_chat_template(gpt2_tokenizer)
+    short = [{"role": "user", "content": "hi there"}]
+    turns = []
+    for i in range(4):
+        turns += [{"role": "user", "content": f"question {i} " * 6}, {"role": "assistant", "content": "ok " * 6}]
+    long = turns + [{"role": "user", "content": "last"}]
+    huge = [{"role": "user", "content": "word " * 80}]
+    out, counts = encode_pairs(gpt2_tokenizer, [short, long, huge], ["yes", "fine", "end"], 48)
+    assert out[0] == encode_prompt_completion(gpt2_tokenizer, short, "yes")[0]  # fits: the whole dialogue
+    assert len(out[1]) <= 48 and counts == {"turns_dropped": 1, "tokens_cut": 1}
+    assert out[1] == encode_prompt_completion(gpt2_tokenizer, long[-3:], "fine")[0]  # oldest turns dropped first
+    assert len(out[2]) == 48 and out[2] == encode_prompt_completion(gpt2_tokenizer, huge, "end")[0][-48:]
