@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
         "hardware": hardware_report(args.device), "software": software_versions(), "vram_budget": budget,
-        "heap_limited": heap_limited, "query_tokens": [len(q) for q in queries], "mean": mean, "median_step_s": median_step_s, "steps": steps,
+        "heap_limited": heap_limited, "query_tokens": [len(q) for q in queries], "mean": mean,
+        "median_step_s": median_step_s, "steps": steps,
         "load": load,
         "weights_mib": {"policy_backbone": policy_mib, "reward_model": rm_mib, "lora": lora_mib,
                         "value_head": sum(p.numel() * 4 for p in value_head.parameters()) / MIB},
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = out / f"ppo_step-{Path(args.policy).name}-{device.type}-b{args.batch}{args.tag}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps({"mean": mean, "median_step_s": median_step_s, "step_s": [s["time_step_s"] for s in steps],
-                      "steal_s": [s["steal_s"] for s in steps], "tokens": steps[-1]["tokens"], "weights_mib": report["weights_mib"],
+                      "steal_s": [s["steal_s"] for s in steps], "tokens": steps[-1]["tokens"],
+                      "weights_mib": report["weights_mib"],
                       "peak_mib": report["peak_mib"], "losses": [s["losses"] for s in steps]}, indent=2))
     print("wrote", path, time.strftime("%H:%M:%S"))
     return path

@@ -148,8 +148,9 @@ def limit_heap_retention(mmap_threshold_mib: float = 1.0, top_pad_mib: float = 6
     otherwise raises that threshold, up to 32 MiB, each time a mapped block is freed, after which activations
     and logits come from the heap and stay resident as fragments between passes. ``top_pad_mib`` of slack at
     the heap's top keeps it from being trimmed and regrown at every allocation. Process-wide; called by stage 4
-    (:func:`edgerlhf.alignment.run_alignment`) and ``benchmarks/ppo_step.py``. Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS
-    2,878 -> 2,574 MiB, same speed; a 128 KiB threshold halves the speed (page faults on every tensor).
+    (:func:`edgerlhf.alignment.run_alignment`) and ``benchmarks/ppo_step.py``. Measured on PPO's update passes
+    (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB, same speed; a 128 KiB threshold halves
+    the speed (page faults on every tensor).
 
     Returns:
         True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.

@@ -632,9 +632,8 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     timing["time_scoring_s"] = time.perf_counter() - t
     scores = final_scores(raw_scores, ro["ended"], cfg.missing_eos_penalty, moments)
     t = time.perf_counter()
-    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature,
-                                       cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps,
-                                       policy_pass=not from_generation)
+    chunk = cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps
+    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature, chunk, policy_pass=not from_generation)
     if from_generation:
         lp.update(logprobs=ro["logprobs"], values=ro["values"])
     timing["time_forward_s"] = time.perf_counter() - t
