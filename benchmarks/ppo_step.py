@@ -30,7 +30,7 @@ import torch
 from edgerlhf.alignment import encode_queries, load_policy, reward_scorer
 from edgerlhf.config import PPOConfig
 from edgerlhf.hardware import hardware_report, resolve_device
-from edgerlhf.memory import MIB, apply_vram_budget, free_memory, limit_heap_retention, measure
+from edgerlhf.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
 from edgerlhf.ppo import KLController, forward_logprobs, ppo_step
 from edgerlhf.ppo_loop import make_optimizer
 from edgerlhf.prefs import read_prefs
@@ -83,11 +83,12 @@ def steal_seconds() -> float | None:
 
 def one_micro_batch(policy, value_head, batch, cfg) -> dict:
     """Peak memory of one forward + backward on the widest ``cfg.mini_batch_size`` rows of ``batch``, measured
-    from a trimmed heap (:func:`edgerlhf.memory.free_memory`), as the update runs it."""
+    from a trimmed heap (:func:`edgerlhf.memory.free_memory`), as the update runs it (padding-free, inside
+    :func:`edgerlhf.memory.returning_freed_memory`)."""
     widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.mini_batch_size]
     mb = batch.select(widest)
     free_memory()
-    with measure() as m:
+    with returning_freed_memory(), measure() as m:
         new = forward_logprobs(policy, value_head, mb, cfg.temperature, with_entropy=True,
                                padding_free=cfg.padding_free)
         (new["logprobs"].sum() + new["values"].sum()).backward()
@@ -123,13 +124,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=3, help="steps measured after one warm-up step")
     parser.add_argument("--logprobs-from-generation", action="store_true",
                         help="old log-probs and values from the generation pass (ppo.logprobs_from_generation)")
-    parser.add_argument("--glibc-default-heap", action="store_true", help="skip limit_heap_retention (as before)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args(argv)
 
     seed_everything(0)
-    heap_limited = False if args.glibc_default_heap else limit_heap_retention()
     device = resolve_device(args.device)
     budget = apply_vram_budget(args.vram_budget_gib, device)
     cfg = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
         "hardware": hardware_report(args.device), "software": software_versions(), "vram_budget": budget,
-        "heap_limited": heap_limited, "query_tokens": [len(q) for q in queries], "mean": mean,
+        "query_tokens": [len(q) for q in queries], "mean": mean,
         "median_step_s": median_step_s, "steps": steps,
         "load": load,
         "weights_mib": {"policy_backbone": policy_mib, "reward_model": rm_mib, "lora": lora_mib,

@@ -36,7 +36,7 @@ from .config import Config, PPOConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
-from .memory import free_memory, limit_heap_retention, measure
+from .memory import free_memory, measure
 from .models import load_causal_lm, load_tokenizer
 from .plots import overoptimisation_figure, ppo_curves_figure
 from .ppo import decode_responses, policy_and_reference_logprobs, rollout
@@ -361,7 +361,6 @@ def run_alignment(cfg: Config) -> dict:
     """
     p = cfg.ppo
     ctx = begin(cfg)
-    heap_limited = limit_heap_retention()  # PPO's passes free large tensors every step: give their pages back
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
         raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft) first")
@@ -407,7 +406,7 @@ def run_alignment(cfg: Config) -> dict:
     }
     results = {"experiments": experiments, "table": comparison_table(experiments), "judge": judge_info,
                "conclusions": words, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
-               "judge_truncation": judge_truncation, "figures": figures, "heap_limited": heap_limited}
+               "judge_truncation": judge_truncation, "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,

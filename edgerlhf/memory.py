@@ -137,29 +137,35 @@ def free_memory() -> None:
         libc.malloc_trim(0)
 
 
-#: glibc ``mallopt`` parameters (malloc.h).
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+#: glibc ``mallopt`` parameters (malloc.h), and the ceiling of glibc's own dynamic mmap threshold (64-bit).
+_M_TOP_PAD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -2, -3, 32 * MIB
 
 
-def limit_heap_retention(mmap_threshold_mib: float = 1.0, top_pad_mib: float = 64.0) -> bool:
-    """Make glibc's allocator give the memory of freed large tensors back to the operating system.
+@contextmanager
+def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float = 64.0) -> Iterator[bool]:
+    """Inside the block, glibc's allocator gives the memory of freed large tensors back to the operating system.
 
-    Allocations of at least ``mmap_threshold_mib`` are served by ``mmap`` and unmapped when freed. glibc
-    otherwise raises that threshold, up to 32 MiB, each time a mapped block is freed, after which activations
-    and logits come from the heap and stay resident as fragments between passes. ``top_pad_mib`` of slack at
-    the heap's top keeps it from being trimmed and regrown at every allocation. Process-wide; called by stage 4
-    (:func:`edgerlhf.alignment.run_alignment`) and ``benchmarks/ppo_step.py``. Measured on PPO's update passes
-    (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB, same speed; a 128 KiB threshold halves
-    the speed (page faults on every tensor).
+    Allocations of at least ``mmap_threshold_mib`` are served by ``mmap`` and unmapped when freed; by default
+    glibc raises that threshold up to 32 MiB as mapped blocks are freed, after which activations and logits come
+    from the heap and stay resident as fragments between passes. ``top_pad_mib`` of slack at the heap's top keeps
+    it from being trimmed and regrown at every allocation. On exit the threshold is 32 MiB (where glibc's own
+    would have settled), so many mid-sized allocations, such as generation's growing KV cache, come from the heap
+    again: mapping each of them costs page faults (25% slower generation at 1 MiB). Used around PPO's forward
+    and update passes (:func:`edgerlhf.ppo.ppo_step`); process-wide while the block runs.
 
-    Returns:
-        True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
+    Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB, same speed.
+    Yields True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
     """
     libc = ctypes.CDLL(None) if os.name == "posix" else None
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_mib * MIB))
-                and libc.mallopt(_M_TOP_PAD, int(top_pad_mib * MIB)))
+        yield False
+        return
+    libc.mallopt(_M_TOP_PAD, int(top_pad_mib * MIB))
+    libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_mib * MIB))
+    try:
+        yield True
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
 
 
 def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3, log=print):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .lm import pad_left, position_ids
+from .memory import returning_freed_memory
 
 # --------------------------------------------------------------------------------------------
 # 0. masked statistics
@@ -633,7 +634,9 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     scores = final_scores(raw_scores, ro["ended"], cfg.missing_eos_penalty, moments)
     t = time.perf_counter()
     chunk = cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps
-    lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature, chunk, policy_pass=not from_generation)
+    with returning_freed_memory():  # large freed activations go back to the OS (not during generation: slower)
+        lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature, chunk,
+                                           policy_pass=not from_generation)
     if from_generation:
         lp.update(logprobs=ro["logprobs"], values=ro["values"])
     timing["time_forward_s"] = time.perf_counter() - t
@@ -651,7 +654,8 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
                   extra={"replies": replies, "raw_scores": raw_scores})
     t = time.perf_counter()
     try:
-        update = ppo_update(model, value_head, optimizer, batch, cfg, generator)
+        with returning_freed_memory():
+            update = ppo_update(model, value_head, optimizer, batch, cfg, generator)
     except FloatingPointError as exc:  # re-raised with the rollout attached, for the failed-step save
         raise NonFiniteError(str(exc), {**tensors, "advantages": advantages, "returns": returns}) from exc
     timing["time_update_s"] = time.perf_counter() - t
