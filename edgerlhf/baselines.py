@@ -25,18 +25,22 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 DEFAULT_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
 
 
-def fit_pairwise_logistic(diff, seed: int = 0, cs=DEFAULT_CS, folds: int = 5) -> dict:
+def fit_pairwise_logistic(diff, seed: int = 0, cs=DEFAULT_CS, folds: int = 5, patience: int = 2) -> dict:
     """Linear Bradley-Terry weights from feature differences ``x_chosen - x_rejected``.
 
     Each pair's difference is given a random sign (``numpy.random.default_rng(seed)``) with the
     label "first is chosen" accordingly, so the problem is balanced and the fit needs no intercept.
     Dense features are standardised by their standard deviation (the weights returned apply to
-    the raw features); sparse ones are used as they are.
+    the raw features); sparse ones are used as they are. C is walked from the smallest value up and the
+    walk stops once the CV loss has risen ``patience`` times in a row past its minimum (the loss of an
+    L2-regularised fit is in practice unimodal in C; the large C are the slow fits: on 734 pairs of
+    1,152 standardised features, C = 1 took 7 s of 5-fold CV, C = 1e-3 1.5 s).
 
     Args:
         diff: ``float[N, D]`` (NumPy or SciPy sparse), one row per training pair.
     Returns:
-        ``{"weight": float[D] for raw features, "C": chosen C, "cv_log_loss": mean CV log-loss}``.
+        ``{"weight": float[D] for raw features, "C": chosen C, "cv_log_loss": mean CV log-loss,
+        "cv_curve": [[C, CV log-loss], ...] of the values tried}``.
     Raises:
         ValueError: fewer than ``2 * folds`` pairs.
     """
@@ -58,11 +62,16 @@ def fit_pairwise_logistic(diff, seed: int = 0, cs=DEFAULT_CS, folds: int = 5) ->
     def make(c: float) -> LogisticRegression:
         return LogisticRegression(C=c, fit_intercept=False, max_iter=5000)
 
-    losses = [-cross_val_score(make(c), x, labels, cv=cv, scoring="neg_log_loss").mean() for c in cs]
-    best = int(np.argmin(losses))
+    losses: list[float] = []
+    for c in sorted(cs):  # weakest fit first; stop once the loss has risen `patience` times past its minimum
+        losses.append(-cross_val_score(make(c), x, labels, cv=cv, scoring="neg_log_loss").mean())
+        if len(losses) - 1 - int(np.argmin(losses)) >= patience:
+            break
+    cs, best = sorted(cs), int(np.argmin(losses))
     model = make(cs[best]).fit(x, labels)
     weight = model.coef_[0] if scale is None else model.coef_[0] / scale
-    return {"weight": weight, "C": float(cs[best]), "cv_log_loss": float(losses[best])}
+    return {"weight": weight, "C": float(cs[best]), "cv_log_loss": float(losses[best]),
+            "cv_curve": [[float(c), float(loss)] for c, loss in zip(cs, losses)]}
 
 
 def length_scores(chosen: list[str], rejected: list[str], prefer: str = "shorter") -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,8 @@ _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 #: Choices of the enumerated fields, shared with the stage modules that act on them.
 PRECISIONS = ("bf16", "int8", "int4")
 REWARD_METHODS = ("lora", "probe")
+#: What a probe's head reads of the reply (:func:`edgerlhf.rewards.pool_states`).
+PROBE_POOLINGS = ("last", "mean", "last+mean")
 SFT_STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
 
 
@@ -166,6 +168,13 @@ class RewardConfig:
         "(the test pairs play no part). Linear probes often read preferences better from middle-to-late blocks "
         "than from the last (Alain & Bengio 2016); a block before the last also saves compute at every later "
         "pass.",
+    )
+    probe_pooling: str = _f(
+        "last+mean", "With `probe`: what the head reads of each reply (str): `last` - the state at the last token "
+        "(transformers' sequence-classification pooling, as a `lora` reward model reads it); `mean` - the mean "
+        "of the states of the reply's tokens; `last+mean` - both, concatenated (a head of twice the hidden "
+        "size). Measured on the quick split (SmolLM2-135M, 734 training pairs, 384 test pairs): 0.59 (last), "
+        "0.66 (mean), 0.68 (last+mean) held-out accuracy at block 20 or 30 (README).",
     )
     seeds: list = _f(
         [42], "Seeds each reward model is trained with (list of int); accuracy is reported as mean +- sd across "
@@ -326,7 +335,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {"reward.seeds": [42, 43, 44]},
     "quick": {
         "model.name": "smollm2-135m-instruct",
-        "data.n_train": 704,
+        "data.n_train": 1632,  # every pair of the shared file not held out: 816 for the proxies, 816 for the judge
         "data.n_test": 384,
         "data.max_length": 384,
         "sft.num_train_epochs": 1.0,
@@ -338,8 +347,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft.eval_steps": 8,
         "sft.logging_steps": 2,
         "reward.method": "probe",
-        "reward.probe_layer_search": [12, 16, 20, 24, 30],  # of SmolLM2-135M's 30 blocks
-        "reward.seeds": [42, 43, 44],
+        # of SmolLM2-135M's 30 blocks; the first pass runs 24, later ones stop at the chosen block. The last block
+        # is left out: it costs 25% more at every pass and cross-validated worse on the training pool (README)
+        "reward.probe_layer_search": [8, 12, 16, 20, 24],
+        "reward.seeds": [42],  # a probe is a convex fit: seeds only move its CV folds (3 seeds gave sd 0.000)
         "reward.max_length": 384,
         "ppo.steps": 5,
         "ppo.batch_size": 8,
@@ -458,7 +469,8 @@ LIMITS: dict[str, Any] = {
     "sft.max_length": (8, None), "sft.max_train_samples": _POSITIVE, "sft.max_eval_samples": _POSITIVE,
     "sft.eval_steps": _POSITIVE, "sft.logging_steps": _POSITIVE, "sft.save_total_limit": _POSITIVE,
     "sft.early_stopping_patience": _POSITIVE, "sft.n_samples": (0, None), "sft.sample_max_new_tokens": _POSITIVE,
-    "reward.method": REWARD_METHODS, "reward.per_device_train_batch_size": _POSITIVE,
+    "reward.method": REWARD_METHODS, "reward.probe_pooling": PROBE_POOLINGS,
+    "reward.per_device_train_batch_size": _POSITIVE,
     "reward.gradient_accumulation_steps": _POSITIVE, "reward.learning_rate": ("above", 0.0),
     "reward.num_train_epochs": ("above", 0.0), "reward.warmup_ratio": (0.0, 1.0),
     "reward.lr_scheduler_type": ("linear", "cosine", "constant_with_warmup"),

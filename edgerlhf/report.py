@@ -169,9 +169,15 @@ def section_reward(records: dict, figures: Path) -> str:
     d = r["data"]
     n = next(iter(models.values()))["n"]
     method = r.get("method", "lora")
-    how = ("a linear probe: the SFT backbone frozen at each precision, its final-layer state at the last token "
-           "computed once per reply, and the one-output head fitted by logistic regression on chosen − rejected"
-           if method == "probe" else "LoRA on the SFT backbone plus a one-output head (TRL RewardTrainer)")
+    if method == "probe":
+        read = {"last": "its state at the last token", "mean": "the mean of its states over the reply's tokens",
+                "last+mean": "its state at the last token and the mean of its states over the reply's tokens"}
+        layer = next(iter(models.values())).get("probe_layer")
+        how = (f"a linear probe: the SFT backbone frozen at each precision, {read[r.get('probe_pooling', 'last')]} "
+               f"(after block {layer if layer else 'the last'}, through the final norm) computed once per reply, and "
+               "the one-output head fitted by logistic regression on chosen − rejected")
+    else:
+        how = "LoRA on the SFT backbone plus a one-output head (TRL RewardTrainer)"
     judge = f", the judge on {_n(d['judge_train']['kept'])} other pairs" if "judge_train" in d else ""
     return (f"## Reward models\n\nMethod: {how}. Proxies trained on {_n(d['train']['kept'])} pairs (validation "
             f"{_n(d['validation']['kept'])}){judge}; all evaluated on the same {_n(n)} held-out pairs. Accuracy is "

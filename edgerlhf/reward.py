@@ -237,7 +237,7 @@ def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[st
             feats[split] = pair_features(model, tokenizer, [e["prompt"] for e in examples],
                                          [e["chosen"][0]["content"] for e in examples],
                                          [e["rejected"][0]["content"] for e in examples], r.feature_batch_size,
-                                         r.max_length, layers)
+                                         r.max_length, layers, r.probe_pooling)
             seconds[split] = time.perf_counter() - start
         total = sum(p.numel() for p in model.parameters())  # 4-bit weights counted as stored
         blocks = blocks_and_norm(backbone_of(model))[0]
@@ -275,17 +275,17 @@ def probe_scores(weight: np.ndarray, feats: tuple) -> tuple[np.ndarray, np.ndarr
 
 
 def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, precision: str, device,
-               fit: dict, num_layers: int | None = None) -> None:
-    """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, hidden]`` float32) on
-    the SFT backbone named and hashed in ``rm_info.json`` (quantized on load like during training), truncated
-    to its first ``num_layers`` blocks when given (``reward.probe_layer``)."""
+               fit: dict, num_layers: int | None = None, pooling: str = "last") -> None:
+    """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, D]`` float32, ``D`` the
+    width of ``pooling``'s features) on the SFT backbone named and hashed in ``rm_info.json`` (quantized on
+    load like during training), truncated to its first ``num_layers`` blocks when given (``reward.probe_layer``)."""
     tokenizer.save_pretrained(staging / "tokenizer")
     save_file({f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()},
               staging / "head.safetensors")
     write_info(staging, layout="head", precision=precision, made_by="probe", dtype=dtype_that_ran(precision, device),
                backbone=sft_location, backbone_sha256=weights_fingerprint(sft_location),
                tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"],
-               num_layers=num_layers)
+               num_layers=num_layers, pooling=pooling)
 
 
 def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
@@ -310,72 +310,83 @@ def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: 
     return cost
 
 
-def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> dict[str, dict]:
-    """``reward.method = "probe"``: features once per precision, a head fitted per seed, saved, evaluated;
-    the judge on bf16 features of its own pairs; post-training quantization = the bf16 head on int8/int4
-    features (the same arithmetic as loading the bf16 folder quantized)."""
+def probe_entry(precision: str, mode: str, fits: list[dict], feats: dict, cost: dict, ex: dict, train_split,
+                val_split: str, folder: Path, device) -> dict:
+    """A probe reward model's record: its head (``fits[0]``) scored on the test features, calibration
+    fitted on ``val_split``, accuracy per seed, parameters, feature-pass cost and memory."""
+    test = feats["test"]
+    c, rj = probe_scores(fits[0]["weight"], test)
+    vc, vr = probe_scores(fits[0]["weight"], feats[val_split])
+    width, total = fits[0]["weight"].shape[0], cost["parameters_total"]
+    return {"precision": precision, "mode": mode, "method": "probe", "folder": str(folder),
+            "dtype": dtype_that_ran(precision, device), "C": fits[0]["C"], "cv_curve": fits[0]["cv_curve"],
+            "parameters": {"trainable": width, "total": total, "trainable_share": width / total},
+            "seeds": [f["seed"] for f in fits],
+            "seed_accuracies": [float(np.mean(np.greater(*probe_scores(f["weight"], test)))) for f in fits],
+            "train_pairs": len(ex[train_split]) if train_split else None,
+            "train_runtime_s": cost["seconds"][train_split] if train_split else None,
+            "peak_memory_training": cost["peak_memory_features"] if train_split else None,
+            "pairs_per_second": len(ex["test"]) / cost["seconds"]["test"], "blocks_run_when_timed": cost["blocks_run"],
+            "peak_memory_scoring": cost["peak_memory_features"],
+            **evaluate_pairs(c, rj, vc - vr), "scores_chosen": c.tolist(), "scores_rejected": rj.tolist()}
+
+
+def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
+                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None]:
+    """``reward.method = "probe"``: per precision (bf16 first), one feature pass, then its heads fitted (one
+    per seed), saved and checked before the next pass; the judge on bf16 features of its own pairs;
+    post-training quantization = the bf16 head on int8/int4 features (the same arithmetic as loading the
+    bf16 folder quantized). With ``reward.probe_layer_search`` the first pass reads every candidate block
+    and the block chosen on its training pairs is used from then on.
+
+    Returns:
+        ``(models, search)``: an entry per reward model, and the layer search's result (None without one).
+    """
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
-    feats, costs = {}, {}
     layer, search = r.probe_layer, None
-    for i, precision in enumerate(dict.fromkeys(list(r.precisions) + ptq)):
+    models: dict[str, dict] = {}
+    heads: dict[str, list[dict]] = {}  # name -> its fits (one per seed), for the post-training-quantized rows
+    for i, precision in enumerate(sorted(dict.fromkeys(list(r.precisions) + ptq), key=lambda p: p != "bf16")):
         ctx.step = f"models: {precision} features"
-        wanted = ["validation", "test"] + (["train"] if precision in r.precisions else [])
-        wanted += ["judge_train", "judge_validation"] if precision == "bf16" and r.judge else []
-        splits = {k: ex[k] for k in wanted}
+        jobs = [(precision, "trained", "train", "validation")] if precision in r.precisions else []
+        if precision == "bf16" and r.judge:
+            jobs.append(("judge", "judge (pairs no proxy saw)", "judge_train", "judge_validation"))
+        wanted = ["test"] + [s for job in jobs for s in job[2:]] + (["validation"] if precision in ptq else [])
+        splits = {k: ex[k] for k in dict.fromkeys(wanted)}
         if i == 0 and r.probe_layer_search:  # every candidate block from one pass, chosen on the training pairs
             candidates = sorted(set(r.probe_layer_search))
-            many, costs[precision] = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device,
-                                                    candidates[-1], candidates)
-            search = {"precision": precision, **choose_probe_layer(many["train"], candidates, r.seeds[0])}
+            many, cost = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device, candidates[-1],
+                                        candidates)
+            search = {"precision": precision, **choose_probe_layer(many[jobs[0][2]], candidates, r.seeds[0])}
             layer, j = search["chosen"], candidates.index(search["chosen"])
-            feats[precision] = {k: (c[:, j], rj[:, j]) for k, (c, rj) in many.items()}
-            costs[precision]["parameters_total"] = costs[precision]["parameters_total"][layer]
+            feats = {k: (c[:, j], rj[:, j]) for k, (c, rj) in many.items()}
+            cost["parameters_total"] = cost["parameters_total"][layer]
+            del many
         else:
-            feats[precision], costs[precision] = probe_features(sft_location, precision, tokenizer, splits, r,
-                                                                ctx.device, layer)
-
-    def entry(precision: str, mode: str, fits: list[dict], train_split: str | None, folder: Path) -> dict:
-        test, cost = feats[precision]["test"], costs[precision]
-        c, rj = probe_scores(fits[0]["weight"], test)
-        vc, vr = probe_scores(fits[0]["weight"], feats[precision]["validation"])
-        hidden, total = fits[0]["weight"].shape[0], cost["parameters_total"]
-        return {"precision": precision, "mode": mode, "method": "probe", "folder": str(folder),
-                "dtype": dtype_that_ran(precision, ctx.device), "C": fits[0]["C"],
-                "parameters": {"trainable": hidden, "total": total, "trainable_share": hidden / total},
-                "seeds": [f["seed"] for f in fits],
-                "seed_accuracies": [float(np.mean(np.greater(*probe_scores(f["weight"], test)))) for f in fits],
-                "train_pairs": len(ex[train_split]) if train_split else None,
-                "train_runtime_s": cost["seconds"][train_split] if train_split else None,
-                "peak_memory_training": cost["peak_memory_features"] if train_split else None,
-                "pairs_per_second": len(ex["test"]) / cost["seconds"]["test"],
-                "blocks_run_when_timed": cost["blocks_run"], "probe_layer": layer, "probe_layer_search": search,
-                "peak_memory_scoring": cost["peak_memory_features"],
-                **evaluate_pairs(c, rj, vc - vr), "scores_chosen": c.tolist(), "scores_rejected": rj.tolist()}
-
-    models: dict[str, dict] = {}
-    fitted: dict[str, list[dict]] = {}
-    jobs = [(p, p, "trained", "train") for p in r.precisions]
-    if r.judge:
-        jobs.append(("judge", "bf16", "judge (pairs no proxy saw)", "judge_train"))
-    for name, precision, mode, train_split in jobs:
-        ctx.step = f"models: {name} fit, save and check"
-        seeds = r.seeds if mode == "trained" else r.seeds[:1]
-        diff = (feats[precision][train_split][0] - feats[precision][train_split][1]).numpy()
-        fitted[name] = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed} for seed in seeds]
-        staging = out_dir / f".staging-{name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_probe(staging, fitted[name][0]["weight"], tokenizer, sft_location, precision, ctx.device, fitted[name][0],
-                   layer)
-        swap_in_dir(staging, out_dir / name)
-        models[name] = entry(precision, mode, fitted[name], train_split, out_dir / name)
-        models[name].update(check_saved_probe(out_dir / name, precision, ex["test"],
-                                              np.asarray(models[name]["scores_chosen"]), r, ctx.device))
-    for precision in ptq:
-        models[f"{precision}-ptq"] = entry(precision, "post-training quantization", fitted["bf16"], None,
-                                           out_dir / "bf16")
-        models[f"{precision}-ptq"].update(loading_cost(out_dir / "bf16", precision, ctx.device)[2])
-    return models
+            feats, cost = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device, layer)
+        for name, mode, train_split, val_split in jobs:
+            ctx.step = f"models: {name} fit, save and check"
+            diff = (feats[train_split][0] - feats[train_split][1]).numpy()
+            fits = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed}
+                    for seed in (r.seeds if mode == "trained" else r.seeds[:1])]
+            heads[name] = fits
+            staging = out_dir / f".staging-{name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            save_probe(staging, fits[0]["weight"], tokenizer, sft_location, precision, ctx.device, fits[0], layer,
+                       r.probe_pooling)
+            swap_in_dir(staging, out_dir / name)
+            models[name] = probe_entry(precision, mode, fits, feats, cost, ex, train_split, val_split,
+                                       out_dir / name, ctx.device)
+            models[name].update(probe_layer=layer, **check_saved_probe(
+                out_dir / name, precision, ex["test"], np.asarray(models[name]["scores_chosen"]), r, ctx.device))
+        if precision in ptq:
+            ctx.step = f"models: {precision}-ptq"
+            models[f"{precision}-ptq"] = probe_entry(precision, "post-training quantization", heads["bf16"], feats,
+                                                     cost, ex, None, "validation", out_dir / "bf16", ctx.device)
+            models[f"{precision}-ptq"].update(probe_layer=layer,
+                                              **loading_cost(out_dir / "bf16", precision, ctx.device)[2])
+    return models, search
 
 
 def split_pairs(rows: list[dict], r: RewardConfig) -> dict[str, list[dict]]:
@@ -448,7 +459,10 @@ def run_reward(cfg: Config) -> dict:
             b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
         # models: train, save, evaluate (every precision and seed, the judge, post-training quantization)
         ctx.step = "models"
-        models = (probe_models if r.method == "probe" else lora_models)(cfg, ctx, sft_location, tokenizer, ex)
+        if r.method == "probe":
+            models, search = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+        else:
+            models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
         # paired comparisons on the same test pairs, agreement between models
         ctx.step = "assessment"
         assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
@@ -463,7 +477,6 @@ def run_reward(cfg: Config) -> dict:
                     entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
                                  if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"]})
         write_evaluation(out_dir, models, assessment)
-        search = next(iter(models.values())).get("probe_layer_search")
         if search:
             losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
             assessment["conclusions"].insert(0, (
@@ -476,8 +489,8 @@ def run_reward(cfg: Config) -> dict:
         "margins": str(margin_figure(models, ctx.run_dir / "figures" / "rm_margins.png")),
         "accuracy": str(accuracy_figure(table, ctx.run_dir / "figures" / "rm_accuracy.png")),
     }
-    results = {"method": r.method, "models": models, "baselines": baselines, "table": table,
-               "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
+    results = {"method": r.method, "probe_pooling": r.probe_pooling if r.method == "probe" else None,
+               "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
                "best_baseline": assessment["best_baseline"], "figures": figures, "probe_layer_search": search,
                "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(

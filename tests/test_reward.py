@@ -150,10 +150,12 @@ def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batc
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_pair_features_are_what_the_head_reads(name, precision, models_dir):
-    # prompt run once with its cache reused for both replies == two full passes through score()
+@pytest.mark.parametrize("pooling", ["last", "last+mean"])
+def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_dir):
+    # prompt run once with its cache reused for both replies == two full passes through score(), also when the
+    # replies begin alike (part of the reply is then pooled from the prompt pass)
     from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.rewards import pair_features
+    from edgerlhf.rewards import POOLING_ATTRIBUTE, pair_features
     from edgerlhf.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
@@ -162,14 +164,43 @@ def test_pair_features_are_what_the_head_reads(name, precision, models_dir):
     ensure_pad_token(tok)  # GPT-2: pad = EOS, so the head reads the token before the final EOS
     model, _ = load_backbone(location, precision, "cpu")
     model.config.pad_token_id = tok.pad_token_id
+    if pooling != "last":
+        model.score = torch.nn.Linear(2 * model.config.hidden_size, 1, bias=False)
+        setattr(model, POOLING_ATTRIBUTE, pooling)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.score.weight)
     prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
-    chosen, rejected = ["yes sure " * (i % 3 + 1) for i in range(5)], ["no" + " way" * i for i in range(5)]
-    fc, fr = pair_features(model.eval(), tok, prompts, chosen, rejected, batch_size=3)
+    chosen = ["yes sure " * (i % 3 + 1) for i in range(5)]
+    rejected = ["no" + " way" * i for i in range(4)] + ["yes sure no"]
+    fc, fr = pair_features(model.eval(), tok, prompts, chosen, rejected, batch_size=3, pooling=pooling)
     w = model.score.weight.detach().float()[0]
     assert torch.allclose(fc @ w, score(model, tok, prompts, chosen, batch_size=2), atol=1e-4)
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
+
+
+def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
+    from edgerlhf.models import load_tokenizer, prepare_base_model
+    from edgerlhf.rewards import backbone_of, pair_features, pool_states
+    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+
+    states = torch.arange(12.0).view(1, 4, 3)
+    assert pool_states(states, torch.tensor([1]), torch.tensor([2]), "mean").tolist() == [[4.5, 5.5, 6.5]]
+    assert pool_states(states, torch.tensor([1]), torch.tensor([2]), "last+mean").tolist() == [
+        [6.0, 7.0, 8.0, 4.5, 5.5, 6.5]]
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_states(states, torch.tensor([1]), torch.tensor([2]), "max")
+    location = prepare_base_model("tiny-llama", models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    model, _ = load_backbone(location, "bf16", "cpu")
+    prompt = [{"role": "user", "content": "how are you"}]
+    fc, _ = pair_features(model.eval(), tok, [prompt], ["fine thanks"], ["bad"], pooling="mean")
+    ids, start = encode_prompt_completion(tok, prompt, "fine thanks")
+    read = max(j for j, t in enumerate(ids) if t != tok.pad_token_id)
+    with torch.no_grad():
+        alone = backbone_of(model)(input_ids=torch.tensor([ids])).last_hidden_state[0, start:read + 1].mean(0)
+    assert 0 < start < read and torch.allclose(fc[0], alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -229,7 +260,7 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     for name, entry in models.items():
         assert entry["method"] == "probe" and len(entry["seed_accuracies"]) == (1 if name == "judge" else 2)
         assert isinstance(entry["learned"], bool) and entry["vs_length"]["n"] == entry["n"]
-        assert entry["parameters"]["trainable"] == 64  # the head of a width-64 model, counted as trained
+        assert entry["parameters"]["trainable"] == 128  # last+mean head of a width-64 model, counted as trained
         assert entry["vs_reference"] is None if name == "bf16" else entry["vs_reference"]["n"] == entry["n"]
     assert models["bf16"]["dtype"] == "float32" and models["int4"]["dtype"].startswith("nf4")
     # a bf16 probe loads quantized (post-training quantization) and scores as it was evaluated
@@ -294,8 +325,13 @@ def test_reward_inputs_are_the_rendered_dialogue_fitted_from_the_left(gpt2_token
         turns += [{"role": "user", "content": f"question {i} " * 6}, {"role": "assistant", "content": "ok " * 6}]
     long = turns + [{"role": "user", "content": "last"}]
     huge = [{"role": "user", "content": "word " * 80}]
-    out, counts = encode_pairs(gpt2_tokenizer, [short, long, huge], ["yes", "fine", "end"], 48)
+    out, starts, counts = encode_pairs(gpt2_tokenizer, [short, long, huge], ["yes", "fine", "end"], 48,
+                                       reply_starts=True)
     assert out[0] == encode_prompt_completion(gpt2_tokenizer, short, "yes")[0]  # fits: the whole dialogue
     assert len(out[1]) <= 48 and counts == {"turns_dropped": 1, "tokens_cut": 1}
     assert out[1] == encode_prompt_completion(gpt2_tokenizer, long[-3:], "fine")[0]  # oldest turns dropped first
     assert len(out[2]) == 48 and out[2] == encode_prompt_completion(gpt2_tokenizer, huge, "end")[0][-48:]
+    full, start = encode_prompt_completion(gpt2_tokenizer, huge, "end")
+    assert starts[0] == encode_prompt_completion(gpt2_tokenizer, short, "yes")[1]
+    assert starts[2] == start - (len(full) - 48)
+    assert out[2][starts[2]:] == full[start:]  # the cut moved the reply's start, not its tokens

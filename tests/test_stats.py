@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from edgerlhf.baselines import TfidfReward, fit_pairwise_logistic, length_scores
+from edgerlhf.baselines import DEFAULT_CS, TfidfReward, fit_pairwise_logistic, length_scores
 from edgerlhf.stats import (
     compare_classifiers, describe_comparison, mcnemar_exact, mde_mcnemar, mde_paired_mean, paired_bootstrap,
     wilson_interval,
@@ -92,5 +92,10 @@ def test_pairwise_logistic_recovers_a_direction():
     fit = fit_pairwise_logistic(diff, seed=1)
     est = fit["weight"] / np.linalg.norm(fit["weight"])
     assert est @ (w / np.linalg.norm(w)) > 0.95
+    assert [c for c, _ in fit["cv_curve"]] == sorted(DEFAULT_CS)  # the loss kept falling: every C was tried
+    noise = rng.normal(size=(100, 50))  # nothing to learn: the weakest fit is best and the walk stops early
+    curve = fit_pairwise_logistic(noise, seed=1)["cv_curve"]
+    losses = [loss for _, loss in curve]
+    assert len(curve) < len(DEFAULT_CS) and losses.index(min(losses)) == len(curve) - 3
     with pytest.raises(ValueError, match="at least 10 pairs"):
         fit_pairwise_logistic(diff[:5])
