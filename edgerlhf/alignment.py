@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .adapters import compute_dtype, quantization_config
+from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
 from .config import Config, PPOConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
@@ -63,7 +63,8 @@ def load_policy(sft_location: str, cfg: PPOConfig, device: torch.device):
     if qc is None:
         model = load_causal_lm(sft_location, dtype).to(device)
     else:
-        model = load_causal_lm(sft_location, dtype, quantization_config=qc, device_map={"": str(device)})
+        model = nf4_in_compute_dtype(load_causal_lm(sft_location, dtype, quantization_config=qc,
+                                                    device_map={"": str(device)}))
     policy, value_head = build_policy(model.eval(), cfg)
     tokenizer = load_tokenizer(sft_location)
     ensure_chat_template(tokenizer)

@@ -116,7 +116,8 @@ def kv_cache_mib(shape: ModelShape, batch: int, tokens: int, compute: str) -> fl
 
 def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEstimate:
     """Predict the peak device memory of ``stage`` (``sft``, ``reward`` or ``ppo``) for ``cfg``
-    (a :class:`edgerlhf.config.Config`) and a ``transformers`` model config.
+    (a :class:`edgerlhf.config.Config`) and a ``transformers`` model config. The reward stage is LoRA
+    training (``reward.method = "lora"``) or, for ``probe``, inference of the frozen backbone.
 
     Raises:
         ValueError: unknown stage.
@@ -136,9 +137,14 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
         r = cfg.reward
         precision = max(r.precisions, key=lambda p: BYTES[p if p != "bf16" else compute])
         parts["weights"] = weights_mib(shape, precision if precision != "bf16" else compute, compute)
-        parts["trainable_state"] = (lora_params(shape, r.lora_r) + shape.hidden) * 16 / MIB
-        b = 2 * r.per_device_train_batch_size  # chosen and rejected in one forward
-        parts["activations"] = activations_mib(shape, b, r.max_length, compute, r.gradient_checkpointing)
+        if r.method == "probe":  # a frozen backbone read without gradients: the prompt's cache for both replies,
+            rows = 2 * r.feature_batch_size  # and one block's activations at a time
+            parts["kv_cache"] = kv_cache_mib(shape, rows, r.max_length, compute)
+            parts["activations (one block)"] = activations_mib(shape, rows, r.max_length, compute, False) / shape.layers
+        else:
+            parts["trainable_state"] = (lora_params(shape, r.lora_r) + shape.hidden) * 16 / MIB
+            b = 2 * r.per_device_train_batch_size  # chosen and rejected in one forward
+            parts["activations"] = activations_mib(shape, b, r.max_length, compute, r.gradient_checkpointing)
     elif stage == "ppo":
         p = cfg.ppo
         precision = p.policy_precision if p.policy_precision != "bf16" else compute

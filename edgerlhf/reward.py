@@ -103,9 +103,12 @@ def folder_mib(path: Path) -> float:
 
 
 def dtype_that_ran(precision: str, device) -> str:
-    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32."""
+    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32; LLM.int8
+    quantizes activations to int8 by way of float16 (outlier columns in float16); NF4 weights are dequantized to
+    the compute dtype (:func:`edgerlhf.adapters.nf4_in_compute_dtype`)."""
     compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
-    return {"bf16": compute, "int8": f"int8 (LLM.int8), {compute} compute",
+    return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
+                                     f"{compute} elsewhere",
             "int4": f"nf4 (double quant), {compute} compute"}[precision]
 
 
@@ -291,9 +294,9 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
 def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
                       device, n: int = 2) -> dict:
     """Load a saved probe through the PPO API and score ``n`` test replies: they must equal the scores it
-    was evaluated with, ``|a - b| <= tol (1 + |b|)``, catching a wrong head or backbone. ``tol`` is 1e-3,
-    and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so int8 scores
-    depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
+    was evaluated with, ``|a - b| <= tol (1 + |b|)``, catching a wrong head or backbone (an error of order 1).
+    ``tol`` is 1e-3, and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so
+    int8 scores depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
     Returns its loading cost.
 
     Raises:

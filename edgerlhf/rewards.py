@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .adapters import compute_dtype, quantization_config
+from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
 from .config import PROBE_POOLINGS
 from .files import sha256_file
 from .lm import common_prefix, encode_prompt_completion, fit_prompt, pad_left, position_ids
@@ -71,7 +71,7 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
         device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
         **extra,
     )
-    return model, set(info["missing_keys"])
+    return nf4_in_compute_dtype(model), set(info["missing_keys"])
 
 
 def tokenizer_fingerprint(folder: str | Path) -> str:

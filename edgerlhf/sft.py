@@ -22,7 +22,9 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback
 
-from .adapters import compute_dtype, count_parameters, freeze_first_blocks, lora_config, quantization_config
+from .adapters import (
+    compute_dtype, count_parameters, freeze_first_blocks, lora_config, nf4_in_compute_dtype, quantization_config,
+)
 from .config import Config, SFTConfig
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
@@ -65,8 +67,8 @@ def build_model(location: str, cfg: SFTConfig, device: torch.device,
     """
     dtype = compute_dtype(device)
     if cfg.strategy == "qlora":
-        model = load_causal_lm(location, dtype, quantization_config=quantization_config("int4", dtype),
-                               device_map={"": str(device)})
+        model = nf4_in_compute_dtype(load_causal_lm(location, dtype, quantization_config=quantization_config(
+            "int4", dtype), device_map={"": str(device)}))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = loaded if loaded is not None else load_causal_lm(location, dtype).to(device)

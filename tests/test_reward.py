@@ -149,7 +149,7 @@ def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batc
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("pooling", ["last", "last+mean"])
 def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_dir):
     # prompt run once with its cache reused for both replies == two full passes through score(), also when the
@@ -176,6 +176,18 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     w = model.score.weight.detach().float()[0]
     assert torch.allclose(fc @ w, score(model, tok, prompts, chosen, batch_size=2), atol=1e-4)
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
+
+
+def test_nf4_layers_keep_the_compute_dtype_in_eval_mode(models_dir):
+    # bitsandbytes would otherwise repack NF4 weights on a CPU with AVX512-BF16 and round activations to bf16
+    from edgerlhf.models import prepare_base_model
+
+    model, _ = load_backbone(prepare_base_model("tiny-llama", models_dir), "int4", "cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        model.eval()(input_ids=torch.tensor([[1, 2, 3]]))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
 def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
