@@ -62,6 +62,38 @@ def create_run_dir(results_dir: str | Path, profile: str) -> Path:
     raise FileExistsError(f"could not create a fresh run folder under {base}")
 
 
+#: The pointer to the current run folder, under ``results/``: written when a run starts (00_Setup, or the
+#: papermill runner), read by every later stage whose ``run.run_dir`` is None.
+CURRENT_RUN = "current_run.json"
+
+
+def point_current_run(results_dir: str | Path, run_dir: str | Path) -> Path:
+    """Make ``run_dir`` the current run of ``results_dir`` (atomically; a run folder of this project)."""
+    text = json.dumps({"run_dir": str(Path(run_dir).resolve())}, indent=2) + "\n"
+    return atomic_write_text(Path(results_dir) / CURRENT_RUN, text)
+
+
+def current_run(results_dir: str | Path) -> Path | None:
+    """The run folder the pointer under ``results_dir`` names, or None when there is no pointer.
+
+    Raises:
+        ValueError: the pointer is not valid JSON with a ``run_dir`` (the message names the file), or it
+            names a folder that no longer exists (say which, and how to start a new run).
+    """
+    path = Path(results_dir) / CURRENT_RUN
+    if not path.exists():
+        return None
+    try:
+        run_dir = Path(json.loads(path.read_text(encoding="utf-8"))["run_dir"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a run pointer ({{\"run_dir\": ...}}): {exc}; delete it or run "
+                         "00_Setup.ipynb to start a new run") from exc
+    if not run_dir.is_dir():
+        raise ValueError(f"{path} points to {run_dir}, which does not exist; run 00_Setup.ipynb to start a new "
+                         "run, or set run.run_dir")
+    return run_dir
+
+
 def make_record(
     stage: str,
     run_dir: str | Path,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import plots
 from .files import atomic_write_text
-from .records import STAGE_ORDER, memory_rows, newest_records
+from .records import STAGE_ORDER, current_run, memory_rows, newest_records
 
 STAGES = dict(zip(STAGE_ORDER, ("00_Setup", "01_Data_Preparation", "02_SFT_Finetuning", "03_Reward_Modeling",
                                 "04_PPO_Alignment")))  # stage -> its notebook
@@ -268,12 +268,19 @@ def build_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``python -m edgerlhf.report RUN_DIR``; returns 0, or 1 with a message on error."""
+    """Command-line entry: ``python -m edgerlhf.report [RUN_DIR]`` (default: the current run, the one the
+    notebooks last ran in); returns 0, or 1 with a message on error."""
     parser = argparse.ArgumentParser(description="Build RUN_DIR/REPORT.md from a run's records.")
-    parser.add_argument("run_dir", help="a run folder, e.g. results/runs/<run_id>")
+    parser.add_argument("run_dir", nargs="?", default=None,
+                        help="a run folder, e.g. results/runs/<run_id> (default: the current run, "
+                             "results/current_run.json)")
     args = parser.parse_args(argv)
     try:
-        path = build_report(args.run_dir)
+        run_dir = args.run_dir or current_run("results")
+        if run_dir is None:
+            raise ValueError("no RUN_DIR given and no current run (results/current_run.json): run the notebooks "
+                             "first, or name a run folder")
+        path = build_report(run_dir)
     except (MissingRecordError, ValueError) as exc:
         print(f"edgerlhf.report: {exc}", file=sys.stderr)
         return 1

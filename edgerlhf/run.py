@@ -25,7 +25,7 @@ from pathlib import Path
 from .config import PROFILES, parse_cli_sets
 from .files import atomic_write_text
 from .paths import REPO_ROOT, resolve
-from .records import create_run_dir
+from .records import create_run_dir, point_current_run
 
 NOTEBOOKS = [
     "00_Setup.ipynb",
@@ -138,6 +138,7 @@ def run_notebooks(
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = create_run_dir(root / "results", profile)
+    point_current_run(root / "results", run_dir)  # notebooks opened by hand afterwards join this run
     mark_abandoned(root / "results")
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     manifest = {

@@ -58,7 +58,7 @@ def run_setup(cfg: Config) -> dict:
     if broken:
         names = ", ".join(f"{p['package']} ({p['error']})" for p in broken)
         raise RuntimeError(f"missing or broken libraries: {names}. Install the project with: pip install -e .")
-    ctx = begin(cfg)
+    ctx = begin(cfg, starts_run=True)
     with measure(ctx.device) as m:
         for name in FOLDERS:
             ctx.path(name).mkdir(parents=True, exist_ok=True)

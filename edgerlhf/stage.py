@@ -13,7 +13,7 @@ from .config import Config, load_config, parse_cli_sets, validate
 from .hardware import resolve_device
 from .memory import apply_vram_budget, measure
 from .paths import resolve
-from .records import create_run_dir, make_record, write_record
+from .records import create_run_dir, current_run, make_record, point_current_run, write_record
 from .reproducibility import seed_everything
 
 
@@ -33,21 +33,28 @@ class StageContext:
         return resolve(relative, self.root)
 
 
-def begin(cfg: Config) -> StageContext:
+def begin(cfg: Config, starts_run: bool = False) -> StageContext:
     """Validate the config, seed everything, resolve the device, apply the VRAM budget and find or create
     the run folder.
 
-    A new run folder (``results/runs/<run_id>``) is created when ``cfg.run.run_dir`` is
-    None, and written back into ``cfg`` so the record names it.
+    With ``cfg.run.run_dir`` None, the stage joins the *current run*: the folder named by
+    ``results/current_run.json`` (:func:`edgerlhf.records.current_run`), so notebooks run by hand in order
+    share one run folder as they do under papermill. A stage that ``starts_run`` (00_Setup), or any stage
+    when there is no current run, creates a new ``results/runs/<run_id>`` and makes it current. The folder
+    is written back into ``cfg`` so the record names it.
 
     Raises:
-        ValueError: a config value out of range (:func:`edgerlhf.config.validate`); nothing is written.
+        ValueError: a config value out of range (:func:`edgerlhf.config.validate`), or a current-run
+            pointer that is damaged or names a deleted folder; nothing is written.
     """
     validate(cfg)  # also a Config built or changed in code, not only through load_config
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     root = resolve(cfg.run.root)
     if cfg.run.run_dir is None:
-        run_dir = create_run_dir(root / "results", cfg.profile)
+        run_dir = None if starts_run else current_run(root / "results")
+        if run_dir is None:
+            run_dir = create_run_dir(root / "results", cfg.profile)
+            point_current_run(root / "results", run_dir)
         cfg.run.run_dir = str(run_dir)
     else:
         run_dir = resolve(cfg.run.run_dir, root)

@@ -45,6 +45,10 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     # a whole run ends with its report, built from the run's real records
     report = (run_dir / "REPORT.md").read_text()
     assert "## PPO alignment" in report and "| int4 |" in report and "## Memory against" in report
+    # the run is the current one: a notebook opened by hand afterwards (run_dir=None) joins it
+    from edgerlhf.records import current_run
+
+    assert current_run(tmp_path / "a" / "results") == run_dir
 
 
 def test_a_failing_notebook_stops_the_run_and_names_itself(tmp_path, capsys):

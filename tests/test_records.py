@@ -264,3 +264,35 @@ def test_a_driver_that_torch_cannot_use_is_named_in_the_recommendation():
     assert "its build: CUDA 13.0" in recommend({**cpu_build, "cuda_version": "13.0"})["reason"]
     assert recommend({**cpu_build, "driver_version": None})["reason"] == "no CUDA device: CPU-sized profile"
     assert recommend({**cpu_build, "vram_total_mib": 8192})["profile"] == "full"
+
+
+def test_notebooks_run_by_hand_share_the_current_run(tmp_path):
+    # 00_Setup starts a run and makes it current; stages 01-04 with run_dir=None join it, as under papermill
+    import shutil
+
+    from edgerlhf import stage
+    from edgerlhf.config import load_config
+    from edgerlhf.records import CURRENT_RUN, current_run
+
+    def cfg(**over):
+        return load_config("tiny", overrides={"run.root": str(tmp_path), **over})
+
+    results = tmp_path / "results"
+    try:
+        assert current_run(results) is None
+        assert stage.begin(cfg()).run_dir == current_run(results)  # no current run yet: a new one, made current
+        first = stage.begin(cfg(), starts_run=True).run_dir  # 00_Setup
+        assert current_run(results) == first and stage.begin(cfg()).run_dir == first
+        second = stage.begin(cfg(), starts_run=True).run_dir
+        assert second != first and stage.begin(cfg()).run_dir == second
+        elsewhere = tmp_path / "elsewhere"
+        assert stage.begin(cfg(**{"run.run_dir": str(elsewhere)})).run_dir == elsewhere  # explicit wins ...
+        assert current_run(results) == second  # ... and does not move the pointer
+        shutil.rmtree(second)
+        with pytest.raises(ValueError, match="which does not exist; run 00_Setup.ipynb"):
+            stage.begin(cfg())
+        (results / CURRENT_RUN).write_text("{not json")
+        with pytest.raises(ValueError, match="not a run pointer"):
+            stage.begin(cfg())
+    finally:
+        stage._BEGUN.clear()
