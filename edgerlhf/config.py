@@ -1,7 +1,7 @@
 """Configuration: one dataclass per stage, named profiles, JSON/YAML files and overrides.
 
-Every field carries its meaning and source in ``metadata["help"]`` (shown by
-``python -m edgerlhf.config --help-fields``), like TRL's ``*Config`` classes.
+Every field carries its meaning and source in ``metadata["help"]`` (listed by
+``python -m edgerlhf.config [--profile P]``), like TRL's ``*Config`` classes.
 Defaults are the research plan's (``../shared/RESEARCH_PLAN.md``) or the cited
 paper's / library's. A *profile* (``tiny``, ``quick``, ``full``) is only a set of
 dotted overrides such as ``{"data.n_train": 512}``; values are applied in this
@@ -26,6 +26,9 @@ from .files import atomic_write_text
 
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: The profile every entry point starts from when none is named (the runner, the stage modules,
+#: :func:`load_config`): it runs offline on a CPU with the embedded model.
+DEFAULT_PROFILE = "quick"
 #: Choices of the enumerated fields, shared with the stage modules that act on them.
 PRECISIONS = ("bf16", "int8", "int4")
 REWARD_METHODS = ("lora", "probe")
@@ -600,14 +603,14 @@ def load_config(
     ``overrides`` are papermill parameters: one dict, or a list of dicts applied in order
     (a notebook passes its ``overrides`` dict, then its named parameters). Entries whose
     value is ``None`` are ignored so that a notebook parameter left at ``None`` keeps the
-    profile's value. ``profile`` None means the file's ``profile`` key, else ``full``.
+    profile's value. ``profile`` None means the file's ``profile`` key, else :data:`DEFAULT_PROFILE`.
 
     Raises:
         KeyError: unknown profile or field. TypeError: a value of the wrong type.
         ValueError: a value out of its allowed range (:func:`validate`).
     """
     file_values = read_config_file(config_file) if config_file else {}
-    profile = profile or file_values.pop("profile", None) or "full"
+    profile = profile or file_values.pop("profile", None) or DEFAULT_PROFILE
     file_values.pop("profile", None)
     if profile not in PROFILES:
         raise KeyError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
@@ -635,6 +638,11 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return atomic_write_text(path, text)
 
 
+#: Help text of every ``--set`` flag.
+SET_HELP = ("override any config field, e.g. data.n_train=100 or 'reward.precisions=[bf16]' (repeatable; the "
+            "fields: python -m edgerlhf.config)")
+
+
 def parse_cli_sets(items: list[str]) -> dict[str, Any]:
     """Parse ``["data.n_train=100", "model.name=x"]`` (``--set`` flags) into typed overrides.
 
@@ -652,17 +660,47 @@ def parse_cli_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def field_help() -> str:
-    """Return a text table of every config field: key, type, default and help."""
+def field_help(profile: str | None = None) -> str:
+    """Every config field, one entry each: ``section.name = value  (type)`` and its help text.
+
+    The value is the dataclass default, or with ``profile`` the value that profile gives it (marked
+    ``[profile]`` where the profile changes it).
+
+    Raises:
+        KeyError: unknown profile.
+    """
+    if profile is not None and profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    cfg = load_config(profile) if profile else Config()
+    changed = PROFILES.get(profile, {}) if profile else {}
     lines = []
     for section in dataclasses.fields(Config):
         if section.name == "profile":
             continue
+        hints = typing.get_type_hints(section.default_factory)  # type: ignore[arg-type]
         for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-            lines.append(f"{section.name}.{f.name} = {default!r}\n    {f.metadata['help']}")
+            key = f"{section.name}.{f.name}"
+            value = getattr(getattr(cfg, section.name), f.name)
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            mark = f"  [{profile}]" if key in changed else ""
+            lines.append(f"{key} = {value!r}  ({kind}){mark}\n    {f.metadata['help']}")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgerlhf.config [--profile P]``: list every field with its value and help; returns 0."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="List every EdgeRLHF config field (the keys of --set, config files and papermill "
+                    "`overrides`) with its type, value and help. Values are applied in this order, later ones "
+                    "winning: dataclass defaults -> profile -> config file -> papermill parameters -> --set flags.")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="show the values under this profile (default: the dataclass defaults)")
+    args = parser.parse_args(argv)
+    print(field_help(args.profile))
+    return 0
+
+
 if __name__ == "__main__":
-    print(field_help())
+    raise SystemExit(main())

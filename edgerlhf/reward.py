@@ -281,7 +281,8 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
                fit: dict, num_layers: int | None = None, pooling: str = "last") -> None:
     """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, D]`` float32, ``D`` the
     width of ``pooling``'s features) on the SFT backbone named and hashed in ``rm_info.json`` (quantized on
-    load like during training), truncated to its first ``num_layers`` blocks when given (``reward.probe_layer``)."""
+    load like during training), truncated to its first ``num_layers`` blocks when given
+    (``reward.probe_layer``)."""
     tokenizer.save_pretrained(staging / "tokenizer")
     save_file({f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()},
               staging / "head.safetensors")
@@ -493,8 +494,9 @@ def run_reward(cfg: Config) -> dict:
         "accuracy": str(accuracy_figure(table, ctx.run_dir / "figures" / "rm_accuracy.png")),
     }
     results = {"method": r.method, "probe_pooling": r.probe_pooling if r.method == "probe" else None,
-               "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
-               "best_baseline": assessment["best_baseline"], "figures": figures, "probe_layer_search": search,
+               "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"],
+               "length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
+               "figures": figures, "probe_layer_search": search,
                "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(
         ctx, "reward", results, stage_m,

@@ -315,7 +315,8 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             rewards[idx] = logits[:, 0].float().cpu()
             continue
-        states = backbone_of(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        states = backbone_of(model)(input_ids=ids, attention_mask=mask,
+                                    position_ids=position_ids(mask)).last_hidden_state
         width = ids.shape[1]
         read = last_real_token(ids, tokenizer.pad_token_id)
         first = torch.tensor([width - len(encoded[i]) + starts[i] for i in idx], device=device)

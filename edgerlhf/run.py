@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PROFILES, parse_cli_sets
+from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, load_config, parse_cli_sets
 from .files import atomic_write_text
 from .paths import REPO_ROOT, resolve
 from .records import create_run_dir, point_current_run
@@ -110,11 +110,13 @@ def run_notebooks(
     root: str | Path = ".",
     run_dir: str | Path | None = None,
     progress: bool = True,
+    config_file: str | Path | None = None,
 ) -> Path:
     """Execute the selected notebooks with papermill; returns the run folder.
 
-    Each notebook's ``parameters`` cell receives ``profile``, ``root``, ``run_dir`` and
-    ``overrides`` (dotted config keys). ``manifest.json`` is written before the first notebook
+    Each notebook's ``parameters`` cell receives ``profile``, ``root``, ``run_dir``, ``overrides``
+    (dotted config keys) and ``config_file`` (a JSON/YAML file, applied before the overrides); the
+    config they make is checked first. ``manifest.json`` is written before the first notebook
     (``status: "running"``, the runner's ``pid`` and ``host``) and rewritten after every notebook and
     on every way out: ``ok``, or ``failed`` with the error (a notebook's exception, a dead kernel,
     KeyboardInterrupt, SIGTERM). Runs left ``running`` by a runner that was killed outright are marked
@@ -124,12 +126,19 @@ def run_notebooks(
     Raises:
         NotebookFailed: a notebook raised or its kernel died; earlier notebooks' outputs are kept.
         FileExistsError: ``run_dir`` exists and is not empty (a finished or running run is never written into).
+        FileNotFoundError: ``config_file`` does not exist. ValueError, KeyError, TypeError: it, the profile or
+            an override is invalid (checked before anything is written, by :func:`edgerlhf.config.load_config`).
     """
     import papermill as pm
     from tqdm.auto import tqdm
 
     root = resolve(root)
     selected = select(only)
+    if config_file is not None:
+        config_file = resolve(config_file)
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such file")
+    load_config(profile, config_file, overrides=overrides or {})  # bad input fails here, before any folder
     if run_dir:
         run_dir = resolve(run_dir, root)
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -147,7 +156,8 @@ def run_notebooks(
         "host": socket.gethostname(), "status": "running", "notebooks": [],
     }
     write_manifest(run_dir, manifest)
-    parameters = {"profile": profile, "root": str(root), "run_dir": str(run_dir), "overrides": overrides or {}}
+    parameters = {"profile": profile, "root": str(root), "run_dir": str(run_dir), "overrides": overrides or {},
+                  "config_file": str(config_file) if config_file else None}
     for name in tqdm(selected, desc="notebooks", unit="nb", disable=not progress):
         entry = {"notebook": name, "output": str(run_dir / "notebooks" / name), "status": "running"}
         manifest["notebooks"].append(entry)
@@ -189,9 +199,11 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 1 a notebook failed)."""
     parser = argparse.ArgumentParser(description="Run the EdgeRLHF notebooks with papermill.")
-    parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                        help=f"the profile to start from (default: {DEFAULT_PROFILE})")
+    parser.add_argument("--config", default=None, help="JSON or YAML config file, applied after the profile")
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--root", default=".", help="project root holding data/, models/, results/")
     parser.add_argument("--run-dir", default=None, help="run folder (default: a new results/runs/<run_id>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -199,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         run_dir = run_notebooks(args.profile, args.only, parse_cli_sets(args.set), args.root, args.run_dir,
-                                progress=not args.no_progress)
-    except (NotebookFailed, FileExistsError) as exc:
+                                progress=not args.no_progress, config_file=args.config)
+    except (NotebookFailed, FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         print(f"edgerlhf.run: {exc}", file=sys.stderr)
         return 1
     print(f"edgerlhf.run: done; results in {run_dir}" + (f"; report: {run_dir / 'REPORT.md'}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config, parse_cli_sets, validate
+from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, Config, load_config, parse_cli_sets, validate
 from .hardware import resolve_device
 from .memory import apply_vram_budget, measure
 from .paths import resolve
@@ -110,8 +110,9 @@ def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fi
 def cli_config(description: str, argv: list[str] | None = None) -> Config:
     """Parse ``--profile``, ``--config FILE`` and repeated ``--set KEY=VALUE`` into a Config."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--profile", default=None, help="tiny, quick or full (default: the file's, else full)")
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help=f"the profile to start from (default: the config file's, else {DEFAULT_PROFILE})")
     parser.add_argument("--config", default=None, help="JSON or YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.n_train=100")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     args = parser.parse_args(argv)
     return load_config(args.profile, args.config, cli=parse_cli_sets(args.set))

@@ -107,3 +107,56 @@ def test_out_of_range_values_fail_before_anything_runs(item, message):
 def test_every_profile_is_valid():
     for name in PROFILES:
         load_config(name)
+
+
+def test_one_default_profile_and_the_field_listing(capsys):
+    import dataclasses
+
+    from edgerlhf.config import DEFAULT_PROFILE, field_help, main
+    from edgerlhf.stage import cli_config
+
+    assert DEFAULT_PROFILE == "quick" and load_config().profile == DEFAULT_PROFILE
+    assert cli_config("a stage", []).profile == DEFAULT_PROFILE  # python -m edgerlhf.<stage> with no flags
+    listing = field_help("quick").splitlines()
+    entries = [line for line in listing if not line.startswith(" ")]
+    sections = [s for s in dataclasses.fields(Config) if s.name != "profile"]
+    n_fields = sum(len(dataclasses.fields(s.default_factory())) for s in sections)
+    assert len(entries) == n_fields and len(listing) == 2 * n_fields  # every field, each with its help line
+    assert "reward.probe_pooling = 'last+mean'  (str)" in entries
+    assert "data.n_train = 1632  (int)  [quick]" in entries and "data.n_train = 5000  (int)" in field_help()
+    assert main(["--profile", "tiny"]) == 0 and "model.name = 'tiny-gpt2'  (str)  [tiny]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "dataclass defaults -> profile" in capsys.readouterr().out
+
+
+def test_the_runner_checks_its_config_before_making_a_run_folder(tmp_path, capsys):
+    from edgerlhf.run import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reward:\n  probe_pooling: max\n")
+    assert main(["--config", str(bad), "--root", str(tmp_path), "--no-progress"]) == 1
+    assert "reward.probe_pooling='max'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--root", str(tmp_path), "--no-progress"]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "runs").exists()  # nothing was written
+
+
+def test_the_console_script_dispatches_to_every_entry_point():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edgerlhf.cli import COMMANDS
+
+    script = Path(sys.executable).parent / "edgerlhf"
+    assert script.exists(), f"{script} missing: `pip install -e .` (scripts/setup.sh) installs the console script"
+    listing = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert listing.returncode == 0 and all(f"  {name} " in listing.stdout for name in COMMANDS)
+    fields = subprocess.run([str(script), "config", "--profile", "tiny"], capture_output=True, text=True)
+    assert fields.returncode == 0 and "model.name = 'tiny-gpt2'  (str)  [tiny]" in fields.stdout
+    for name in ("run", "sft", "ppo"):
+        helped = subprocess.run([str(script), name, "--help"], capture_output=True, text=True)
+        assert helped.returncode == 0 and "--set KEY=VALUE" in helped.stdout, name
+    unknown = subprocess.run([str(script), "train"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
