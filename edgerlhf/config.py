@@ -100,6 +100,14 @@ class DataConfig:
     out_dir: str = _f("data", "Output folder for `train_prefs.jsonl`, `test_prefs.jsonl`, `data_card.json` (str).")
 
 
+_GROUP_HELP = (
+    "Length-grouped micro-batches (bool): transformers' `LengthGroupedSampler` "
+    "(`train_sampling_strategy='group_by_length'`) puts sequences of similar length in one micro-batch, so dynamic "
+    "padding pads less (benchmarks/padding.py measures how much); False: random order (transformers' default). "
+    "The full profile turns it on; at a micro-batch of 1 there is no padding to save."
+)
+
+
 @dataclass
 class SFTConfig:
     """Stage 2: supervised fine-tuning on prompt + chosen reply."""
@@ -123,6 +131,7 @@ class SFTConfig:
     lr_scheduler_type: str = _f("linear", "`linear`, `cosine` or `constant_with_warmup` (str; transformers names).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (bool).")
+    group_by_length: bool = _f(False, _GROUP_HELP)
     max_length: int = _f(512, "Maximum tokens per prompt + reply (int).")
     overlong: str = _f(
         "truncate_left",
@@ -197,6 +206,7 @@ class RewardConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
     max_length: int = _f(512, "Maximum tokens per prompt + reply; prompts are truncated from the left (int). Plan: 512.")
     gradient_checkpointing: bool = _f(True, "Gradient checkpointing (bool). Research plan: on.")
+    group_by_length: bool = _f(False, _GROUP_HELP)
     lora_r: int = _f(16, "LoRA rank (int).")
     lora_alpha: int = _f(32, "LoRA alpha (int).")
     lora_dropout: float = _f(0.1, "LoRA dropout (float). Research plan: 0.1 against over-fitting.")
@@ -336,7 +346,7 @@ class Config:
 
 #: Named profiles: dotted overrides of the dataclass defaults. `full` is the research plan.
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": {"reward.seeds": [42, 43, 44]},
+    "full": {"reward.seeds": [42, 43, 44], "sft.group_by_length": True, "reward.group_by_length": True},
     "quick": {
         "model.name": "smollm2-135m-instruct",
         "data.n_train": 1632,  # every pair of the shared file not held out: 816 for the proxies, 816 for the judge

@@ -14,16 +14,27 @@ MIB = 1024**2
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """Turn ``"auto"`` into ``cuda`` when a GPU is visible, else ``cpu``; pass others through.
+    """Turn ``"auto"`` into a CUDA device when a GPU is visible, else ``cpu``; a CUDA device always comes back
+    with its index (``cuda:N``).
+
+    ``"cuda"`` without an index names no card, and several CUDA calls refuse it
+    (``torch.cuda.set_per_process_memory_fraction``: "Expected a torch.device with a specified index"), so it
+    becomes this process's card: ``LOCAL_RANK`` under ``accelerate launch``/``torchrun`` (one card per
+    process), else ``torch.cuda.current_device()``.
 
     Raises:
         RuntimeError: a CUDA device was asked for but none is available.
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})")
+    if dev.index is None:
+        local_rank = os.environ.get("LOCAL_RANK")
+        dev = torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
     return dev
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .distributed import process_info
 from .files import atomic_write_text
 from .hardware import hardware_report
 
@@ -129,6 +130,7 @@ def make_record(
         "seed": config.get("run", {}).get("seed"),
         "hardware": hardware_report(device),
         "software": software_versions(),
+        "processes": process_info(),  # how many processes ran the stage (accelerate launch), and which wrote
         "command": sys.argv[:1],
         "wall_time_s": wall,
         "peak_memory": measurement,

@@ -35,6 +35,7 @@ from transformers import EarlyStoppingCallback
 from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .baselines import baseline_scores, fit_pairwise_logistic
 from .config import Config, RewardConfig
+from .distributed import is_main_process, main_process_writes
 from .files import atomic_write_text, swap_in_dir
 from .lm import fit_prompt
 from .memory import free_memory, measure
@@ -84,15 +85,25 @@ def build_reward_model(sft_location: str, precision: str, cfg: RewardConfig, pad
 
 
 def make_trainer(model, tokenizer, cfg: RewardConfig, args: dict, train: list[dict], validation: list[dict]):
-    """TRL ``RewardTrainer`` with the Bradley-Terry loss, early stopping on validation accuracy."""
+    """TRL ``RewardTrainer`` with the Bradley-Terry loss, early stopping on validation accuracy.
+
+    With ``cfg.group_by_length`` the tokenized pairs get a ``length`` column, the width the
+    collator pads a pair to (the longer of its chosen and rejected ids, tokens), for transformers'
+    ``LengthGroupedSampler``, which infers lengths only from an ``input_ids`` column that preference data
+    lacks; unused columns are then kept (the collator reads only the ids), so the sampler sees it."""
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
     config = TRLRewardConfig(**args, max_length=None, center_rewards_coefficient=cfg.center_rewards_coefficient,
-                             disable_dropout=False)  # keep LoRA dropout (research plan: 0.1)
+                             disable_dropout=False,  # keep LoRA dropout (research plan: 0.1)
+                             remove_unused_columns=not cfg.group_by_length)
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
                             eval_dataset=Dataset.from_list(validation), processing_class=tokenizer,
                             callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience)])
+    if cfg.group_by_length:  # transformers groups the evaluation batches by length too
+        def width(e):
+            return {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))}
+        trainer.train_dataset, trainer.eval_dataset = trainer.train_dataset.map(width), trainer.eval_dataset.map(width)
     keep_trainable_dtype(trainer.model, compute_dtype(trainer.model.device))
     return trainer
 
@@ -110,6 +121,18 @@ def dtype_that_ran(precision: str, device) -> str:
     return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
                                      f"{compute} elsewhere",
             "int4": f"nf4 (double quant), {compute} compute"}[precision]
+
+
+def write_model_folder(folder: Path, write) -> None:
+    """Make ``folder`` anew: ``write(staging)`` fills an empty sibling ``.staging-<name>`` that then replaces
+    ``folder`` (the old model stays until the new one is complete); on the main process only
+    (:func:`edgerlhf.distributed.main_process_writes`), the others wait for it."""
+    def run():
+        staging = folder.parent / f".staging-{folder.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        write(staging)
+        swap_in_dir(staging, folder)
+    main_process_writes(run)
 
 
 def save_trained(trainer, tokenizer, sft_location: str, precision: str, staging: Path, device) -> None:
@@ -172,13 +195,11 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
             lambda args: make_trainer(model, tokenizer, r, args, train, validation),
             trainer_arguments(r, checkpoints, ctx.device, seed, "eval_accuracy", greater_is_better=True),
             last, cfg.run.max_oom_backoffs)
-        staging = out_dir / f".staging-{name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_trained(trainer, tokenizer, sft_location, precision, staging, ctx.device)
-        swap_in_dir(staging, out_dir / name)
+        write_model_folder(out_dir / name, lambda staging: save_trained(
+            trainer, tokenizer, sft_location, precision, staging, ctx.device))
         trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
     if not r.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        main_process_writes(shutil.rmtree, checkpoints, ignore_errors=True)
     results = {"parameters": parameters, "global_step": trainer.state.global_step,
                "resumed_from": Path(last).name if last else None, "train_runtime_s": output.metrics["train_runtime"],
                "peak_memory_training": m, "log_history": trainer.state.log_history, "oom_backoffs": backoffs}
@@ -209,7 +230,7 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
                 models[name] = {"precision": precision, "mode": mode, "method": "lora", "folder": str(out_dir / name),
                                 "dtype": dtype_that_ran(precision, ctx.device), **trained, **evaluated}
             else:
-                shutil.rmtree(out_dir / folder_name)
+                main_process_writes(shutil.rmtree, out_dir / folder_name)
         models[name].update(seeds=list(seeds), seed_accuracies=accuracies)
     if r.post_training_quantization and "bf16" in r.precisions:
         for precision in [p for p in PRECISIONS if p != "bf16"]:
@@ -375,11 +396,9 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
             fits = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed}
                     for seed in (r.seeds if mode == "trained" else r.seeds[:1])]
             heads[name] = fits
-            staging = out_dir / f".staging-{name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            save_probe(staging, fits[0]["weight"], tokenizer, sft_location, precision, ctx.device, fits[0], layer,
-                       r.probe_pooling)
-            swap_in_dir(staging, out_dir / name)
+            write_model_folder(out_dir / name, lambda staging: save_probe(
+                staging, fits[0]["weight"], tokenizer, sft_location, precision, ctx.device, fits[0], layer,
+                r.probe_pooling))
             models[name] = probe_entry(precision, mode, fits, feats, cost, ex, train_split, val_split,
                                        out_dir / name, ctx.device)
             models[name].update(probe_layer=layer, **check_saved_probe(
@@ -434,7 +453,7 @@ def run_reward(cfg: Config) -> dict:
         FileExistsError: checkpoints of an unfinished run exist and ``reward.resume`` is False.
     """
     r = cfg.reward
-    ctx = begin(cfg)
+    ctx = begin(cfg, distributed=True)
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
         # data: disjoint proxy / judge shares of the training pairs, and the held-out test pairs
@@ -480,7 +499,7 @@ def run_reward(cfg: Config) -> dict:
                         np.subtract(entry["scores_chosen"], entry["scores_rejected"]))
                     entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
                                  if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"]})
-        write_evaluation(out_dir, models, assessment)
+        main_process_writes(write_evaluation, out_dir, models, assessment)
         if search:
             losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
             assessment["conclusions"].insert(0, (
@@ -488,11 +507,11 @@ def run_reward(cfg: Config) -> dict:
                 f"{search['pairs']} {search['precision']} training pairs, by block: {losses}); the test pairs "
                 "played no part in the choice"))
     table = summary_table(models, baselines)
-    figures = {
+    figures = main_process_writes(lambda: {
         "reliability": str(reliability_figure(models, ctx.run_dir / "figures" / "rm_reliability.png")),
         "margins": str(margin_figure(models, ctx.run_dir / "figures" / "rm_margins.png")),
         "accuracy": str(accuracy_figure(table, ctx.run_dir / "figures" / "rm_accuracy.png")),
-    }
+    })
     results = {"method": r.method, "probe_pooling": r.probe_pooling if r.method == "probe" else None,
                "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"],
                "length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
@@ -550,7 +569,8 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: ``python -m edgerlhf.reward [--profile P] [--config F] [--set K=V ...]``."""
     results = run_reward(cli_config("Stage 3: reward models at bf16, int8 and int4.", argv))
-    print("\n".join(results["conclusions"]))
+    if is_main_process():
+        print("\n".join(results["conclusions"]))
 
 
 if __name__ == "__main__":

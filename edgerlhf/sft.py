@@ -26,6 +26,7 @@ from .adapters import (
     compute_dtype, count_parameters, freeze_first_blocks, lora_config, nf4_in_compute_dtype, quantization_config,
 )
 from .config import Config, SFTConfig
+from .distributed import is_main_process, main_process_writes
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
 from .lm import completion_nll, fit_prompt
@@ -122,6 +123,28 @@ def merged_model(trained, cfg: SFTConfig, base_location: str, adapter_dir: Path 
     return trained.merge_and_unload()
 
 
+def start_staging(staging: Path, model, adapter_dir: Path | None) -> None:
+    """Empty the staging folder and save the trained adapter into ``adapter_dir`` (None: no adapter)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if adapter_dir is not None:
+        model.save_pretrained(adapter_dir)
+
+
+def save_merged(model, tokenizer, folder: Path) -> None:
+    """Save the merged model (safetensors) and its tokenizer into ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def finish_model(staging: Path, model_dir: Path, info: dict, checkpoints: Path | None) -> None:
+    """Write ``sft_info.json`` into ``staging``, swap it in as ``model_dir`` (the old model stays until the new
+    one is complete) and remove the ``checkpoints`` folder unless it is None."""
+    atomic_write_text(staging / "sft_info.json", json.dumps(info, indent=2) + "\n")
+    swap_in_dir(staging, model_dir)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
 def samples_table(prompts: list[list[dict]], before: list[str], after: list[str]) -> list[dict]:
     """Rows ``{"prompt": last user turn, "before": reply, "after": reply}`` for the notebook."""
     return [{"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
@@ -139,7 +162,7 @@ def run_sft(cfg: Config) -> dict:
     s = cfg.sft
     if s.strategy == "distill" and not s.teacher:
         raise ValueError("sft.strategy='distill' needs sft.teacher (a registry name or model folder)")
-    ctx = begin(cfg)
+    ctx = begin(cfg, distributed=True)
     out_dir, data_dir = ctx.path(s.output_dir), ctx.path(cfg.data.out_dir)
     checkpoints = out_dir / "checkpoints"
     last = checkpoint_to_resume(checkpoints, s.resume, "sft.resume")
@@ -181,15 +204,12 @@ def run_sft(cfg: Config) -> dict:
         # save (into a staging folder, swapped in only when complete)
         ctx.step = "save"
         staging = out_dir / ".staging"
-        shutil.rmtree(staging, ignore_errors=True)
         adapter_dir = staging / "adapter" if isinstance(trainer.model, PeftModel) else None
-        if adapter_dir is not None:
-            trainer.model.save_pretrained(adapter_dir)
+        main_process_writes(start_staging, staging, trainer.model, adapter_dir)
         final = merged_model(trainer.model, s, base, adapter_dir, ctx.device)
         trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
         free_memory()
-        final.save_pretrained(staging / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(staging / "merged")
+        main_process_writes(save_merged, final, tokenizer, staging / "merged")
         # evaluate the merged model: what stages 3 and 4 load
         ctx.step = "evaluate"
         after = completion_nll(final, tokenizer, pairs)
@@ -209,14 +229,12 @@ def run_sft(cfg: Config) -> dict:
             "log_history": trainer.state.log_history, "oom_backoffs": backoffs,
             "samples": samples_table(sample_prompts, samples_before, samples_after),
         }
-        atomic_write_text(staging / "sft_info.json", json.dumps(
-            {k: v for k, v in results.items() if k not in ("log_history", "samples")} | {"base_model": base},
-            indent=2) + "\n")
-        swap_in_dir(staging, out_dir / "model")
-        if not s.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
+        info = {k: v for k, v in results.items() if k not in ("log_history", "samples")} | {"base_model": base}
+        main_process_writes(finish_model, staging, out_dir / "model", info,
+                            None if s.keep_checkpoints else checkpoints)
     results["model_dir"] = str(out_dir / "model")
-    results["figure"] = str(loss_figure(trainer.state.log_history, ctx.run_dir / "figures" / "sft_loss.png"))
+    results["figure"] = str(main_process_writes(loss_figure, trainer.state.log_history,
+                                                ctx.run_dir / "figures" / "sft_loss.png"))
     results["record"] = str(finish(
         ctx, "sft", results, m, model_config={"base_model": cfg.model.name, "strategy": s.strategy,
                                               "lora_rank": s.lora_r if s.strategy in ("lora", "qlora", "distill")
@@ -232,8 +250,9 @@ def run_sft(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: ``python -m edgerlhf.sft [--profile P] [--config F] [--set K=V ...]``."""
     results = run_sft(cli_config("Stage 2: supervised fine-tuning.", argv))
-    print(json.dumps({k: results[k] for k in ("strategy", "perplexity_before", "perplexity_after",
-                                              "tokens_per_second", "model_dir", "record")}, indent=2))
+    if is_main_process():
+        print(json.dumps({k: results[k] for k in ("strategy", "perplexity_before", "perplexity_after",
+                                                  "tokens_per_second", "model_dir", "record")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, Config, load_config, parse_cli_sets, validate
+from .distributed import main_process_writes, process_info
 from .hardware import resolve_device
 from .memory import apply_vram_budget, measure
 from .paths import resolve
@@ -33,7 +34,7 @@ class StageContext:
         return resolve(relative, self.root)
 
 
-def begin(cfg: Config, starts_run: bool = False) -> StageContext:
+def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> StageContext:
     """Validate the config, seed everything, resolve the device, apply the VRAM budget and find or create
     the run folder.
 
@@ -43,18 +44,23 @@ def begin(cfg: Config, starts_run: bool = False) -> StageContext:
     when there is no current run, creates a new ``results/runs/<run_id>`` and makes it current. The folder
     is written back into ``cfg`` so the record names it.
 
+    Only a stage that is ``distributed`` (SFT and reward training, whose library trainers shard the work) may
+    run in several processes under ``accelerate launch``; its files are written by the main process alone.
+
     Raises:
         ValueError: a config value out of range (:func:`edgerlhf.config.validate`), or a current-run
             pointer that is damaged or names a deleted folder; nothing is written.
+        RuntimeError: several processes run a stage that is not ``distributed``.
     """
     validate(cfg)  # also a Config built or changed in code, not only through load_config
+    processes = process_info()["num_processes"]
+    if processes > 1 and not distributed:
+        raise RuntimeError(f"this stage runs in one process, not {processes}: start it with python -m, not "
+                           "accelerate launch (only edgerlhf.sft and edgerlhf.reward shard their training)")
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     root = resolve(cfg.run.root)
-    if cfg.run.run_dir is None:
-        run_dir = None if starts_run else current_run(root / "results")
-        if run_dir is None:
-            run_dir = create_run_dir(root / "results", cfg.profile)
-            point_current_run(root / "results", run_dir)
+    if cfg.run.run_dir is None:  # under accelerate launch the main process decides, the others join it
+        run_dir = main_process_writes(join_or_start_run, root / "results", cfg.profile, starts_run)
         cfg.run.run_dir = str(run_dir)
     else:
         run_dir = resolve(cfg.run.run_dir, root)
@@ -64,6 +70,20 @@ def begin(cfg: Config, starts_run: bool = False) -> StageContext:
     ctx = StageContext(cfg=cfg, root=root, run_dir=run_dir, device=device, budget=budget)
     _BEGUN.append(ctx)
     return ctx
+
+
+def join_or_start_run(results: Path, profile: str, starts_run: bool) -> Path:
+    """The current run folder under ``results`` (:func:`edgerlhf.records.current_run`), or, when
+    ``starts_run`` or there is none, a new ``results/runs/<run_id>`` made current.
+
+    Raises:
+        ValueError: the current-run pointer is damaged or names a deleted folder.
+    """
+    run_dir = None if starts_run else current_run(results)
+    if run_dir is None:
+        run_dir = create_run_dir(results, profile)
+        point_current_run(results, run_dir)
+    return run_dir
 
 
 #: Contexts begun inside the stage functions now running (innermost last), for :func:`recorded`.
@@ -104,7 +124,7 @@ def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fi
         stage, ctx.run_dir, ctx.cfg.to_dict(), results, measurement=measurement, device=str(ctx.device), **fields
     )
     record["vram_budget"] = ctx.budget
-    return write_record(record, ctx.run_dir)
+    return main_process_writes(write_record, record, ctx.run_dir)  # once, also under accelerate launch
 
 
 def cli_config(description: str, argv: list[str] | None = None) -> Config:

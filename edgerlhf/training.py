@@ -29,10 +29,11 @@ def trainer_arguments(section, checkpoints: Path, device: torch.device, seed: in
 
     ``section`` provides ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
     ``learning_rate``, ``num_train_epochs``, ``max_steps``, ``warmup_ratio``, ``lr_scheduler_type``,
-    ``max_grad_norm``, ``gradient_checkpointing``, ``eval_steps``, ``logging_steps`` and
-    ``save_total_limit``. Evaluation and checkpoints happen every ``eval_steps`` optimizer steps
-    (each epoch when None); with a ``metric`` the best checkpoint is loaded at the end (needed by
-    early stopping); ``metric=None`` disables evaluation. bf16 only on a CUDA device that supports it.
+    ``max_grad_norm``, ``gradient_checkpointing``, ``eval_steps``, ``logging_steps``,
+    ``save_total_limit`` and ``group_by_length`` (length-grouped micro-batches). Evaluation and
+    checkpoints happen every ``eval_steps`` optimizer steps (each epoch when None); with a ``metric``
+    the best checkpoint is loaded at the end (needed by early stopping); ``metric=None`` disables
+    evaluation. bf16 only on a CUDA device that supports it.
     """
     eval_strategy = "no" if metric is None else ("steps" if section.eval_steps else "epoch")
     return dict(
@@ -51,6 +52,7 @@ def trainer_arguments(section, checkpoints: Path, device: torch.device, seed: in
         save_strategy="steps" if section.eval_steps or eval_strategy == "no" else "epoch",
         save_steps=section.eval_steps or 500, save_total_limit=section.save_total_limit,
         load_best_model_at_end=metric is not None, metric_for_best_model=metric, greater_is_better=greater_is_better,
+        train_sampling_strategy="group_by_length" if section.group_by_length else "random",
         report_to="none", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
     )
 

@@ -1,0 +1,34 @@
+"""Packaging for reproducibility: constraints.txt pins every dependency inside pyproject.toml's ranges, and
+scripts/setup.sh installs under it."""
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pins() -> dict[str, Version]:
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            out[canonicalize_name(name)] = Version(version)
+    return out
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = pins()
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pinned[name], prereleases=True), f"{req.name}=={pinned[name]} not in {req}"
+
+
+def test_setup_installs_under_the_constraints():
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'EDGERLHF_CONSTRAINTS-constraints.txt' in script and '"${PINNED[@]}" -e ".[dev]"' in script
