@@ -104,7 +104,7 @@ def mark_abandoned(results_dir: Path) -> list[Path]:
 
 
 def run_notebooks(
-    profile: str,
+    profile: str | None,
     only: str | None = None,
     overrides: dict | None = None,
     root: str | Path = ".",
@@ -138,7 +138,8 @@ def run_notebooks(
         config_file = resolve(config_file)
         if not config_file.is_file():
             raise FileNotFoundError(f"--config {config_file}: no such file")
-    load_config(profile, config_file, overrides=overrides or {})  # bad input fails here, before any folder
+    # bad input fails here, before any folder; profile None: the config file's, else the default profile
+    profile = load_config(profile, config_file, overrides=overrides or {}).profile
     if run_dir:
         run_dir = resolve(run_dir, root)
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -199,8 +200,8 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 1 a notebook failed)."""
     parser = argparse.ArgumentParser(description="Run the EdgeRLHF notebooks with papermill.")
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
-                        help=f"the profile to start from (default: {DEFAULT_PROFILE})")
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help=f"the profile to start from (default: the config file's, else {DEFAULT_PROFILE})")
     parser.add_argument("--config", default=None, help="JSON or YAML config file, applied after the profile")
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,01")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)

@@ -14,8 +14,11 @@ def pins() -> dict[str, Version]:
     out = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            out[canonicalize_name(name)] = Version(version)
+            pin = Requirement(line)  # name==version; python_version >= "3.11"
+            assert pin.marker is not None and pin.marker.evaluate({"python_version": "3.11"}), line
+            (spec,) = pin.specifier
+            assert spec.operator == "==", line
+            out[canonicalize_name(pin.name)] = Version(spec.version)
     return out
 
 
