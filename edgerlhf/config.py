@@ -64,6 +64,16 @@ class RunConfig:
         3, "Out-of-memory back-offs per training run or PPO step (int): each halves the micro-batch and doubles "
         "gradient accumulation, so the effective batch is unchanged; 0 lets the error through."
     )
+    auto_micro_batch: bool = _f(
+        True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
+        "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.planner.fit_micro_batch`) "
+        "fits the memory measured free under `vram_budget_gib`, less `micro_batch_headroom`; the choice is recorded. "
+        "Ignored on a CPU, where the configured sizes stand (they were chosen for RAM and speed, measured)."
+    )
+    micro_batch_headroom: float = _f(
+        0.25, "Fraction of the available device memory the micro-batch choice leaves free (float in [0, 0.9]) for "
+        "what the planner does not model (allocator fragmentation, library buffers); 0.25 of 8 GiB plans for 6 GiB."
+    )
 
 
 @dataclass
@@ -472,7 +482,7 @@ _POSITIVE = (1, None)
 #: Allowed values of the numeric and enumerated fields: ``(low, high)`` bounds (inclusive, None: open),
 #: ``("above", x)`` (strictly greater) or a tuple of choices. Checked by :func:`validate` after every layer.
 LIMITS: dict[str, Any] = {
-    "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0),
+    "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0), "run.micro_batch_headroom": (0.0, 0.9),
     "data.n_train": _POSITIVE, "data.n_test": _POSITIVE, "data.max_length": (8, None),
     "sft.strategy": SFT_STRATEGIES, "sft.overlong": ("truncate_left", "drop"),
     "sft.lora_r": _POSITIVE, "sft.lora_alpha": _POSITIVE, "sft.lora_dropout": (0.0, 0.99),

@@ -168,6 +168,22 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
 
 
+def available_device_mib(device: torch.device | str, budget_gib: float | None) -> float | None:
+    """Device memory this process may still plan with, in MiB, measured now: the smaller of the cap
+    (``budget_gib``; None: no cap) and what the card has (``torch.cuda.mem_get_info``'s free memory plus what
+    this process's caching allocator already reserves, since the planner counts this process's own weights).
+    Memory other processes hold is thus left out. None on a CPU, where nothing is planned.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    free, _ = torch.cuda.mem_get_info(dev)
+    card = (free + torch.cuda.memory_reserved(dev)) / MIB
+    return card if budget_gib is None else min(card, budget_gib * GIB / MIB)
+
+
 def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3, log=print):
     """Call ``run(micro_batch, accumulation)``; on ``torch.OutOfMemoryError`` halve the micro-batch,
     double the accumulation (the effective batch ``micro_batch * accumulation`` is unchanged), free

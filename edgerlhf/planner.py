@@ -23,6 +23,7 @@ included; ``benchmarks/memory_plan.py`` compares it with measured peaks.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 MIB = 2**20
@@ -162,6 +163,67 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
     else:
         raise ValueError(f"unknown stage {stage!r}; choose sft, reward or ppo")
     return MemoryEstimate(stage, sum(parts.values()), parts)
+
+
+#: Each training stage's micro-batch and accumulation fields: (section, micro-batch field, accumulation field).
+MICRO_BATCH_FIELDS = {
+    "sft": ("sft", "per_device_train_batch_size", "gradient_accumulation_steps"),
+    "reward": ("reward", "per_device_train_batch_size", "gradient_accumulation_steps"),
+    "ppo": ("ppo", "mini_batch_size", "gradient_accumulation_steps"),
+}
+
+
+def fit_micro_batch(stage: str, cfg, model_config, compute: str, available_mib: float,
+                    headroom: float = 0.25) -> dict:
+    """The largest micro-batch of ``stage`` whose planned peak (:func:`estimate`) fits ``(1 - headroom) *
+    available_mib``, with the effective batch (micro-batch x gradient accumulation) unchanged.
+
+    Candidates are the divisors of the effective batch (the accumulation becomes effective / micro-batch, so
+    the optimisation is the same up to the order of summation). Under a cap of 8 GiB the default headroom of 0.25
+    plans for 6 GiB, the space left for allocator fragmentation and library buffers that the planner does not
+    model (issue 14's target: SFT reserved memory <= 6 GiB of the 8 GiB cap). When even a micro-batch of 1 does
+    not fit, the configured values are kept and ``fits`` is False (the planner's advice and the out-of-memory
+    back-off then apply).
+
+    Args:
+        stage: ``sft``, ``reward`` or ``ppo``.
+        available_mib: device memory this process may use, in MiB (:func:`edgerlhf.memory.available_device_mib`).
+        headroom: fraction of ``available_mib`` kept free, in [0, 1).
+    Returns:
+        ``{"stage", "micro_batch", "accumulation", "configured": [micro, accumulation], "estimate_mib",
+        "target_mib", "fits"}``.
+    Raises:
+        ValueError: unknown stage, or ``headroom`` outside [0, 1).
+    """
+    if stage not in MICRO_BATCH_FIELDS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(MICRO_BATCH_FIELDS)}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    section_name, micro_key, accum_key = MICRO_BATCH_FIELDS[stage]
+    section = getattr(cfg, section_name)
+    micro, accum = getattr(section, micro_key), getattr(section, accum_key)
+    effective, target = micro * accum, (1 - headroom) * available_mib
+    chosen = None
+    for b in (d for d in range(1, effective + 1) if effective % d == 0):
+        trial = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{micro_key: b})})
+        total = estimate(stage, trial, model_config, compute).total_mib
+        if total > target:
+            break  # the estimate grows with the micro-batch
+        chosen = (b, total)
+    fits = chosen is not None
+    b, total = chosen if fits else (micro, estimate(stage, cfg, model_config, compute).total_mib)
+    return {"stage": stage, "micro_batch": b, "accumulation": effective // b if fits else accum,
+            "configured": [micro, accum], "estimate_mib": round(total, 1), "target_mib": round(target, 1),
+            "fits": fits}
+
+
+def with_micro_batch(cfg, choice: dict):
+    """``cfg`` with ``choice``'s micro-batch and accumulation (from :func:`fit_micro_batch`) in its stage's
+    section; ``cfg`` itself is not changed."""
+    section_name, micro_key, accum_key = MICRO_BATCH_FIELDS[choice["stage"]]
+    section = dataclasses.replace(getattr(cfg, section_name), **{micro_key: choice["micro_batch"],
+                                                                  accum_key: choice["accumulation"]})
+    return dataclasses.replace(cfg, **{section_name: section})
 
 
 ADVICE = {

@@ -47,7 +47,7 @@ from .rewards import (
     HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
     tokenizer_fingerprint, weights_fingerprint, write_info,
 )
-from .stage import begin, cli_config, finish, recorded
+from .stage import begin, choose_micro_batch, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
@@ -463,6 +463,10 @@ def run_reward(cfg: Config) -> dict:
         # tokenizer (the SFT model's, with its chat template and pad token)
         ctx.step = "tokenizer"
         sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
+        micro_batch = None
+        if r.method == "lora":  # on CUDA, the micro-batch the planner fits (probes train no network)
+            cfg, micro_batch = choose_micro_batch(ctx, "reward", sft_location)
+            r = cfg.reward
         tokenizer = load_tokenizer(sft_location)
         ensure_chat_template(tokenizer)
         ensure_pad_token(tokenizer)
@@ -515,7 +519,7 @@ def run_reward(cfg: Config) -> dict:
     results = {"method": r.method, "probe_pooling": r.probe_pooling if r.method == "probe" else None,
                "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"],
                "length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
-               "figures": figures, "probe_layer_search": search,
+               "figures": figures, "probe_layer_search": search, "micro_batch_choice": micro_batch,
                "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(
         ctx, "reward", results, stage_m,

@@ -482,7 +482,7 @@ def _pair_batch_features(backbone, pairs: list[PairTokens], pad: int, taps: _Blo
     out = backbone(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
                    use_cache=True)
     prefix_states = taps.states(out) if pooling != "last" else None
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(2)  # rows: prefix 0, prefix 0, prefix 1, ... for chosen, rejected
     suffixes = [p.suffixes[j] for p in pairs for j in (0, 1)]
     width = max(map(len, suffixes))
@@ -492,7 +492,7 @@ def _pair_batch_features(backbone, pairs: list[PairTokens], pad: int, taps: _Blo
     mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
     positions = prefix_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(width, device=device)[None]
     suffix_states = taps.states(backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                         past_key_values=cache, use_cache=False))
+                                         cache=cache, use_cache=False))
     read = torch.tensor([p.reads[j] for p in pairs for j in (0, 1)], device=device)
     rows = torch.arange(len(suffixes), device=device)
     if pooling == "last":

@@ -34,7 +34,7 @@ from .memory import free_memory, measure
 from .models import load_causal_lm, load_tokenizer, prepare_base_model
 from .plots import loss_figure
 from .prefs import read_prefs
-from .stage import begin, cli_config, finish, recorded
+from .stage import begin, choose_micro_batch, cli_config, finish, recorded
 from .templates import ensure_chat_template, ensure_pad_token
 from .training import checkpoint_to_resume, train_with_backoff, trainer_arguments
 
@@ -174,6 +174,8 @@ def run_sft(cfg: Config) -> dict:
         # tokenizer
         ctx.step = "tokenizer"
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
+        train_cfg, micro_batch = choose_micro_batch(ctx, "sft", base)  # on CUDA, the micro-batch the planner fits
+        s = train_cfg.sft
         tokenizer = load_tokenizer(base)
         template = ensure_chat_template(tokenizer)
         ensure_pad_token(tokenizer)
@@ -226,7 +228,7 @@ def run_sft(cfg: Config) -> dict:
             "train_runtime_s": output.metrics.get("train_runtime"),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": trainer.state.num_input_tokens_seen / max(output.metrics.get("train_runtime", 0), 1e-9),
-            "log_history": trainer.state.log_history, "oom_backoffs": backoffs,
+            "log_history": trainer.state.log_history, "oom_backoffs": backoffs, "micro_batch_choice": micro_batch,
             "samples": samples_table(sample_prompts, samples_before, samples_after),
         }
         info = {k: v for k, v in results.items() if k not in ("log_history", "samples")} | {"base_model": base}

@@ -12,7 +12,7 @@ import torch
 from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, Config, load_config, parse_cli_sets, validate
 from .distributed import main_process_writes, process_info
 from .hardware import resolve_device
-from .memory import apply_vram_budget, measure
+from .memory import apply_vram_budget, available_device_mib, measure
 from .paths import resolve
 from .records import create_run_dir, current_run, make_record, point_current_run, write_record
 from .reproducibility import seed_everything
@@ -116,6 +116,33 @@ def recorded(stage: str):
                 del _BEGUN[depth:]
         return run
     return wrap
+
+
+def choose_micro_batch(ctx: StageContext, stage: str, model_location: str) -> tuple[Config, dict | None]:
+    """The config ``stage`` (``sft`` or ``reward``) should train with: with ``run.auto_micro_batch`` on a CUDA
+    device, its micro-batch is the largest that the memory planner fits into the device memory measured now
+    (:func:`edgerlhf.memory.available_device_mib`, under ``run.vram_budget_gib``) less
+    ``run.micro_batch_headroom``, with the effective batch unchanged (:func:`edgerlhf.planner.fit_micro_batch`).
+    On a CPU, or with the option off, ``ctx.cfg`` is returned unchanged.
+
+    Returns:
+        ``(config, choice)``; ``choice`` (None when nothing was chosen) goes into the stage's record: the
+        micro-batch and accumulation chosen and configured, the planned peak and the target (MiB).
+    """
+    from transformers import AutoConfig
+
+    from .adapters import compute_dtype
+    from .planner import fit_micro_batch, with_micro_batch
+
+    cfg = ctx.cfg
+    available = available_device_mib(ctx.device, cfg.run.vram_budget_gib)
+    if not cfg.run.auto_micro_batch or available is None:
+        return cfg, None
+    compute = "bf16" if compute_dtype(ctx.device) == torch.bfloat16 else "fp32"
+    choice = fit_micro_batch(stage, cfg, AutoConfig.from_pretrained(model_location), compute, available,
+                             cfg.run.micro_batch_headroom)
+    choice["available_mib"] = round(available, 1)
+    return with_micro_batch(cfg, choice), choice
 
 
 def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fields) -> Path:

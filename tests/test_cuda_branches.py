@@ -98,3 +98,36 @@ def test_evaluation_forks_the_rng_of_the_card_it_runs_on(fake_cuda):
     with isolated_rng(7, resolve_device("cuda")):
         pass
     assert ("get_rng_state", 0) in fake_cuda and ("set_rng_state", 0) in fake_cuda
+
+
+def test_training_on_the_card_takes_the_micro_batch_the_planner_fits(fake_cuda, tiny_cfg, tiny_gpt2, monkeypatch):
+    from edgerlhf.stage import choose_micro_batch
+
+    free = {"bytes": 20 * 2**30}
+
+    def mem_get_info(device=None):
+        fake_cuda.append(("mem_get_info", _get_device_index(device)))  # as torch.cuda.mem_get_info
+        return free["bytes"], CARD_GIB * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30)
+    cfg = tiny_cfg(**{"run.device": "cuda", "run.vram_budget_gib": 8.0, "sft.per_device_train_batch_size": 1,
+                      "sft.gradient_accumulation_steps": 8})
+    ctx = begin(cfg, starts_run=True)
+    chosen, choice = choose_micro_batch(ctx, "sft", tiny_gpt2)
+    assert choice["available_mib"] == 8 * 1024  # the cap, below what the card has free
+    assert ("mem_get_info", 0) in fake_cuda
+    assert choice["micro_batch"] == 8 and choice["accumulation"] == 1  # a tiny model: the whole batch fits
+    assert (chosen.sft.per_device_train_batch_size, chosen.sft.gradient_accumulation_steps) == (8, 1)
+    assert ctx.cfg.sft.per_device_train_batch_size == 1  # the recorded config keeps what was asked for
+    free["bytes"] = 0  # another process holds the card: only this process's own 1 GiB remains
+    assert choose_micro_batch(ctx, "sft", tiny_gpt2)[1]["available_mib"] == 1024
+    ctx.cfg.run.auto_micro_batch = False
+    assert choose_micro_batch(ctx, "sft", tiny_gpt2) == (ctx.cfg, None)
+
+
+def test_on_a_cpu_the_configured_micro_batch_stands(tiny_cfg, tiny_gpt2):
+    from edgerlhf.stage import choose_micro_batch
+
+    ctx = begin(tiny_cfg(**{"run.device": "cpu"}), starts_run=True)
+    assert choose_micro_batch(ctx, "sft", tiny_gpt2) == (ctx.cfg, None)

@@ -53,3 +53,49 @@ def test_stage_estimates_respond_to_the_settings():
     assert ppo.fits(8) and not ppo.fits(0.01) and ppo.fits(None)
     with pytest.raises(ValueError, match="unknown stage"):
         estimate("dpo", cfg, config)
+
+
+def smollm2_shape_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+def test_the_micro_batch_is_the_largest_that_fits_and_the_effective_batch_is_kept():
+    from edgerlhf.planner import fit_micro_batch, with_micro_batch
+
+    cfg = load_config("full", overrides={"sft.per_device_train_batch_size": 8, "sft.gradient_accumulation_steps": 4})
+    model = smollm2_shape_config()
+    budget = 8 * 1024
+    choice = fit_micro_batch("sft", cfg, model, "bf16", budget, headroom=0.25)
+    b, accumulation = choice["micro_batch"], choice["accumulation"]
+    assert choice["fits"] and b * accumulation == 32 and 32 % b == 0
+    assert choice["estimate_mib"] <= 0.75 * budget == choice["target_mib"]
+    if b < 32:  # the next divisor up would not have fitted
+        larger = next(d for d in range(b + 1, 33) if 32 % d == 0)
+        bigger = with_micro_batch(cfg, {**choice, "micro_batch": larger, "accumulation": 32 // larger})
+        assert estimate("sft", bigger, model, "bf16").total_mib > choice["target_mib"]
+    chosen = with_micro_batch(cfg, choice)
+    assert (chosen.sft.per_device_train_batch_size, chosen.sft.gradient_accumulation_steps) == (b, accumulation)
+    assert cfg.sft.per_device_train_batch_size == 8  # the original config is untouched
+    # more memory, a larger micro-batch; none at all, the configured values stay and fits is False
+    assert fit_micro_batch("sft", cfg, model, "bf16", 4 * budget)["micro_batch"] >= b
+    none = fit_micro_batch("sft", cfg, model, "bf16", 10.0)
+    assert not none["fits"] and (none["micro_batch"], none["accumulation"]) == (8, 4)
+    with pytest.raises(ValueError, match="headroom"):
+        fit_micro_batch("sft", cfg, model, "bf16", budget, headroom=1.0)
+    with pytest.raises(ValueError, match="unknown stage"):
+        fit_micro_batch("dpo", cfg, model, "bf16", budget)
+
+
+
+def test_every_training_stage_keeps_its_effective_batch():
+    from edgerlhf.planner import fit_micro_batch
+
+    cfg = load_config("full")
+    for stage, section, micro in (("reward", "reward", "per_device_train_batch_size"),
+                                  ("ppo", "ppo", "mini_batch_size")):
+        before = getattr(getattr(cfg, section), micro) * getattr(cfg, section).gradient_accumulation_steps
+        choice = fit_micro_batch(stage, cfg, smollm2_shape_config(), "bf16", 8 * 1024)
+        assert choice["fits"] and choice["micro_batch"] * choice["accumulation"] == before, stage

@@ -631,6 +631,44 @@ def test_reward_gain_and_bias_give_sft_replies_mean_zero_and_unit_std(tiny_gpt2)
     assert normalisation(policy, head, tok, queries, prompts, CFG, scorer, 5) == (1.0, 0.0)  # off by default
 
 
+def test_length_groups_pad_each_group_to_its_own_longest_row():
+    lengths = [182, 252, 46, 121, 38, 88, 143, 84, 0]
+    groups = ppo.length_groups(lengths, slack=0.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        widest, real = lengths[g[0]], sum(lengths[i] for i in g)
+        assert widest == max(lengths[i] for i in g)
+        assert len(g) == 1 or widest * len(g) - real <= 0.1 * real
+    assert ppo.length_groups([5, 5, 5]) == [[0, 1, 2]] and ppo.length_groups([]) == []
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir):
+    """The cache built on each length group's real columns gives the last query token the logits of one pass
+    over the whole left-padded block, and greedy generation from it emits the same tokens."""
+    from edgerlhf.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    policy, _ = tiny_policy(location)
+    tok = load_tokenizer(location)
+    queries = [list(range(5, 5 + n)) for n in (9, 2, 1, 6, 9, 3)]  # unequal lengths, one single-token query
+    query, mask = ppo.pad_left(queries, 0)
+    positions = ppo.position_ids(mask)
+    with torch.no_grad():
+        full = policy(input_ids=query, attention_mask=mask, position_ids=positions).logits[:, -1]
+        cache = ppo.prefill_cache(policy, query, mask)
+        assert cache.get_seq_length() == query.shape[1] - 1
+        last = policy(input_ids=query[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                      cache=cache).logits[:, -1]
+        assert torch.allclose(last, full, atol=1e-4)
+        greedy = dict(input_ids=query, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                      eos_token_id=tok.eos_token_id)
+        plain = policy.generate(**greedy)
+        prefilled = policy.generate(**greedy, cache=ppo.prefill_cache(policy, query, mask))
+    assert torch.equal(plain, prefilled)
+    assert ppo.prefill_cache(policy, torch.tensor([[7]]), torch.tensor([[1]])) is None  # nothing before the last
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouched(name, models_dir):
     from edgerlhf.models import prepare_base_model
