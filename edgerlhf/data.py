@@ -1,7 +1,8 @@
 """Stage 1: preference data. Source -> parse -> filter -> de-duplicate -> split by prompt -> write.
 
 Outputs (in ``data.out_dir``): ``train_prefs.jsonl`` and ``test_prefs.jsonl`` with rows
-``{"prompt": [messages], "chosen": str, "rejected": str, "source_line": int}``, and
+``{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message], "source_line": int}``
+(TRL's conversational preference format: ``load_dataset("json", ...)`` feeds TRL's trainers directly), and
 ``data_card.json`` (counts, drop reasons, token-length statistics, source, hashes, seed).
 Re-running with the same input, tokenizer and seed gives byte-identical files.
 
@@ -169,9 +170,16 @@ def length_stats(values: list[int]) -> dict[str, float]:
 
 
 def to_jsonl(pairs: list[Pair]) -> str:
-    """Serialise pairs as JSON Lines (UTF-8, one object per line, fixed key order)."""
+    """Serialise pairs as JSON Lines (UTF-8, one object per line, fixed key order) in TRL's conversational
+    preference format with an explicit prompt: ``prompt`` the dialogue so far (messages ending with the user's
+    turn), ``chosen`` and ``rejected`` each one assistant message, so ``datasets.load_dataset("json", ...)``
+    gives rows that TRL's ``RewardTrainer`` and ``DPOTrainer`` take as they are."""
+    def reply(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": text}]
+
     rows = (
-        {"prompt": p.messages(), "chosen": p.chosen, "rejected": p.rejected, "source_line": p.line} for p in pairs
+        {"prompt": p.messages(), "chosen": reply(p.chosen), "rejected": reply(p.rejected), "source_line": p.line}
+        for p in pairs
     )
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 

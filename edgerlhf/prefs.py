@@ -28,8 +28,25 @@ def _check_prompt(prompt: object, where: str) -> list[dict[str, str]]:
     return prompt
 
 
+def _reply(value: object, name: str, where: str) -> str:
+    """The text of a reply field: one assistant message (TRL's conversational format, as stage 1 writes it) or a
+    plain string (files written before that format)."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise DataFormatError(f"{where}: field {name!r} must be one assistant message "
+                                  f"[{{'role': 'assistant', 'content': str}}], got {value!r:.80}")
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise DataFormatError(f"{where}: field {name!r} must hold a non-empty reply text")
+    return value
+
+
 def read_prefs(path: str | Path) -> list[dict]:
     """Read a preference JSONL file into ``[{"prompt": [messages], "chosen": str, "rejected": str, ...}]``.
+
+    The file is in TRL's conversational preference format (``chosen``/``rejected`` each a list of one assistant
+    message, :func:`edgerlhf.data.to_jsonl`); a plain-string reply is read as well. The rows returned carry each
+    reply as its text.
 
     Raises:
         FileNotFoundError: the file is missing (message says to run stage 1 first).
@@ -53,8 +70,7 @@ def read_prefs(path: str | Path) -> list[dict]:
                 raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
             _check_prompt(row.get("prompt"), where)
             for name in ("chosen", "rejected"):
-                if not isinstance(row.get(name), str) or not row[name].strip():
-                    raise DataFormatError(f"{where}: field {name!r} must be a non-empty string")
+                row[name] = _reply(row.get(name), name, where)
             rows.append(row)
     if not rows:
         raise DataFormatError(f"{path}: the file has no rows")

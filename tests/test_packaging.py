@@ -25,7 +25,8 @@ def pins() -> dict[str, Version]:
 def test_constraints_pin_every_dependency_within_its_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pinned = pins()
-    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]
+                                                                  + project["optional-dependencies"]["notebooks"]]
     for req in requirements:
         name = canonicalize_name(req.name)
         assert name in pinned, f"constraints.txt does not pin {req.name}"
@@ -34,4 +35,5 @@ def test_constraints_pin_every_dependency_within_its_range():
 
 def test_setup_installs_under_the_constraints():
     script = (ROOT / "scripts" / "setup.sh").read_text()
-    assert 'EDGERLHF_CONSTRAINTS-constraints.txt' in script and '"${PINNED[@]}" -e ".[dev]"' in script
+    assert 'EDGERLHF_CONSTRAINTS-constraints.txt' in script and '"${PINNED[@]}" -e ".[$EXTRAS]"' in script
+    assert 'EXTRAS="${EDGERLHF_EXTRAS:-dev}"' in script
