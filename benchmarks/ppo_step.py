@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from edgerlhf.alignment import encode_queries, load_policy, reward_scorer
-from edgerlhf.config import PPOConfig
+from edgerlhf.config import PPOStageConfig
 from edgerlhf.hardware import hardware_report, resolve_device
 from edgerlhf.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
 from edgerlhf.ppo import KLController, forward_logprobs, ppo_step
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     seed_everything(0)
     device = resolve_device(args.device)
     budget = apply_vram_budget(args.vram_budget_gib, device)
-    cfg = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
+    cfg = PPOStageConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
                     gradient_accumulation_steps=args.accumulation, ppo_epochs=args.ppo_epochs,
                     response_length=args.response_length, temperature=args.temperature, top_k=0, top_p=1.0,
                     lora_r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets,

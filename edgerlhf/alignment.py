@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
-from .config import Config, PPOConfig
+from .config import Config, PPOStageConfig
 from .files import swap_in_dir
 from .hardware import resolve_device
 from .lm import fit_prompt
@@ -51,7 +51,7 @@ from .templates import ensure_chat_template, ppo_pad_token, render_prompt
 JUDGE = "judge"
 
 
-def load_policy(sft_location: str, cfg: PPOConfig, device: torch.device):
+def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
     """The SFT model (its LoRA already merged in stage 2) at ``cfg.policy_precision`` with a fresh
     PPO adapter and a zero value head; the adapter disabled is the reference model.
 
@@ -125,7 +125,7 @@ def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
     return queries, prompts
 
 
-def reward_scorer(model, tokenizer, cfg: PPOConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
+def reward_scorer(model, tokenizer, cfg: PPOStageConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
                   counts: dict | None = None):
     """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``;
     over-long items are fitted from the left and counted into ``counts`` (see :func:`edgerlhf.rewards.score`)."""
@@ -146,7 +146,7 @@ def isolated_rng(seed: int, device: torch.device):
 
 
 @torch.no_grad()
-def sample_replies(policy, tokenizer, queries, cfg: PPOConfig, seed: int, value_head=None) -> dict:
+def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, value_head=None) -> dict:
     """Sample one reply per held-out prompt (training's sampling, fixed ``seed``, isolated RNG).
 
     With ``value_head`` given, also the KL of each reply to the reference (adapter disabled):
@@ -166,7 +166,7 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOConfig, seed: int, value_
     return {"replies": replies, "kl": kls or None}
 
 
-def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPOConfig, scorers: dict,
+def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPOStageConfig, scorers: dict,
                        seed: int) -> dict:
     """Sample replies to held-out prompts (:func:`sample_replies`), score them with every scorer and
     measure their KL to the reference. Returns replies, per-reply KL and scores, and their means."""

@@ -64,6 +64,10 @@ class RunConfig:
         3, "Out-of-memory back-offs per training run or PPO step (int): each halves the micro-batch and doubles "
         "gradient accumulation, so the effective batch is unchanged; 0 lets the error through."
     )
+    log_level: str = _f(
+        "INFO", "Level of the `edgerlhf` loggers (str: DEBUG, INFO, WARNING, ERROR). INFO logs each PPO step under "
+        "TRL's metric names and shows progress bars (PPO steps, reward scoring); WARNING keeps only warnings."
+    )
     auto_micro_batch: bool = _f(
         True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
         "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.planner.fit_micro_batch`) "
@@ -77,7 +81,7 @@ class RunConfig:
 
 
 @dataclass
-class ModelConfig:
+class BaseModelConfig:
     """The base model every stage starts from."""
 
     name: str = _f(
@@ -119,8 +123,9 @@ _GROUP_HELP = (
 
 
 @dataclass
-class SFTConfig:
-    """Stage 2: supervised fine-tuning on prompt + chosen reply."""
+class SFTStageConfig:
+    """Stage 2: supervised fine-tuning on prompt + chosen reply. (Named apart from TRL's ``SFTConfig``, the
+    trainer arguments this section is turned into.)"""
 
     strategy: str = _f(
         "lora",
@@ -165,8 +170,9 @@ class SFTConfig:
 
 
 @dataclass
-class RewardConfig:
-    """Stage 3: Bradley-Terry reward models (Ouyang et al. 2022) at several precisions."""
+class RewardStageConfig:
+    """Stage 3: Bradley-Terry reward models (Ouyang et al. 2022) at several precisions. (Named apart from TRL's
+    ``RewardConfig``.)"""
 
     precisions: list = _f(["bf16", "int8", "int4"], "Precisions to train under (list of `bf16`, `int8`, `int4`).")
     method: str = _f(
@@ -253,7 +259,7 @@ class RewardConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOStageConfig:
     """Stage 4: PPO with a KL penalty to the SFT reference (Ziegler et al. 2019; Ouyang et al. 2022)."""
 
     experiments: list = _f(
@@ -343,11 +349,11 @@ class Config:
 
     profile: str = _f("full", "Name of the profile the values started from (str).")
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
 
     def to_dict(self) -> dict:
         """Return the configuration as a nested plain dict (JSON-serialisable)."""
@@ -483,6 +489,7 @@ _POSITIVE = (1, None)
 #: ``("above", x)`` (strictly greater) or a tuple of choices. Checked by :func:`validate` after every layer.
 LIMITS: dict[str, Any] = {
     "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0), "run.micro_batch_headroom": (0.0, 0.9),
+    "run.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "data.n_train": _POSITIVE, "data.n_test": _POSITIVE, "data.max_length": (8, None),
     "sft.strategy": SFT_STRATEGIES, "sft.overlong": ("truncate_left", "drop"),
     "sft.lora_r": _POSITIVE, "sft.lora_alpha": _POSITIVE, "sft.lora_dropout": (0.0, 0.99),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import torch
 
 MIB = 1024**2
 GIB = 1024**3
+logger = logging.getLogger(__name__)
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -184,14 +186,15 @@ def available_device_mib(device: torch.device | str, budget_gib: float | None) -
     return card if budget_gib is None else min(card, budget_gib * GIB / MIB)
 
 
-def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3, log=print):
+def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3, log=None):
     """Call ``run(micro_batch, accumulation)``; on ``torch.OutOfMemoryError`` halve the micro-batch,
     double the accumulation (the effective batch ``micro_batch * accumulation`` is unchanged), free
     memory and call again, at most ``max_backoffs`` times.
 
     Returns:
         ``(result, backoffs)``; ``backoffs`` lists ``{"micro_batch", "accumulation", "error"}`` of every
-        failed attempt, for the run record.
+        failed attempt, for the run record. Each back-off is reported through ``log(message)`` (None: this
+    module's logger, at WARNING).
     Raises:
         torch.OutOfMemoryError: still out of memory after ``max_backoffs`` back-offs, or the micro-batch
             cannot be halved exactly (odd, or 1) - the effective batch is never changed silently.
@@ -206,6 +209,7 @@ def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3
             backoffs.append({"micro_batch": micro_batch, "accumulation": accumulation, "error": str(exc)[:300]})
             free_memory()
             micro_batch, accumulation = micro_batch // 2, accumulation * 2
-            log(f"out of memory: retrying with micro-batch {micro_batch} x accumulation {accumulation}")
+            (log or logger.warning)(f"out of memory: retrying with micro-batch {micro_batch} x accumulation "
+                                    f"{accumulation}")
 
 from .planner import MemoryEstimate, estimate  # noqa: E402,F401  (the planner, as edgerlhf.memory.estimate)

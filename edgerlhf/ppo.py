@@ -683,7 +683,7 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         queries: token ids of the rendered prompts (one per sample).
         prompts: the same prompts as chat messages, passed to ``scorer``.
         scorer: ``scorer(prompts, replies) -> FloatTensor[B]`` (a reward model, or a scripted reward).
-        cfg: a :class:`edgerlhf.config.PPOConfig`.
+        cfg: a :class:`edgerlhf.config.PPOStageConfig`.
         moments: running statistics for score normalisation (``cfg.score_norm``); None: off.
     Raises:
         NonFiniteError: a non-finite score, KL, reward, loss or gradient (a ``FloatingPointError`` carrying the

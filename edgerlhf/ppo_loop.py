@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -21,8 +22,28 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .files import swap_in_dir
+from .logs import progress
 from .memory import halve_on_oom, measure
 from .ppo import KLController, NonFiniteError, RunningMoments, ppo_step, rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+#: Our step statistics under the names TRL's PPO trainers log them (``objective/*``, ``policy/*``, ``loss/*``,
+#: ``val/*`` as in TRL's ``PPOTrainer`` since 0.12; ``objective/kl_coef``, ``tokens/responses_len_mean`` and
+#: ``ppo/val/var_explained`` as in TRL 0.11), for logs and dashboards read side by side with TRL runs.
+TRL_METRIC_NAMES = {
+    "score": "objective/scores", "kl": "objective/kl", "non_score_reward": "objective/non_score_reward",
+    "reward_total": "objective/rlhf_reward", "beta": "objective/kl_coef", "approx_kl": "policy/approxkl_avg",
+    "clipfrac": "policy/clipfrac_avg", "entropy": "policy/entropy_avg", "pg_loss": "loss/policy_avg",
+    "vf_loss": "loss/value_avg", "vf_clipfrac": "val/clipfrac_avg", "response_length": "tokens/responses_len_mean",
+    "explained_variance": "ppo/val/var_explained",
+}
+
+
+def trl_metrics(stats: dict) -> dict[str, float]:
+    """The statistics of one PPO step (:func:`edgerlhf.ppo.ppo_step`) that TRL also logs, under TRL's names
+    (:data:`TRL_METRIC_NAMES`), in that order."""
+    return {trl: stats[ours] for ours, trl in TRL_METRIC_NAMES.items() if ours in stats}
 
 
 def build_policy(model: torch.nn.Module, cfg) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -187,6 +208,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
                 "moments": moments.state_dict() if moments else None, "rng": rng_state(), "signature": signature,
                 "extra": {k: v for k, v in extra.items() if k != "resumed_from"}}
 
+    bar = progress(total=cfg.steps, initial=start, desc="PPO steps", unit="step")
     for step in range(start, cfg.steps):
         sampler_before = generator.get_state()  # a failed-step save resumes from here: the same prompts again
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()
@@ -221,6 +243,11 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}
                                              for i, r, s in zip(idx[:2], batch.extra["replies"], batch.extra["raw_scores"])])
         history.append(stats)
+        metrics = trl_metrics(stats)
+        logger.info("PPO step %d/%d: %s (%.1f s)", step + 1, cfg.steps,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), stats["time_step_s"])
+        bar.set_postfix({"score": f"{stats['score']:.3f}", "kl": f"{stats['kl']:.3f}"}, refresh=False)
+        bar.update()
         if on_step is not None:
             on_step(step + 1, stats)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -228,4 +255,5 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
             for old in checkpoints.glob("checkpoint-*"):
                 if old.name != f"checkpoint-{step + 1}":
                     shutil.rmtree(old)
+    bar.close()
     return history

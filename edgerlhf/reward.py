@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback
 
 from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .baselines import baseline_scores, fit_pairwise_logistic
-from .config import Config, RewardConfig
+from .config import Config, RewardStageConfig
 from .distributed import is_main_process, main_process_writes
 from .files import atomic_write_text, swap_in_dir
 from .lm import fit_prompt
@@ -73,7 +73,7 @@ def reward_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[
     return examples, counts
 
 
-def build_reward_model(sft_location: str, precision: str, cfg: RewardConfig, pad_token_id: int,
+def build_reward_model(sft_location: str, precision: str, cfg: RewardStageConfig, pad_token_id: int,
                        device: torch.device):
     """SFT backbone at ``precision`` with a one-output head, LoRA on top; the head is trained in full."""
     model, _ = load_backbone(sft_location, precision, device)
@@ -84,7 +84,7 @@ def build_reward_model(sft_location: str, precision: str, cfg: RewardConfig, pad
     return get_peft_model(model, config)
 
 
-def make_trainer(model, tokenizer, cfg: RewardConfig, args: dict, train: list[dict], validation: list[dict]):
+def make_trainer(model, tokenizer, cfg: RewardStageConfig, args: dict, train: list[dict], validation: list[dict]):
     """TRL ``RewardTrainer`` with the Bradley-Terry loss, early stopping on validation accuracy.
 
     With ``cfg.group_by_length`` the tokenized pairs get a ``length`` column, the width the
@@ -92,9 +92,9 @@ def make_trainer(model, tokenizer, cfg: RewardConfig, args: dict, train: list[di
     ``LengthGroupedSampler``, which infers lengths only from an ``input_ids`` column that preference data
     lacks; unused columns are then kept (the collator reads only the ids), so the sampler sees it."""
     from datasets import Dataset
-    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+    from trl import RewardConfig, RewardTrainer
 
-    config = TRLRewardConfig(**args, max_length=None, center_rewards_coefficient=cfg.center_rewards_coefficient,
+    config = RewardConfig(**args, max_length=None, center_rewards_coefficient=cfg.center_rewards_coefficient,
                              disable_dropout=False,  # keep LoRA dropout (research plan: 0.1)
                              remove_unused_columns=not cfg.group_by_length)
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
@@ -159,7 +159,7 @@ def loading_cost(folder: Path, precision: str, device) -> tuple:
     return model, tokenizer, cost
 
 
-def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: list[dict], cfg: RewardConfig,
+def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: list[dict], cfg: RewardStageConfig,
                     device) -> dict:
     """Load a saved reward model at ``precision`` through the PPO API; measure quality and cost on held-out pairs."""
     model, tokenizer, cost = loading_cost(folder, precision, device)
@@ -241,7 +241,7 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
     return models
 
 
-def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardConfig,
+def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardStageConfig,
                    device, num_layers: int | None = None, layers: list[int] | None = None) -> tuple[dict, dict]:
     """Frozen-backbone features of every pair in ``splits`` at ``precision``, the backbone truncated to its
     first ``num_layers`` blocks (None: all).
@@ -313,7 +313,7 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
                num_layers=num_layers, pooling=pooling)
 
 
-def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardConfig,
+def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardStageConfig,
                       device, n: int = 2) -> dict:
     """Load a saved probe through the PPO API and score ``n`` test replies: they must equal the scores it
     was evaluated with, ``|a - b| <= tol (1 + |b|)``, catching a wrong head or backbone (an error of order 1).
@@ -412,7 +412,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
     return models, search
 
 
-def split_pairs(rows: list[dict], r: RewardConfig) -> dict[str, list[dict]]:
+def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]:
     """Disjoint slices of the training pairs: the proxies' ``train`` / ``validation`` and the judge's.
 
     With ``judge`` on, the last ``judge_fraction`` of the pairs go to the judge and no proxy sees them.

@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
 from .config import PROBE_POOLINGS
 from .files import sha256_file
+from .logs import progress
 from .lm import common_prefix, encode_prompt_completion, fit_prompt, pad_left, position_ids
 from .models import load_tokenizer
 from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
@@ -307,7 +308,7 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
             counts[key] = counts.get(key, 0) + value
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     rewards = torch.empty(len(encoded), dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), min_total=8, desc="scoring", unit="batch", leave=False):
         idx = order[start:start + batch_size]
         ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -464,7 +465,8 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
     width = model.config.hidden_size * (2 if pooling == "last+mean" else 1)
     feats = torch.empty(len(encoded), 2, len(layers) if layers else 1, width, dtype=torch.float32)
     with _BlockTaps(backbone, layers) as taps:
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), min_total=8, desc="pair features", unit="batch",
+                              leave=False):
             idx = order[start:start + batch_size]
             feats[idx] = _pair_batch_features(backbone, [encoded[i] for i in idx], tokenizer.pad_token_id, taps,
                                               pooling)

@@ -25,7 +25,7 @@ from transformers import EarlyStoppingCallback
 from .adapters import (
     compute_dtype, count_parameters, freeze_first_blocks, lora_config, nf4_in_compute_dtype, quantization_config,
 )
-from .config import Config, SFTConfig
+from .config import Config, SFTStageConfig
 from .distributed import is_main_process, main_process_writes
 from .files import atomic_write_text, swap_in_dir
 from .generation import generate
@@ -56,7 +56,7 @@ def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) ->
     return examples, counts
 
 
-def build_model(location: str, cfg: SFTConfig, device: torch.device,
+def build_model(location: str, cfg: SFTStageConfig, device: torch.device,
                 loaded: torch.nn.Module | None = None) -> torch.nn.Module:
     """The model to train for ``cfg.strategy``: LoRA/QLoRA-wrapped, fully trainable, or partly frozen.
 
@@ -81,13 +81,13 @@ def build_model(location: str, cfg: SFTConfig, device: torch.device,
     return model
 
 
-def training_arguments(cfg: SFTConfig, checkpoints: Path, device: torch.device, seed: int) -> dict:
+def training_arguments(cfg: SFTStageConfig, checkpoints: Path, device: torch.device, seed: int) -> dict:
     """TRL trainer arguments; evaluation on eval loss, except for ``distill`` (no eval set)."""
     metric = None if cfg.strategy == "distill" else "eval_loss"
     return trainer_arguments(cfg, checkpoints, device, seed, metric, greater_is_better=False)
 
 
-def make_trainer(model, tokenizer, cfg: SFTConfig, args: dict, train: list[dict], evaluation: list[dict],
+def make_trainer(model, tokenizer, cfg: SFTStageConfig, args: dict, train: list[dict], evaluation: list[dict],
                  teacher_location: str | None):
     """TRL's ``SFTTrainer`` (completion-only loss, early stopping on eval loss) or, for
     ``distill``, TRL's ``DistillationTrainer`` (on-policy generalized JSD to the teacher)."""
@@ -101,16 +101,16 @@ def make_trainer(model, tokenizer, cfg: SFTConfig, args: dict, train: list[dict]
         prompts = Dataset.from_list([{"prompt": e["prompt"]} for e in train])
         return DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=prompts,
                                    processing_class=tokenizer)
-    from trl import SFTConfig as TRLSFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
-    config = TRLSFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True, packing=False)
+    config = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True, packing=False)
     return SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
         processing_class=tokenizer, callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience)],
     )
 
 
-def merged_model(trained, cfg: SFTConfig, base_location: str, adapter_dir: Path | None, device: torch.device):
+def merged_model(trained, cfg: SFTStageConfig, base_location: str, adapter_dir: Path | None, device: torch.device):
     """The trained weights as one plain model in the compute dtype (adapter merged).
 
     QLoRA's adapter is merged into the base loaded in full precision, not into 4-bit weights.

@@ -12,6 +12,7 @@ import torch
 from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, Config, load_config, parse_cli_sets, validate
 from .distributed import main_process_writes, process_info
 from .hardware import resolve_device
+from .logs import configure_logging
 from .memory import apply_vram_budget, available_device_mib, measure
 from .paths import resolve
 from .records import create_run_dir, current_run, make_record, point_current_run, write_record
@@ -53,6 +54,7 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
         RuntimeError: several processes run a stage that is not ``distributed``.
     """
     validate(cfg)  # also a Config built or changed in code, not only through load_config
+    configure_logging(cfg.run.log_level)
     processes = process_info()["num_processes"]
     if processes > 1 and not distributed:
         raise RuntimeError(f"this stage runs in one process, not {processes}: start it with python -m, not "

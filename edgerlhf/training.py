@@ -70,7 +70,7 @@ def keep_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def train_with_backoff(build_trainer, args: dict, resume_from: str | None, max_backoffs: int = 3, log=print):
+def train_with_backoff(build_trainer, args: dict, resume_from: str | None, max_backoffs: int = 3, log=None):
     """Build a trainer from ``args`` and train it; on ``torch.OutOfMemoryError`` back off and retry.
 
     ``build_trainer(args) -> Trainer`` must build the trainer around the same model each time.

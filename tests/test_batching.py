@@ -5,7 +5,7 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from edgerlhf import reward, sft
-from edgerlhf.config import RewardConfig, SFTConfig, load_config
+from edgerlhf.config import RewardStageConfig, SFTStageConfig, load_config
 from edgerlhf.models import load_tokenizer
 from edgerlhf.prefs import read_prefs
 from edgerlhf.templates import ensure_chat_template, ensure_pad_token
@@ -39,7 +39,7 @@ def test_length_grouped_batches_hold_the_same_examples_with_less_padding(stage, 
     out = {}
     for grouped in (False, True):
         if stage == "sft":
-            cfg = SFTConfig(per_device_train_batch_size=4, max_length=256, max_steps=1, eval_steps=1,
+            cfg = SFTStageConfig(per_device_train_batch_size=4, max_length=256, max_steps=1, eval_steps=1,
                             group_by_length=grouped)
             tokenizer = tokenizer_of(tiny_gpt2)
             examples = sft.sft_examples(rows, tokenizer, 256, "truncate_left")[0]
@@ -47,7 +47,7 @@ def test_length_grouped_batches_hold_the_same_examples_with_less_padding(stage, 
                                        sft.training_arguments(cfg, tmp_path / str(grouped), CPU, 0), examples,
                                        examples[:4], None)
         else:
-            cfg = RewardConfig(per_device_train_batch_size=4, max_length=256, max_steps=1, eval_steps=1,
+            cfg = RewardStageConfig(per_device_train_batch_size=4, max_length=256, max_steps=1, eval_steps=1,
                                gradient_checkpointing=False, group_by_length=grouped)
             location = str(tiny_sft / "model" / "merged")
             tokenizer = tokenizer_of(location)

@@ -160,3 +160,15 @@ def test_the_console_script_dispatches_to_every_entry_point():
         assert helped.returncode == 0 and "--set KEY=VALUE" in helped.stdout, name
     unknown = subprocess.run([str(script), "train"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
+
+
+def test_config_classes_do_not_shadow_trls():
+    import dataclasses
+
+    import trl
+
+    from edgerlhf.config import Config
+
+    names = [type(getattr(Config(), f.name)).__name__ for f in dataclasses.fields(Config) if f.name != "profile"]
+    assert "SFTStageConfig" in names and "PPOStageConfig" in names
+    assert not [n for n in names + ["Config"] if hasattr(trl, n)]

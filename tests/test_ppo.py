@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgerlhf import ppo
-from edgerlhf.config import PPOConfig
+from edgerlhf.config import PPOStageConfig
 from edgerlhf.models import load_causal_lm, load_tokenizer
 from edgerlhf.ppo_loop import build_policy, train
 
@@ -122,7 +122,7 @@ def test_running_moments():
 
 # ---------------------------------------------------------------- with tiny models
 
-CFG = PPOConfig(steps=4, batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
+CFG = PPOStageConfig(steps=4, batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
                 response_length=6, learning_rate=1e-3, checkpoint_every=2, lora_r=4, lora_alpha=8)
 
 
@@ -264,14 +264,14 @@ def test_resume_equals_an_uninterrupted_run_and_keeps_the_callers_state(tiny_gpt
         run_loop(tiny_gpt2, tmp_path / "b", CFG, on_step=crash_at_3, extra=interrupted)
     with pytest.raises(FileExistsError, match="ppo.resume=true"):
         run_loop(tiny_gpt2, tmp_path / "b", CFG)
-    resumed_cfg = PPOConfig(**{**CFG.__dict__, "resume": True})
-    for changed, message in ((PPOConfig(**{**resumed_cfg.__dict__, "steps": 6}), "steps: 4 -> 6"),
+    resumed_cfg = PPOStageConfig(**{**CFG.__dict__, "resume": True})
+    for changed, message in ((PPOStageConfig(**{**resumed_cfg.__dict__, "steps": 6}), "steps: 4 -> 6"),
                              (resumed_cfg, "seed: 0 -> 123")):
         with pytest.raises(ValueError, match=f"cannot resume with changed settings \\({message}\\)"):
             run_loop(tiny_gpt2, tmp_path / "b", changed, seed=123 if changed is resumed_cfg else 0)
     extra = {"curve": "replaced by the checkpoint's"}
     resumed, policy_b, head_b = run_loop(
-        tiny_gpt2, tmp_path / "b", PPOConfig(**{**resumed_cfg.__dict__, "eval_every": 5, "keep_checkpoints": True}),
+        tiny_gpt2, tmp_path / "b", PPOStageConfig(**{**resumed_cfg.__dict__, "eval_every": 5, "keep_checkpoints": True}),
         on_step=lambda step, stats: extra["curve"].append(step), extra=extra)
     assert extra == {"curve": [0, 1, 2, 3, 4], "resumed_from": "checkpoint-2"}  # the points before the crash kept
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]
@@ -310,7 +310,7 @@ def test_a_failed_step_saves_the_state_before_it_and_its_rollout(tiny_gpt2, tmp_
         scores = torch.ones(len(replies))
         return scores * float("nan") if len(calls) == 2 else scores
 
-    cfg = PPOConfig(**{**CFG.__dict__, "checkpoint_every": 1})
+    cfg = PPOStageConfig(**{**CFG.__dict__, "checkpoint_every": 1})
     queries, prompts = queries_for(tok, 8), [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
     with pytest.raises(FloatingPointError, match="step 1: non-finite score.*failed-step-1"):
         train(policy, head, tok, queries, prompts, nan_at_second_step, cfg, tmp_path, 0)
@@ -354,7 +354,7 @@ def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                        initializer_range=0.1, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id)).eval()
-    cfg = PPOConfig(steps=30, batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
+    cfg = PPOStageConfig(steps=30, batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
                     response_length=8, learning_rate=3e-3, value_learning_rate=3e-3, temperature=1.0,
                     init_kl_coef=0.05, adaptive_kl=False, lora_r=8, lora_alpha=16, checkpoint_every=100)
     policy, head = build_policy(model, cfg)
@@ -412,7 +412,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(ti
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ppo_loop, "ppo_step", fake_oom)
-    cfg = PPOConfig(**{**CFG.__dict__, "steps": 2})
+    cfg = PPOStageConfig(**{**CFG.__dict__, "steps": 2})
     history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
     half = CFG.batch_size // 2
     assert seen == [(2, CFG.batch_size), (1, half), (1, half)]  # backed off once, then kept the smaller sizes
@@ -430,7 +430,7 @@ def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tm
         tok = gpt2_tokenizer_with_pad(tiny_gpt2)
         queries, prompts = queries_for(tok, 8), [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
         scorer = token_share_scorer(tok, "the")
-        cfg = PPOConfig(**{**CFG.__dict__, "eval_every": 1 if evaluate else 0})
+        cfg = PPOStageConfig(**{**CFG.__dict__, "eval_every": 1 if evaluate else 0})
         points = []
 
         def on_step(step, stats):
@@ -564,7 +564,7 @@ def trainable(policy, head):
 
 def test_the_first_micro_batch_has_ratio_one_and_no_clipping(models_dir):
     policy, head, batch = update_batch("tiny-llama", models_dir)
-    cfg = PPOConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 1})
+    cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 1})
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()))
     stats = ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(0))
     assert stats["optimizer_steps"] == 1 and stats["clipfrac"] == 0.0
@@ -579,7 +579,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_minibatch(mode
     results = []
     for mb, acc in ((rows, 1), (micro, accumulation)):
         policy, head, batch = update_batch("tiny-llama", models_dir, n=rows + 1, fixed_length=True)
-        cfg = PPOConfig(**{**CFG.__dict__, "batch_size": rows + 1, "mini_batch_size": mb,
+        cfg = PPOStageConfig(**{**CFG.__dict__, "batch_size": rows + 1, "mini_batch_size": mb,
                            "gradient_accumulation_steps": acc, "ppo_epochs": 1, "max_grad_norm": 1e9})
         before = trainable(policy, head)
         optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
@@ -594,7 +594,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_minibatch(mode
 
 def test_approx_kl_stop_is_checked_every_minibatch(models_dir):
     policy, head, batch = update_batch("tiny-llama", models_dir, n=4)
-    cfg = PPOConfig(**{**CFG.__dict__, "mini_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
+    cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
                        "approx_kl_stop": 1e-4})
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
                                 lr=50.0)
@@ -623,7 +623,7 @@ def test_reward_gain_and_bias_give_sft_replies_mean_zero_and_unit_std(tiny_gpt2)
     def scorer(prompts, replies):
         return torch.tensor([3.0 + len(r) for r in replies])
 
-    cfg = PPOConfig(**{**CFG.__dict__, "reward_norm_samples": 6})
+    cfg = PPOStageConfig(**{**CFG.__dict__, "reward_norm_samples": 6})
     gain, bias = normalisation(policy, head, tok, queries, prompts, cfg, scorer, 5)
     again = sample_and_measure(policy, head, tok, queries, prompts, cfg, {"rm": scorer}, 5)  # the same replies
     scaled = gain * torch.tensor(again["rm_scores"]) + bias
@@ -720,8 +720,36 @@ def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones
 
 
 def test_a_step_with_log_probs_from_generation_starts_at_ratio_one(tiny_gpt2, tmp_path):
-    cfg = PPOConfig(**{**CFG.__dict__, "steps": 1, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+    cfg = PPOStageConfig(**{**CFG.__dict__, "steps": 1, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
                        "ppo_epochs": 1, "logprobs_from_generation": True})
     history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
     assert history[0]["optimizer_steps"] == 1 and history[0]["clipfrac"] == 0.0
     assert abs(history[0]["approx_kl"]) < 1e-7  # the generation's log-probs are the policy's
+
+
+def test_steps_are_logged_under_trls_metric_names(tiny_gpt2, tmp_path, caplog):
+    import logging
+
+    from edgerlhf.logs import configure_logging
+    from edgerlhf.ppo_loop import TRL_METRIC_NAMES, trl_metrics
+    from edgerlhf.templates import ensure_pad_token
+
+    policy, head = tiny_policy(tiny_gpt2)
+    tok = load_tokenizer(tiny_gpt2)
+    ensure_pad_token(tok)
+    queries = queries_for(tok, 4)
+    configure_logging("INFO")
+    with caplog.at_level(logging.INFO, logger="edgerlhf"):
+        history = train(policy, head, tok, queries, [[{"role": "user", "content": "q"}]] * 4,
+                        lambda p, r: torch.ones(len(r)), dataclasses_replace(CFG, steps=1), tmp_path / "ck", seed=0)
+    metrics = trl_metrics(history[0])
+    assert list(metrics) == list(TRL_METRIC_NAMES.values())  # every statistic named, in TRL's terms
+    assert metrics["objective/kl"] == history[0]["kl"] and metrics["policy/approxkl_avg"] == history[0]["approx_kl"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "edgerlhf.ppo_loop"]
+    assert line.startswith("PPO step 1/1: objective/scores 1, objective/kl ") and "loss/policy_avg" in line
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

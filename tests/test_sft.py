@@ -49,7 +49,7 @@ def test_frozen_blocks_stay_bit_identical(tiny_cfg, tiny_gpt2):
 def test_qlora_loads_4bit_layers(tiny_gpt2):
     import bitsandbytes as bnb
 
-    cfg = sft.SFTConfig(strategy="qlora")
+    cfg = sft.SFTStageConfig(strategy="qlora")
     model = sft.build_model(tiny_gpt2, cfg, CPU)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -68,7 +68,7 @@ def test_completion_mask_is_exactly_the_reply(model_name, models_dir, tiny_data,
     assert template == ("plain" if model_name == "tiny-gpt2" else "native")
     ensure_pad_token(tokenizer)
     train = examples(tokenizer, tiny_data)
-    cfg = sft.SFTConfig(max_length=256, max_steps=1, eval_steps=1)
+    cfg = sft.SFTStageConfig(max_length=256, max_steps=1, eval_steps=1)
     model = sft.build_model(location, cfg, CPU)
     trainer = sft.make_trainer(model, tokenizer, cfg, sft.training_arguments(cfg, tmp_path, CPU, 0), train, train,
                                None)
@@ -85,7 +85,7 @@ def test_loss_falls_on_a_repeated_batch(tiny_gpt2, tiny_data, tmp_path):
     ensure_chat_template(tokenizer)
     ensure_pad_token(tokenizer)
     batch = examples(tokenizer, tiny_data, n=4) * 8
-    cfg = sft.SFTConfig(strategy="full", learning_rate=3e-3, warmup_ratio=0.0, per_device_train_batch_size=4,
+    cfg = sft.SFTStageConfig(strategy="full", learning_rate=3e-3, warmup_ratio=0.0, per_device_train_batch_size=4,
                         gradient_accumulation_steps=1, max_steps=8, logging_steps=1, eval_steps=100)
     trainer = sft.make_trainer(sft.build_model(tiny_gpt2, cfg, CPU), tokenizer, cfg,
                                sft.training_arguments(cfg, tmp_path, CPU, 0) | {"data_seed": 0}, batch, batch, None)
