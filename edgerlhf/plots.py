@@ -144,3 +144,19 @@ def memory_figure(rows: list[dict], budget_gib: float | None, path: str | Path) 
     ax.set_ylabel("CUDA peak allocated (MiB)" if on_cuda else "process peak RSS (MiB)")
     ax.set_title("peak memory per stage" + ("" if on_cuda else " (CPU run: RSS, no device cap)"))
     return save(fig, path)
+
+
+def show_stage_memory(run_dir: str | Path, budget_gib: float | None):
+    """Display, in a notebook, the peak memory of every stage recorded so far in ``run_dir``
+    (:func:`edgerlhf.records.stage_memory`, MiB) as a table and as a bar chart against ``budget_gib``
+    (saved to ``figures/memory.png``); the one cell every notebook ends with. Returns the table (a DataFrame)."""
+    import pandas as pd
+    from IPython.display import Image, display
+
+    from .records import stage_memory
+
+    rows = stage_memory(run_dir)
+    table = pd.DataFrame(rows).set_index("stage").round(1)
+    display(table)
+    display(Image(filename=str(memory_figure(rows, budget_gib, Path(run_dir) / "figures" / "memory.png"))))
+    return table

@@ -4,7 +4,7 @@
     python -m edgerlhf.run --profile tiny --only 00,01  # a subset
     python -m edgerlhf.run --profile quick --set data.n_train=256
 
-Executed notebooks go to ``results/runs/<run_id>/notebooks/``, stage records to
+Executed notebooks go to ``results/runs/<run_id>/notebooks/`` (each also as HTML), stage records to
 ``.../records/``, figures to ``.../figures/``, ``manifest.json`` lists what ran, and a whole
 run ends with ``REPORT.md`` (and ``report_figures/``) built from the records.
 The run stops at the first failing notebook and names it and the failing cell.
@@ -180,7 +180,8 @@ def run_notebooks(
             if isinstance(exc, Exception):
                 raise NotebookFailed(f"{name} failed{where}{error} (executed copy: {entry['output']})") from exc
             raise
-        entry.update(status="ok", seconds=round(time.perf_counter() - start, 1))
+        entry.update(status="ok", seconds=round(time.perf_counter() - start, 1),
+                     html=str(export_html(Path(entry["output"]))))
         write_manifest(run_dir, manifest)
     manifest["status"] = "ok"
     manifest["finished"] = _now()
@@ -190,6 +191,18 @@ def run_notebooks(
 
         build_report(run_dir)
     return run_dir
+
+
+def export_html(notebook: Path) -> Path:
+    """Write the executed ``notebook`` as ``<name>.html`` beside it (nbconvert's HTML exporter, the classic
+    template; figures are embedded), so a run can be read without Jupyter. Returns the HTML file's path."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="classic").from_notebook_node(nbformat.read(notebook, as_version=4))
+    html = notebook.with_suffix(".html")
+    atomic_write_text(html, body)
+    return html
 
 
 def _terminate(signum, frame):

@@ -39,6 +39,10 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     assert manifest["status"] == "ok"
     assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
     assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
+    for entry in manifest["notebooks"]:  # each executed notebook also as HTML, its figures embedded
+        html = Path(entry["html"]).read_text()
+        assert entry["html"] == str(run_dir / "notebooks" / entry["notebook"].replace(".ipynb", ".html"))
+        assert "<html" in html and ("data:image/png;base64" in html or entry["notebook"] == "00_Setup.ipynb")
     table = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]["table"]
     assert [row["reward_precision"] for row in table] == ["bf16", "int8", "int4"]
     assert (tmp_path / "a" / "data" / "train_prefs.jsonl").exists()
