@@ -285,8 +285,9 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
-        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a}
-                    for pr, b, a in zip(eval_prompts, before["replies"], after["replies"])],
+        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "judge_sft": jb, "judge_ppo": ja}
+                    for pr, b, a, jb, ja in zip(eval_prompts, before["replies"], after["replies"],
+                                                before["judge_scores"], after["judge_scores"])],
     }
 
 
