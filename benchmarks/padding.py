@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from edgerlhf.config import load_config
-from edgerlhf.files import atomic_write_text
-from edgerlhf.lm import encode_prompt_completion
-from edgerlhf.models import load_tokenizer
-from edgerlhf.prefs import read_prefs
-from edgerlhf.reward import reward_examples
-from edgerlhf.sft import sft_examples
-from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+from edgerlhf.core.config import load_config
+from edgerlhf.core.files import atomic_write_text
+from edgerlhf.core.lm import encode_prompt_completion
+from edgerlhf.core.models import load_tokenizer
+from edgerlhf.core.prefs import read_prefs
+from edgerlhf.reward_modeling import reward_examples
+from edgerlhf.sft_finetuning import sft_examples
+from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 
 def batch_tokens(widths: list[list[int]], order: list[int], batch: int) -> dict:

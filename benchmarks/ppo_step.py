@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from edgerlhf.alignment import encode_queries, load_policy, reward_scorer
-from edgerlhf.config import PPOStageConfig
-from edgerlhf.hardware import hardware_report, resolve_device
-from edgerlhf.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
-from edgerlhf.ppo import KLController, forward_logprobs, ppo_step
-from edgerlhf.ppo_loop import make_optimizer
-from edgerlhf.prefs import read_prefs
-from edgerlhf.records import software_versions
-from edgerlhf.reproducibility import seed_everything
-from edgerlhf.rewards import load_reward_model, state_dict_mib
+from edgerlhf.ppo_alignment import encode_queries, load_policy, reward_scorer
+from edgerlhf.core.config import PPOStageConfig
+from edgerlhf.core.hardware import hardware_report, resolve_device
+from edgerlhf.core.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
+from edgerlhf.core.ppo import KLController, forward_logprobs, ppo_step
+from edgerlhf.core.ppo_loop import make_optimizer
+from edgerlhf.core.prefs import read_prefs
+from edgerlhf.core.records import software_versions
+from edgerlhf.core.reproducibility import seed_everything
+from edgerlhf.core.reward_models import load_reward_model, state_dict_mib
 
 PARTS = ("time_generation_s", "time_scoring_s", "time_forward_s", "time_update_s", "time_step_s")
 PASSES = ("generation", "no_grad_forward", "update_forward")
@@ -83,8 +83,8 @@ def steal_seconds() -> float | None:
 
 def one_micro_batch(policy, value_head, batch, cfg) -> dict:
     """Peak memory of one forward + backward on the widest ``cfg.mini_batch_size`` rows of ``batch``, measured
-    from a trimmed heap (:func:`edgerlhf.memory.free_memory`), as the update runs it (padding-free, inside
-    :func:`edgerlhf.memory.returning_freed_memory`)."""
+    from a trimmed heap (:func:`edgerlhf.core.memory.free_memory`), as the update runs it (padding-free, inside
+    :func:`edgerlhf.core.memory.returning_freed_memory`)."""
     widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.mini_batch_size]
     mb = batch.select(widest)
     free_memory()

@@ -3,11 +3,11 @@
     python benchmarks/probe_pooling.py --data data --precision bf16      # after stages 01 and 02 of a run
 
 One feature pass of the SFT backbone (``models/sft/model/merged``) over every training and test pair
-(:func:`edgerlhf.rewards.pair_features` with ``pooling="last+mean"``, which holds ``last`` and ``mean``
+(:func:`edgerlhf.core.reward_models.pair_features` with ``pooling="last+mean"``, which holds ``last`` and ``mean``
 side by side) reads every block in ``--layers``; then, for each pooling (``last``, ``mean``,
 ``last+mean``) and block, a linear Bradley-Terry head is fitted
-(:func:`edgerlhf.baselines.fit_pairwise_logistic`) on the proxies' and the judge's shares of the training
-pairs exactly as stage 3 splits them (:func:`edgerlhf.reward.split_pairs`), and on the first N training
+(:func:`edgerlhf.core.baselines.fit_pairwise_logistic`) on the proxies' and the judge's shares of the training
+pairs exactly as stage 3 splits them (:func:`edgerlhf.reward_modeling.split_pairs`), and on the first N training
 pairs for each N in ``--sizes``. Every fit reports its 5-fold cross-validated log-loss on its own training
 pairs (what the stage may choose by) next to its held-out accuracy and the exact McNemar p-value against
 "the shorter reply wins" on the test pairs (what the choice is judged by).
@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerlhf.baselines import fit_pairwise_logistic, length_scores
-from edgerlhf.config import load_config
-from edgerlhf.files import atomic_write_text
-from edgerlhf.hardware import hardware_report
-from edgerlhf.models import load_tokenizer
-from edgerlhf.prefs import read_prefs
-from edgerlhf.reward import split_pairs
-from edgerlhf.rewards import load_backbone, pair_features
-from edgerlhf.stats import mcnemar_exact
-from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+from edgerlhf.core.baselines import fit_pairwise_logistic, length_scores
+from edgerlhf.core.config import load_config
+from edgerlhf.core.files import atomic_write_text
+from edgerlhf.core.hardware import hardware_report
+from edgerlhf.core.models import load_tokenizer
+from edgerlhf.core.prefs import read_prefs
+from edgerlhf.reward_modeling import split_pairs
+from edgerlhf.core.reward_models import load_backbone, pair_features
+from edgerlhf.core.stats import mcnemar_exact
+from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 
 def features(location: str, precision: str, rows: list[dict], layers: list[int], max_length: int,

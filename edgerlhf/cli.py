@@ -18,12 +18,12 @@ COMMANDS = {
     "run": ("edgerlhf.run", "run notebooks 00 -> 04 through papermill into one run folder"),
     "report": ("edgerlhf.report", "build REPORT.md of a run from its records"),
     "reproduce": ("edgerlhf.reproduce", "run the pipeline twice (or take two runs) and compare the records"),
-    "config": ("edgerlhf.config", "list every config field with its value and help"),
+    "config": ("edgerlhf.core.config", "list every config field with its value and help"),
     "setup": ("edgerlhf.setup", "stage 0: environment, hardware, base model (00_Setup)"),
-    "data": ("edgerlhf.data", "stage 1: HH-RLHF preference pairs (01_Data_Preparation)"),
-    "sft": ("edgerlhf.sft", "stage 2: supervised fine-tuning (02_SFT_Finetuning)"),
-    "reward": ("edgerlhf.reward", "stage 3: reward models at bf16, int8, int4 (03_Reward_Modeling)"),
-    "ppo": ("edgerlhf.alignment", "stage 4: PPO against each reward model (04_PPO_Alignment)"),
+    "data": ("edgerlhf.data_preparation", "stage 1: HH-RLHF preference pairs (01_Data_Preparation)"),
+    "sft": ("edgerlhf.sft_finetuning", "stage 2: supervised fine-tuning (02_SFT_Finetuning)"),
+    "reward": ("edgerlhf.reward_modeling", "stage 3: reward models at bf16, int8, int4 (03_Reward_Modeling)"),
+    "ppo": ("edgerlhf.ppo_alignment", "stage 4: PPO against each reward model (04_PPO_Alignment)"),
 }
 
 

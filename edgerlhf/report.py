@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import plots
-from .files import atomic_write_text
-from .records import STAGE_ORDER, current_run, memory_rows, newest_records
+from .core import plots
+from .core.files import atomic_write_text
+from .core.records import STAGE_ORDER, current_run, memory_rows, newest_records
 
 STAGES = dict(zip(STAGE_ORDER, ("00_Setup", "01_Data_Preparation", "02_SFT_Finetuning", "03_Reward_Modeling",
                                 "04_PPO_Alignment")))  # stage -> its notebook
@@ -33,7 +33,7 @@ def latest_records(run_dir: str | Path) -> dict[str, dict]:
 
     Raises:
         MissingRecordError: a stage of :data:`STAGES` has no record.
-        ValueError: a record file is not valid JSON (from :func:`edgerlhf.records.read_record`).
+        ValueError: a record file is not valid JSON (from :func:`edgerlhf.core.records.read_record`).
     """
     run_dir = Path(run_dir)
     found = newest_records(run_dir)
@@ -244,7 +244,7 @@ def section_memory(records: dict, figures: Path) -> str:
             "Python process and every model the stage holds." if all(r["cuda_peak_allocated_mib"] is None for r in rows)
             else "CUDA figures are measured under the per-process cap.")
     return (f"## Memory against the {_n(budget, 0)} GiB budget\n\n{note}\n\n{table}\n\n![memory]({fig.parent.name}/"
-            f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.memory.estimate`):\n\n{planned}")
+            f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.core.memory.estimate`):\n\n{planned}")
 
 
 def build_report(run_dir: str | Path) -> Path:

@@ -14,7 +14,7 @@ What is compared, stage by stage, from the newest record of each stage:
 Tolerances (``|a - b| <= atol + rtol * |b|``, as :func:`numpy.isclose`):
 
 * CPU, both runs: ``rtol=1e-5, atol=1e-7`` for every number, and text must match exactly. With
-  the same seed and :func:`edgerlhf.reproducibility.seed_everything`'s deterministic flags, two
+  the same seed and :func:`edgerlhf.core.reproducibility.seed_everything`'s deterministic flags, two
   CPU runs on one machine agree bit for bit. Across processor models the full-precision path
   still agreed to the last digit in our runs (Intel Xeon vs AMD EPYC), but bitsandbytes' CPU
   int8/int4 arithmetic did not (reward-model accuracy moved by 1-2 of 64 pairs), so a comparison
@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, parse_cli_sets
-from .files import atomic_write_text
-from .paths import resolve
+from .core.config import PROFILES, parse_cli_sets
+from .core.files import atomic_write_text
+from .core.paths import resolve
 from .report import latest_records
 
 CPU_TOLERANCE = (1e-5, 1e-7)  # (rtol, atol)

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, load_config, parse_cli_sets
-from .files import atomic_write_text
-from .paths import REPO_ROOT, resolve
-from .records import create_run_dir, point_current_run
+from .core.config import DEFAULT_PROFILE, PROFILES, SET_HELP, load_config, parse_cli_sets
+from .core.files import atomic_write_text
+from .core.paths import REPO_ROOT, resolve
+from .core.records import create_run_dir, point_current_run
 
 NOTEBOOKS = [
     "00_Setup.ipynb",
@@ -127,7 +127,7 @@ def run_notebooks(
         NotebookFailed: a notebook raised or its kernel died; earlier notebooks' outputs are kept.
         FileExistsError: ``run_dir`` exists and is not empty (a finished or running run is never written into).
         FileNotFoundError: ``config_file`` does not exist. ValueError, KeyError, TypeError: it, the profile or
-            an override is invalid (checked before anything is written, by :func:`edgerlhf.config.load_config`).
+            an override is invalid (checked before anything is written, by :func:`edgerlhf.core.config.load_config`).
     """
     import papermill as pm
     from tqdm.auto import tqdm

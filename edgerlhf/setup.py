@@ -10,12 +10,12 @@ import importlib.metadata
 import json
 import shutil
 
-from .config import Config, load_config
-from .hardware import hardware_report, recommend
-from .memory import measure
-from .models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
-from .planner import plan
-from .stage import begin, cli_config, finish, recorded
+from .core.config import Config, load_config
+from .core.hardware import hardware_report, recommend
+from .core.memory import measure
+from .core.models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
+from .core.planner import plan
+from .core.stage import begin, cli_config, finish, recorded
 
 #: (import name, distribution name) of every library the pipeline uses.
 REQUIRED = [

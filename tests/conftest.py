@@ -9,7 +9,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from edgerlhf.paths import shared_dir  # noqa: E402
+from edgerlhf.core.paths import shared_dir  # noqa: E402
 
 HH_FILE = shared_dir() / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 GPT2_TOKENIZER = shared_dir() / "tokenizers" / "distilgpt2"
@@ -36,7 +36,7 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(models_dir) -> str:
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     return prepare_base_model("tiny-gpt2", models_dir)
 
@@ -44,8 +44,8 @@ def tiny_gpt2(models_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, models_dir) -> Path:
     """data/ prepared once with the tiny profile from the shared HH-RLHF file."""
-    from edgerlhf.config import load_config
-    from edgerlhf.data import prepare
+    from edgerlhf.core.config import load_config
+    from edgerlhf.data_preparation import prepare
 
     root = tmp_path_factory.mktemp("tinyroot")
     prepare(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir)}))
@@ -55,7 +55,7 @@ def tiny_data(tmp_path_factory, models_dir) -> Path:
 @pytest.fixture
 def tiny_cfg(tmp_path, models_dir, tiny_data):
     """A factory of tiny-profile configs that share data and base models but write to tmp_path."""
-    from edgerlhf.config import load_config
+    from edgerlhf.core.config import load_config
 
     def make(**over):
         values = {"run.root": str(tmp_path), "model.models_dir": str(models_dir), "data.out_dir": str(tiny_data)}
@@ -67,8 +67,8 @@ def tiny_cfg(tmp_path, models_dir, tiny_data):
 @pytest.fixture(scope="session")
 def tiny_sft(tmp_path_factory, models_dir, tiny_data) -> Path:
     """A tiny SFT model (one optimizer step), trained once per session; returns its sft.output_dir."""
-    from edgerlhf.config import load_config
-    from edgerlhf.sft import run_sft
+    from edgerlhf.core.config import load_config
+    from edgerlhf.sft_finetuning import run_sft
 
     root = tmp_path_factory.mktemp("sftroot")
     run_sft(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir),

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from edgerlhf.alignment import comparison_table, conclusions
-from edgerlhf.config import load_config
-from edgerlhf.memory import apply_vram_budget
-from edgerlhf.metrics import assess, evaluate_pairs
-from edgerlhf.reward import summary_table
-from edgerlhf.stage import StageContext, finish
-from edgerlhf.stats import paired_bootstrap, wilson_interval
+from edgerlhf.ppo_alignment import comparison_table, conclusions
+from edgerlhf.core.config import load_config
+from edgerlhf.core.memory import apply_vram_budget
+from edgerlhf.core.metrics import assess, evaluate_pairs
+from edgerlhf.reward_modeling import summary_table
+from edgerlhf.core.stage import StageContext, finish
+from edgerlhf.core.stats import paired_bootstrap, wilson_interval
 
 MEM = {"device": "cpu", "wall_time_s": 2.0, "cpu_peak_rss_mib": 900.0, "cpu_peak_scope": "block",
        "cuda_peak_allocated_mib": None, "cuda_peak_reserved_mib": None}
@@ -110,7 +110,7 @@ def stage_results(root: Path) -> dict[str, dict]:
 
 def write_synthetic_run(root: Path, results: dict[str, dict] | None = None, skip: tuple[str, ...] = ()) -> Path:
     """Write a run folder ``root/results/runs/run-<root name>`` with one record per stage (via
-    :func:`edgerlhf.stage.finish`, as the stages do); returns it."""
+    :func:`edgerlhf.core.stage.finish`, as the stages do); returns it."""
     root = Path(root)
     run_dir = root / "results" / "runs" / f"run-{root.name}"
     cfg = load_config("tiny", overrides={"run.root": str(root), "run.run_dir": str(run_dir)})

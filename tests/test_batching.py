@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from edgerlhf import reward, sft
-from edgerlhf.config import RewardStageConfig, SFTStageConfig, load_config
-from edgerlhf.models import load_tokenizer
-from edgerlhf.prefs import read_prefs
-from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+from edgerlhf import reward_modeling as reward, sft_finetuning as sft
+from edgerlhf.core.config import RewardStageConfig, SFTStageConfig, load_config
+from edgerlhf.core.models import load_tokenizer
+from edgerlhf.core.prefs import read_prefs
+from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 CPU = torch.device("cpu")
 

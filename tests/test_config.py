@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from edgerlhf.config import PROFILES, Config, load_config, parse_cli_sets, read_config_file, save_config
+from edgerlhf.core.config import PROFILES, Config, load_config, parse_cli_sets, read_config_file, save_config
 
 
 def test_defaults_are_the_research_plan():
@@ -112,8 +112,8 @@ def test_every_profile_is_valid():
 def test_one_default_profile_and_the_field_listing(capsys):
     import dataclasses
 
-    from edgerlhf.config import DEFAULT_PROFILE, field_help, main
-    from edgerlhf.stage import cli_config
+    from edgerlhf.core.config import DEFAULT_PROFILE, field_help, main
+    from edgerlhf.core.stage import cli_config
 
     assert DEFAULT_PROFILE == "quick" and load_config().profile == DEFAULT_PROFILE
     assert cli_config("a stage", []).profile == DEFAULT_PROFILE  # python -m edgerlhf.<stage> with no flags
@@ -167,7 +167,7 @@ def test_config_classes_do_not_shadow_trls():
 
     import trl
 
-    from edgerlhf.config import Config
+    from edgerlhf.core.config import Config
 
     names = [type(getattr(Config(), f.name)).__name__ for f in dataclasses.fields(Config) if f.name != "profile"]
     assert "SFTStageConfig" in names and "PPOStageConfig" in names

@@ -9,11 +9,11 @@ import torch
 from accelerate import PartialState
 from torch.cuda._utils import _get_device_index
 
-from edgerlhf.adapters import compute_dtype
-from edgerlhf.alignment import isolated_rng
-from edgerlhf.hardware import hardware_report, recommend, resolve_device
-from edgerlhf.stage import begin
-from edgerlhf.training import trainer_arguments
+from edgerlhf.core.adapters import compute_dtype
+from edgerlhf.ppo_alignment import isolated_rng
+from edgerlhf.core.hardware import hardware_report, recommend, resolve_device
+from edgerlhf.core.stage import begin
+from edgerlhf.core.training import trainer_arguments
 
 CARD_GIB = 24
 
@@ -101,7 +101,7 @@ def test_evaluation_forks_the_rng_of_the_card_it_runs_on(fake_cuda):
 
 
 def test_training_on_the_card_takes_the_micro_batch_the_planner_fits(fake_cuda, tiny_cfg, tiny_gpt2, monkeypatch):
-    from edgerlhf.stage import choose_micro_batch
+    from edgerlhf.core.stage import choose_micro_batch
 
     free = {"bytes": 20 * 2**30}
 
@@ -127,7 +127,7 @@ def test_training_on_the_card_takes_the_micro_batch_the_planner_fits(fake_cuda, 
 
 
 def test_on_a_cpu_the_configured_micro_batch_stands(tiny_cfg, tiny_gpt2):
-    from edgerlhf.stage import choose_micro_batch
+    from edgerlhf.core.stage import choose_micro_batch
 
     ctx = begin(tiny_cfg(**{"run.device": "cpu"}), starts_run=True)
     assert choose_micro_batch(ctx, "sft", tiny_gpt2) == (ctx.cfg, None)

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from edgerlhf.config import load_config
-from edgerlhf.data import (
+from edgerlhf.core.config import load_config
+from edgerlhf.data_preparation import (
     DataUnavailableError, check_no_leakage, collect, iter_source, prepare, resolve_source, split_by_prompt,
 )
-from edgerlhf.hh_rlhf import DataFormatError, Pair
+from edgerlhf.core.hh_rlhf import DataFormatError, Pair
 
 
 def dialogue(*turns):
@@ -122,8 +122,8 @@ def test_the_files_load_as_trl_conversational_preference_data(tmp_path, models_d
     from datasets import load_dataset
     from trl.data_utils import apply_chat_template, is_conversational
 
-    from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.prefs import read_prefs
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.prefs import read_prefs
 
     prepare(tiny_cfg(tmp_path, models_dir))
     path = tmp_path / "data" / "train_prefs.jsonl"
@@ -137,8 +137,8 @@ def test_the_files_load_as_trl_conversational_preference_data(tmp_path, models_d
 
 
 def test_reply_fields_must_be_one_assistant_message_or_a_text(tmp_path):
-    from edgerlhf.hh_rlhf import DataFormatError
-    from edgerlhf.prefs import read_prefs
+    from edgerlhf.core.hh_rlhf import DataFormatError
+    from edgerlhf.core.prefs import read_prefs
 
     prompt = [{"role": "user", "content": "q"}]
     path = tmp_path / "p.jsonl"

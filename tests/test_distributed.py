@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerlhf.config import load_config
-from edgerlhf.stage import begin
+from edgerlhf.core.config import load_config
+from edgerlhf.core.stage import begin
 
 
 
@@ -30,9 +30,9 @@ def launch(module: str, root: Path, models_dir: Path, data_dir: Path, run_dir: P
 
 def test_sft_and_reward_training_run_in_two_processes_and_write_once(tmp_path, models_dir, tiny_data):
     run_dir = tmp_path / "results" / "runs" / "two-processes"
-    sft = launch("edgerlhf.sft", tmp_path, models_dir, tiny_data, run_dir)
+    sft = launch("edgerlhf.sft_finetuning", tmp_path, models_dir, tiny_data, run_dir)
     assert sft.returncode == 0, sft.stderr[-3000:]
-    reward = launch("edgerlhf.reward", tmp_path, models_dir, tiny_data, run_dir, "reward.method=lora",
+    reward = launch("edgerlhf.reward_modeling", tmp_path, models_dir, tiny_data, run_dir, "reward.method=lora",
                     "reward.seeds=[42]", "reward.post_training_quantization=false")
     assert reward.returncode == 0, reward.stderr[-3000:]
     records = sorted(p.name for p in (run_dir / "records").iterdir())
@@ -55,7 +55,7 @@ def test_sft_and_reward_training_run_in_two_processes_and_write_once(tmp_path, m
 
 
 def test_a_stage_that_does_not_shard_refuses_several_processes(tiny_cfg, monkeypatch):
-    import edgerlhf.stage as stage
+    import edgerlhf.core.stage as stage
 
     monkeypatch.setattr(stage, "process_info", lambda: {"num_processes": 2})
     with pytest.raises(RuntimeError, match="runs in one process, not 2"):

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from edgerlhf import run as runner
-from edgerlhf.config import load_config
-from edgerlhf.records import newest_records
-from edgerlhf.stage import begin, recorded
+from edgerlhf.core.config import load_config
+from edgerlhf.core.records import newest_records
+from edgerlhf.core.stage import begin, recorded
 
 
 def cfg_for(tmp_path, **over):

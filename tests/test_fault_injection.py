@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 from transformers.trainer_utils import get_last_checkpoint
 
-from edgerlhf.ppo_loop import latest_checkpoint
-from edgerlhf.records import newest_records
+from edgerlhf.core.ppo_loop import latest_checkpoint
+from edgerlhf.core.records import newest_records
 from edgerlhf.reproduce import compare_records
 
 #: Record fields that differ after a resume by the libraries' bookkeeping, not by what was learnt: TRL's

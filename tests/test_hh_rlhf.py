@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from edgerlhf.hh_rlhf import DataFormatError, Pair, parse_pair, read_rows, split_dialogue
+from edgerlhf.core.hh_rlhf import DataFormatError, Pair, parse_pair, read_rows, split_dialogue
 
 
 def dialogue(*turns: str) -> str:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgerlhf.metrics import (
+from edgerlhf.core.metrics import (
     agreement, auc_roc, bootstrap_ci, calibration, evaluate_pairs, fit_temperature, pairwise_accuracy,
 )
 

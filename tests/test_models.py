@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from edgerlhf.models import MARKER, ModelUnavailableError, load_causal_lm, load_tokenizer, prepare_base_model
-from edgerlhf.templates import PLAIN_TEMPLATE, ensure_chat_template, ensure_pad_token, render_dialogue, render_prompt
+from edgerlhf.core.models import MARKER, ModelUnavailableError, load_causal_lm, load_tokenizer, prepare_base_model
+from edgerlhf.core.templates import PLAIN_TEMPLATE, ensure_chat_template, ensure_pad_token, render_dialogue, render_prompt
 
 
 def test_tiny_gpt2_is_built_once_and_reloads(tiny_gpt2, models_dir):
@@ -36,7 +36,7 @@ def test_embedded_model_conversion_is_faithful(tmp_path):
     """The safetensors copy gives the same logits as the GGUF-loaded model (about 30 s on 2 CPUs)."""
     from transformers import AutoModelForCausalLM
 
-    from edgerlhf.models import EMBEDDED_GGUF, embedded_folder
+    from edgerlhf.core.models import EMBEDDED_GGUF, embedded_folder
 
     location = prepare_base_model("smollm2-135m-instruct", tmp_path)
     converted = load_causal_lm(location).eval()

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from edgerlhf.paths import REPO_ROOT
+from edgerlhf.core.paths import REPO_ROOT
 from edgerlhf.run import NOTEBOOKS, main, select
 
 
@@ -50,7 +50,7 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     report = (run_dir / "REPORT.md").read_text()
     assert "## PPO alignment" in report and "| int4 |" in report and "## Memory against" in report
     # the run is the current one: a notebook opened by hand afterwards (run_dir=None) joins it
-    from edgerlhf.records import current_run
+    from edgerlhf.core.records import current_run
 
     assert current_run(tmp_path / "a" / "results") == run_dir
 

@@ -37,3 +37,18 @@ def test_setup_installs_under_the_constraints():
     script = (ROOT / "scripts" / "setup.sh").read_text()
     assert 'EDGERLHF_CONSTRAINTS-constraints.txt' in script and '"${PINNED[@]}" -e ".[$EXTRAS]"' in script
     assert 'EXTRAS="${EDGERLHF_EXTRAS:-dev}"' in script
+
+
+def test_data_flows_one_way_the_shared_modules_never_import_a_stage():
+    import ast
+
+    top = {p.stem for p in (ROOT / "edgerlhf").glob("*.py")} - {"__init__"}
+    assert {"setup", "data_preparation", "sft_finetuning", "reward_modeling", "ppo_alignment"} <= top
+    for path in (ROOT / "edgerlhf" / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert node.level <= 1, f"{path.name}: imports from outside edgerlhf.core"
+                assert not (node.level == 0 and module.startswith("edgerlhf") and not module.startswith(
+                    "edgerlhf.core")), f"{path.name}: imports {module}"
+                assert node.level == 0 or module.split(".")[0] not in top, f"{path.name}: imports .{module}"

@@ -1,10 +1,10 @@
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from edgerlhf.config import load_config
-from edgerlhf.memory import estimate
-from edgerlhf.models import tiny_config
-from edgerlhf.planner import MIB, ModelShape, activations_mib, kv_cache_mib, lora_params, weights_mib
+from edgerlhf.core.config import load_config
+from edgerlhf.core.memory import estimate
+from edgerlhf.core.models import tiny_config
+from edgerlhf.core.planner import MIB, ModelShape, activations_mib, kv_cache_mib, lora_params, weights_mib
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -63,7 +63,7 @@ def smollm2_shape_config():
 
 
 def test_the_micro_batch_is_the_largest_that_fits_and_the_effective_batch_is_kept():
-    from edgerlhf.planner import fit_micro_batch, with_micro_batch
+    from edgerlhf.core.planner import fit_micro_batch, with_micro_batch
 
     cfg = load_config("full", overrides={"sft.per_device_train_batch_size": 8, "sft.gradient_accumulation_steps": 4})
     model = smollm2_shape_config()
@@ -91,7 +91,7 @@ def test_the_micro_batch_is_the_largest_that_fits_and_the_effective_batch_is_kep
 
 
 def test_every_training_stage_keeps_its_effective_batch():
-    from edgerlhf.planner import fit_micro_batch
+    from edgerlhf.core.planner import fit_micro_batch
 
     cfg = load_config("full")
     for stage, section, micro in (("reward", "reward", "per_device_train_batch_size"),

@@ -1,14 +1,14 @@
-"""Unit tests of the PPO algorithm (edgerlhf.ppo) and its loop (edgerlhf.ppo_loop)."""
+"""Unit tests of the PPO algorithm (edgerlhf.core.ppo) and its loop (edgerlhf.core.ppo_loop)."""
 import json
 import math
 
 import pytest
 import torch
 
-from edgerlhf import ppo
-from edgerlhf.config import PPOStageConfig
-from edgerlhf.models import load_causal_lm, load_tokenizer
-from edgerlhf.ppo_loop import build_policy, train
+from edgerlhf.core import ppo
+from edgerlhf.core.config import PPOStageConfig
+from edgerlhf.core.models import load_causal_lm, load_tokenizer
+from edgerlhf.core.ppo_loop import build_policy, train
 
 # ---------------------------------------------------------------- pure functions
 
@@ -137,7 +137,7 @@ def queries_for(tokenizer, n):
 
 def tiny_rollout(name, models_dir, seed, new_tokens):
     """A tiny policy, its value head, three queries and one sampled rollout of ``new_tokens`` at temperature 0.7."""
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     policy, head = tiny_policy(location)
@@ -165,7 +165,7 @@ def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
 def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, models_dir):
     # forward_logprobs asks the model for the last R + 1 positions only (logits_to_keep); the result must be the
     # log-softmax of the full [B, Q + R, V] logits at the positions that predict each response token
-    from edgerlhf.lm import position_ids
+    from edgerlhf.core.lm import position_ids
 
     policy, head, _, ro = tiny_rollout(name, models_dir, seed=2, new_tokens=6)
     ro["response_mask"][1, 3:] = 0  # row 1 ends after 3 tokens, row 2 after 5: rows of different lengths
@@ -233,7 +233,7 @@ def token_share_scorer(tokenizer, target: str):
 
 
 def gpt2_tokenizer_with_pad(location):
-    from edgerlhf.templates import ensure_pad_token
+    from edgerlhf.core.templates import ensure_pad_token
 
     tok = load_tokenizer(location)
     ensure_pad_token(tok)
@@ -371,8 +371,8 @@ def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
 
 
 def test_ppo_pad_token_is_distinct_from_eos_where_possible(models_dir, gpt2_tokenizer):
-    from edgerlhf.models import prepare_base_model
-    from edgerlhf.templates import ppo_pad_token
+    from edgerlhf.core.models import prepare_base_model
+    from edgerlhf.core.templates import ppo_pad_token
 
     llama_tok = load_tokenizer(prepare_base_model("tiny-llama", models_dir))
     assert ppo_pad_token(llama_tok) != llama_tok.eos_token_id  # SmolLM2: <|endoftext|>
@@ -380,8 +380,8 @@ def test_ppo_pad_token_is_distinct_from_eos_where_possible(models_dir, gpt2_toke
 
 
 def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
-    from edgerlhf.alignment import encode_queries
-    from edgerlhf.templates import ensure_chat_template
+    from edgerlhf.ppo_alignment import encode_queries
+    from edgerlhf.core.templates import ensure_chat_template
 
     ensure_chat_template(gpt2_tokenizer)
     turns = []
@@ -399,7 +399,7 @@ def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
 
 
 def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(tiny_gpt2, tmp_path, monkeypatch):
-    from edgerlhf import ppo_loop
+    from edgerlhf.core import ppo_loop
 
     real = ppo_loop.ppo_step
     seen = []
@@ -422,7 +422,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(ti
 
 def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tmp_path):
     """eval_every 0 and 1 give identical training: evaluations sample on their own RNG (fork_rng)."""
-    from edgerlhf.alignment import sample_and_measure
+    from edgerlhf.ppo_alignment import sample_and_measure
 
     runs = []
     for name, evaluate in (("plain", False), ("evaluated", True)):
@@ -446,11 +446,11 @@ def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tm
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_a_reward_model_shares_the_policys_frozen_weights_and_scores_as_before(name, models_dir):
-    from edgerlhf.alignment import share_frozen_weights
-    from edgerlhf.models import prepare_base_model
-    from edgerlhf.ppo_loop import make_optimizer
-    from edgerlhf.rewards import backbone_of, load_backbone, score
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.ppo_alignment import share_frozen_weights
+    from edgerlhf.core.models import prepare_base_model
+    from edgerlhf.core.ppo_loop import make_optimizer
+    from edgerlhf.core.reward_models import backbone_of, load_backbone, score
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
     policy, head = tiny_policy(location)
@@ -502,7 +502,7 @@ def eos_prone_policy(location, eos_id, bias):
 def test_log_probs_equal_the_distribution_generate_sampled_from(name, models_dir):
     # independent of forward_logprobs: generate's processed scores are logits / temperature at each step;
     # rows end at different lengths, so the masking after the first EOS is exercised
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     tok = load_tokenizer(location)
@@ -534,14 +534,14 @@ def test_log_probs_equal_the_distribution_generate_sampled_from(name, models_dir
 
 
 def ppo_pad(tok):
-    from edgerlhf.templates import ppo_pad_token
+    from edgerlhf.core.templates import ppo_pad_token
 
     return ppo_pad_token(tok)
 
 
 def update_batch(name, models_dir, n=4, new_tokens=5, fixed_length=False, seed=0):
     """A tiny policy, its value head and a rollout :class:`ppo.Batch` with random advantages and returns."""
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     tok = load_tokenizer(location)
@@ -614,7 +614,7 @@ def test_a_non_finite_gradient_is_never_stepped(models_dir):
 
 
 def test_reward_gain_and_bias_give_sft_replies_mean_zero_and_unit_std(tiny_gpt2):
-    from edgerlhf.alignment import normalisation, sample_and_measure
+    from edgerlhf.ppo_alignment import normalisation, sample_and_measure
 
     policy, head = tiny_policy(tiny_gpt2)
     tok = gpt2_tokenizer_with_pad(tiny_gpt2)
@@ -646,7 +646,7 @@ def test_length_groups_pad_each_group_to_its_own_longest_row():
 def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir):
     """The cache built on each length group's real columns gives the last query token the logits of one pass
     over the whole left-padded block, and greedy generation from it emits the same tokens."""
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     policy, _ = tiny_policy(location)
@@ -671,7 +671,7 @@ def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouched(name, models_dir):
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     policy, _ = tiny_policy(location)
@@ -697,7 +697,7 @@ def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouc
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones(name, models_dir):
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
     tok = load_tokenizer(location)
@@ -730,9 +730,9 @@ def test_a_step_with_log_probs_from_generation_starts_at_ratio_one(tiny_gpt2, tm
 def test_steps_are_logged_under_trls_metric_names(tiny_gpt2, tmp_path, caplog):
     import logging
 
-    from edgerlhf.logs import configure_logging
-    from edgerlhf.ppo_loop import TRL_METRIC_NAMES, trl_metrics
-    from edgerlhf.templates import ensure_pad_token
+    from edgerlhf.core.logs import configure_logging
+    from edgerlhf.core.ppo_loop import TRL_METRIC_NAMES, trl_metrics
+    from edgerlhf.core.templates import ensure_pad_token
 
     policy, head = tiny_policy(tiny_gpt2)
     tok = load_tokenizer(tiny_gpt2)
@@ -745,7 +745,7 @@ def test_steps_are_logged_under_trls_metric_names(tiny_gpt2, tmp_path, caplog):
     metrics = trl_metrics(history[0])
     assert list(metrics) == list(TRL_METRIC_NAMES.values())  # every statistic named, in TRL's terms
     assert metrics["objective/kl"] == history[0]["kl"] and metrics["policy/approxkl_avg"] == history[0]["approx_kl"]
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "edgerlhf.ppo_loop"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "edgerlhf.core.ppo_loop"]
     assert line.startswith("PPO step 1/1: objective/scores 1, objective/kl ") and "loss/policy_avg" in line
 
 

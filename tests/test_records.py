@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgerlhf.config import load_config
-from edgerlhf.files import atomic_write_text
-from edgerlhf.memory import apply_vram_budget, measure
-from edgerlhf.records import create_run_dir, load_records, make_record, read_record, write_record
-from edgerlhf.reproducibility import seed_everything
+from edgerlhf.core.config import load_config
+from edgerlhf.core.files import atomic_write_text
+from edgerlhf.core.memory import apply_vram_budget, measure
+from edgerlhf.core.records import create_run_dir, load_records, make_record, read_record, write_record
+from edgerlhf.core.reproducibility import seed_everything
 
 
 def test_record_has_the_plan_shape_and_never_overwrites(tmp_path):
@@ -69,8 +69,8 @@ def current_umask():
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
-    from edgerlhf.files import atomic_path
-    from edgerlhf.plots import save
+    from edgerlhf.core.files import atomic_path
+    from edgerlhf.core.plots import save
     from matplotlib.figure import Figure
 
     path = atomic_write_text(tmp_path / "fig.png", "old")
@@ -87,7 +87,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 @pytest.mark.parametrize("atomic", [True, False])
 def test_swap_in_dir_never_loses_the_last_good_folder(tmp_path, monkeypatch, atomic):
-    from edgerlhf import files
+    from edgerlhf.core import files
 
     if not atomic:  # a platform without renameat2(RENAME_EXCHANGE): two renames
         monkeypatch.setattr(files, "exchange", lambda a, b: False)
@@ -132,7 +132,7 @@ def test_seed_everything_repeats_all_generators():
 
 _MEASURE_SCRIPT = """
 import json, torch
-from edgerlhf.memory import measure
+from edgerlhf.core.memory import measure
 with measure("cpu") as small:
     torch.ones(10)
 with measure("cpu") as large:
@@ -176,7 +176,7 @@ def test_vram_budget_is_recorded_as_not_applied_on_cpu():
 
 
 def test_oom_backoff_halves_micro_batch_and_keeps_the_effective_batch():
-    from edgerlhf.memory import halve_on_oom
+    from edgerlhf.core.memory import halve_on_oom
 
     calls = []
 
@@ -254,7 +254,7 @@ def test_measure_reads_the_peaks_of_a_mocked_cuda_device_in_mib(monkeypatch):
 
 
 def test_a_driver_that_torch_cannot_use_is_named_in_the_recommendation():
-    from edgerlhf.hardware import recommend
+    from edgerlhf.core.hardware import recommend
 
     cpu_build = {"vram_total_mib": None, "driver_version": "575.51.03", "cuda_version": None}
     out = recommend(cpu_build)
@@ -270,9 +270,9 @@ def test_notebooks_run_by_hand_share_the_current_run(tmp_path):
     # 00_Setup starts a run and makes it current; stages 01-04 with run_dir=None join it, as under papermill
     import shutil
 
-    from edgerlhf import stage
-    from edgerlhf.config import load_config
-    from edgerlhf.records import CURRENT_RUN, current_run
+    from edgerlhf.core import stage
+    from edgerlhf.core.config import load_config
+    from edgerlhf.core.records import CURRENT_RUN, current_run
 
     def cfg(**over):
         return load_config("tiny", overrides={"run.root": str(tmp_path), **over})

@@ -5,9 +5,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from edgerlhf import reward
-from edgerlhf.lm import encode_prompt_completion
-from edgerlhf.rewards import RewardModelError, load_backbone, load_reward_model, score
+from edgerlhf import reward_modeling as reward
+from edgerlhf.core.lm import encode_prompt_completion
+from edgerlhf.core.reward_models import RewardModelError, load_backbone, load_reward_model, score
 
 
 @pytest.fixture
@@ -20,8 +20,8 @@ def rm_cfg(tiny_cfg, tiny_sft):
 
 def test_score_is_read_at_the_last_real_token_for_any_padding(tiny_sft):
     model, _ = load_backbone(str(tiny_sft / "model" / "merged"), "bf16", "cpu")
-    from edgerlhf.models import load_tokenizer
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.core.models import load_tokenizer
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     tok = load_tokenizer(str(tiny_sft / "model" / "merged"))
     ensure_chat_template(tok)
@@ -118,8 +118,8 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
 
 
 def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batch(models_dir):
-    from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model("tiny-llama", models_dir)
     tok = load_tokenizer(location)
@@ -154,9 +154,9 @@ def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batc
 def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_dir):
     # prompt run once with its cache reused for both replies == two full passes through score(), also when the
     # replies begin alike (part of the reply is then pooled from the prompt pass)
-    from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.rewards import POOLING_ATTRIBUTE, pair_features
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.reward_models import POOLING_ATTRIBUTE, pair_features
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
     tok = load_tokenizer(location)
@@ -180,7 +180,7 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
 
 def test_nf4_layers_keep_the_compute_dtype_in_eval_mode(models_dir):
     # bitsandbytes would otherwise repack NF4 weights on a CPU with AVX512-BF16 and round activations to bf16
-    from edgerlhf.models import prepare_base_model
+    from edgerlhf.core.models import prepare_base_model
 
     model, _ = load_backbone(prepare_base_model("tiny-llama", models_dir), "int4", "cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -191,9 +191,9 @@ def test_nf4_layers_keep_the_compute_dtype_in_eval_mode(models_dir):
 
 
 def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
-    from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.rewards import backbone_of, pair_features, pool_states
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.reward_models import backbone_of, pair_features, pool_states
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     states = torch.arange(12.0).view(1, 4, 3)
     assert pool_states(states, torch.tensor([1]), torch.tensor([2]), "mean").tolist() == [[4.5, 5.5, 6.5]]
@@ -217,9 +217,9 @@ def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_features_read_after_a_block_equal_the_backbone_truncated_there(name, models_dir):
-    from edgerlhf.models import load_tokenizer, prepare_base_model
-    from edgerlhf.rewards import pair_features
-    from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.reward_models import pair_features
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
     tok = load_tokenizer(location)
@@ -312,7 +312,7 @@ def test_the_judge_never_sees_a_proxy_pair(rm_cfg):
 
 
 def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):
-    from edgerlhf.alignment import judge_is_independent
+    from edgerlhf.ppo_alignment import judge_is_independent
 
     for name, head in (("proxy", b"1"), ("judge", b"2"), ("copy", b"1")):
         (tmp_path / name).mkdir()
@@ -326,9 +326,9 @@ def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):
 
 
 def test_reward_inputs_are_the_rendered_dialogue_fitted_from_the_left(gpt2_tokenizer):
-    from edgerlhf.lm import encode_prompt_completion
-    from edgerlhf.rewards import encode_pairs
-    from edgerlhf.templates import ensure_chat_template
+    from edgerlhf.core.lm import encode_prompt_completion
+    from edgerlhf.core.reward_models import encode_pairs
+    from edgerlhf.core.templates import ensure_chat_template
 
     ensure_chat_template(gpt2_tokenizer)
     short = [{"role": "user", "content": "hi there"}]

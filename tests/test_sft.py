@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgerlhf import sft
-from edgerlhf.hh_rlhf import DataFormatError
-from edgerlhf.lm import encode_prompt_completion
-from edgerlhf.models import load_causal_lm, load_tokenizer, prepare_base_model
-from edgerlhf.prefs import read_prefs
-from edgerlhf.templates import ensure_chat_template, ensure_pad_token
+from edgerlhf import sft_finetuning as sft
+from edgerlhf.core.hh_rlhf import DataFormatError
+from edgerlhf.core.lm import encode_prompt_completion
+from edgerlhf.core.models import load_causal_lm, load_tokenizer, prepare_base_model
+from edgerlhf.core.prefs import read_prefs
+from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 CPU = torch.device("cpu")
 

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from edgerlhf.baselines import DEFAULT_CS, TfidfReward, fit_pairwise_logistic, length_scores
-from edgerlhf.stats import (
+from edgerlhf.core.baselines import DEFAULT_CS, TfidfReward, fit_pairwise_logistic, length_scores
+from edgerlhf.core.stats import (
     compare_classifiers, describe_comparison, mcnemar_exact, mde_mcnemar, mde_paired_mean, paired_bootstrap,
     wilson_interval,
 )

@@ -6,7 +6,7 @@ Outputs (in ``data.out_dir``): ``train_prefs.jsonl`` and ``test_prefs.jsonl`` wi
 ``data_card.json`` (counts, drop reasons, token-length statistics, source, hashes, seed).
 Re-running with the same input, tokenizer and seed gives byte-identical files.
 
-Run without the notebook: ``python -m edgerlhf.data --profile quick``.
+Run without the notebook: ``python -m edgerlhf.data_preparation --profile quick``.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .config import Config, DataConfig
-from .files import atomic_write_text, sha256_file
-from .hh_rlhf import Pair, check_row, parse_pair, read_rows
-from .memory import measure
-from .models import load_tokenizer, prepare_base_model
-from .paths import resolve
-from .plots import save
-from .stage import StageContext, begin, cli_config, finish, recorded
-from .templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
+from .core.config import Config, DataConfig
+from .core.files import atomic_write_text, sha256_file
+from .core.hh_rlhf import Pair, check_row, parse_pair, read_rows
+from .core.memory import measure
+from .core.models import load_tokenizer, prepare_base_model
+from .core.paths import resolve
+from .core.plots import save
+from .core.stage import StageContext, begin, cli_config, finish, recorded
+from .core.templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
 
 DROP_REASONS = (
     "malformed_dialogue", "prompt_mismatch", "empty_reply", "identical_replies",
@@ -247,7 +247,7 @@ def prepare(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.data [--profile P] [--config F] [--set K=V ...]``."""
+    """Command-line entry: ``python -m edgerlhf.data_preparation [--profile P] [--config F] [--set K=V ...]``."""
     results = prepare(cli_config("Stage 1: prepare HH-RLHF preference pairs.", argv))
     print(json.dumps({k: results[k] for k in ("rows_read", "dropped", "counts", "record")}, indent=2))
 

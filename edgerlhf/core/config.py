@@ -1,7 +1,7 @@
 """Configuration: one dataclass per stage, named profiles, JSON/YAML files and overrides.
 
 Every field carries its meaning and source in ``metadata["help"]`` (listed by
-``python -m edgerlhf.config [--profile P]``), like TRL's ``*Config`` classes.
+``python -m edgerlhf.core.config [--profile P]``), like TRL's ``*Config`` classes.
 Defaults are the research plan's (``../shared/RESEARCH_PLAN.md``) or the cited
 paper's / library's. A *profile* (``tiny``, ``quick``, ``full``) is only a set of
 dotted overrides such as ``{"data.n_train": 512}``; values are applied in this
@@ -32,7 +32,7 @@ DEFAULT_PROFILE = "quick"
 #: Choices of the enumerated fields, shared with the stage modules that act on them.
 PRECISIONS = ("bf16", "int8", "int4")
 REWARD_METHODS = ("lora", "probe")
-#: What a probe's head reads of the reply (:func:`edgerlhf.rewards.pool_states`).
+#: What a probe's head reads of the reply (:func:`edgerlhf.core.reward_models.pool_states`).
 PROBE_POOLINGS = ("last", "mean", "last+mean")
 SFT_STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
 
@@ -70,7 +70,7 @@ class RunConfig:
     )
     auto_micro_batch: bool = _f(
         True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
-        "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.planner.fit_micro_batch`) "
+        "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.core.planner.fit_micro_batch`) "
         "fits the memory measured free under `vram_budget_gib`, less `micro_batch_headroom`; the choice is recorded. "
         "Ignored on a CPU, where the configured sizes stand (they were chosen for RAM and speed, measured)."
     )
@@ -667,7 +667,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 #: Help text of every ``--set`` flag.
 SET_HELP = ("override any config field, e.g. data.n_train=100 or 'reward.precisions=[bf16]' (repeatable; the "
-            "fields: python -m edgerlhf.config)")
+            "fields: python -m edgerlhf.core.config)")
 
 
 def parse_cli_sets(items: list[str]) -> dict[str, Any]:
@@ -715,7 +715,7 @@ def field_help(profile: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edgerlhf.config [--profile P]``: list every field with its value and help; returns 0."""
+    """``python -m edgerlhf.core.config [--profile P]``: list every field with its value and help; returns 0."""
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -1,6 +1,6 @@
 """Memory planner: predict a stage's peak device memory from first principles.
 
-    from edgerlhf.memory import estimate
+    from edgerlhf.core.memory import estimate
     plan = estimate("sft", cfg, model_config)      # MemoryEstimate(total_mib, breakdown, ...)
 
 Every term is arithmetic on the model's shape and the stage's settings; the sources:
@@ -117,7 +117,7 @@ def kv_cache_mib(shape: ModelShape, batch: int, tokens: int, compute: str) -> fl
 
 def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEstimate:
     """Predict the peak device memory of ``stage`` (``sft``, ``reward`` or ``ppo``) for ``cfg``
-    (a :class:`edgerlhf.config.Config`) and a ``transformers`` model config. The reward stage is LoRA
+    (a :class:`edgerlhf.core.config.Config`) and a ``transformers`` model config. The reward stage is LoRA
     training (``reward.method = "lora"``) or, for ``probe``, inference of the frozen backbone.
 
     Raises:
@@ -187,7 +187,7 @@ def fit_micro_batch(stage: str, cfg, model_config, compute: str, available_mib: 
 
     Args:
         stage: ``sft``, ``reward`` or ``ppo``.
-        available_mib: device memory this process may use, in MiB (:func:`edgerlhf.memory.available_device_mib`).
+        available_mib: device memory this process may use, in MiB (:func:`edgerlhf.core.memory.available_device_mib`).
         headroom: fraction of ``available_mib`` kept free, in [0, 1).
     Returns:
         ``{"stage", "micro_batch", "accumulation", "configured": [micro, accumulation], "estimate_mib",

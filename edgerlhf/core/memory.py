@@ -153,7 +153,7 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     it from being trimmed and regrown at every allocation. On exit the threshold is 32 MiB (where glibc's own
     would have settled), so many mid-sized allocations, such as generation's growing KV cache, come from the heap
     again: mapping each of them costs page faults (25% slower generation at 1 MiB). Used around PPO's forward
-    and update passes (:func:`edgerlhf.ppo.ppo_step`); process-wide while the block runs.
+    and update passes (:func:`edgerlhf.core.ppo.ppo_step`); process-wide while the block runs.
 
     Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB, same speed.
     Yields True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
@@ -212,4 +212,4 @@ def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3
             (log or logger.warning)(f"out of memory: retrying with micro-batch {micro_batch} x accumulation "
                                     f"{accumulation}")
 
-from .planner import MemoryEstimate, estimate  # noqa: E402,F401  (the planner, as edgerlhf.memory.estimate)
+from .planner import MemoryEstimate, estimate  # noqa: E402,F401  (the planner, as edgerlhf.core.memory.estimate)

@@ -6,18 +6,18 @@ Training is ``reward.method``:
 
 * ``lora`` - TRL ``RewardTrainer`` (Bradley-Terry loss), LoRA on the backbone, head trained in full;
 * ``probe`` - the backbone frozen at the precision; its final-layer state at the last token of
-  each reply is computed once (:func:`edgerlhf.rewards.pair_features`) and the head is fitted on
-  ``chosen - rejected`` by logistic regression (:func:`edgerlhf.baselines.fit_pairwise_logistic`).
+  each reply is computed once (:func:`edgerlhf.core.reward_models.pair_features`) and the head is fitted on
+  ``chosen - rejected`` by logistic regression (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
 
 The trained bf16 model is also loaded at int8 and int4 without retraining (post-training
 quantization, ``-ptq``). A bf16 ``judge`` is trained on pairs no proxy sees, for stage 4.
-Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.baselines`) are scored on
-the same held-out pairs and compared paired (:func:`edgerlhf.metrics.assess`): McNemar, paired
+Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.core.baselines`) are scored on
+the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar, paired
 bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
 carries each model's verdict to stage 4.
 
-Folders: ``models/rm/{bf16,int8,int4,judge}``; see :mod:`edgerlhf.rewards` for their layouts.
-Run without the notebook: ``python -m edgerlhf.reward --profile quick``.
+Folders: ``models/rm/{bf16,int8,int4,judge}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
+Run without the notebook: ``python -m edgerlhf.reward_modeling --profile quick``.
 """
 from __future__ import annotations
 
@@ -32,24 +32,24 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback
 
-from .adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
-from .baselines import baseline_scores, fit_pairwise_logistic
-from .config import Config, RewardStageConfig
-from .distributed import is_main_process, main_process_writes
-from .files import atomic_write_text, swap_in_dir
-from .lm import fit_prompt
-from .memory import free_memory, measure
-from .metrics import agreement, assess, evaluate_pairs
-from .models import load_tokenizer
-from .plots import accuracy_figure, margin_figure, reliability_figure
-from .prefs import read_prefs
-from .rewards import (
+from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
+from .core.baselines import baseline_scores, fit_pairwise_logistic
+from .core.config import Config, RewardStageConfig
+from .core.distributed import is_main_process, main_process_writes
+from .core.files import atomic_write_text, swap_in_dir
+from .core.lm import fit_prompt
+from .core.memory import free_memory, measure
+from .core.metrics import agreement, assess, evaluate_pairs
+from .core.models import load_tokenizer
+from .core.plots import accuracy_figure, margin_figure, reliability_figure
+from .core.prefs import read_prefs
+from .core.reward_models import (
     HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
     tokenizer_fingerprint, weights_fingerprint, write_info,
 )
-from .stage import begin, choose_micro_batch, cli_config, finish, recorded
-from .templates import ensure_chat_template, ensure_pad_token
-from .training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
+from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
+from .core.templates import ensure_chat_template, ensure_pad_token
+from .core.training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
 MIB = 2**20
 
@@ -116,7 +116,7 @@ def folder_mib(path: Path) -> float:
 def dtype_that_ran(precision: str, device) -> str:
     """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32; LLM.int8
     quantizes activations to int8 by way of float16 (outlier columns in float16); NF4 weights are dequantized to
-    the compute dtype (:func:`edgerlhf.adapters.nf4_in_compute_dtype`)."""
+    the compute dtype (:func:`edgerlhf.core.adapters.nf4_in_compute_dtype`)."""
     compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
     return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
                                      f"{compute} elsewhere",
@@ -126,7 +126,7 @@ def dtype_that_ran(precision: str, device) -> str:
 def write_model_folder(folder: Path, write) -> None:
     """Make ``folder`` anew: ``write(staging)`` fills an empty sibling ``.staging-<name>`` that then replaces
     ``folder`` (the old model stays until the new one is complete); on the main process only
-    (:func:`edgerlhf.distributed.main_process_writes`), the others wait for it."""
+    (:func:`edgerlhf.core.distributed.main_process_writes`), the others wait for it."""
     def run():
         staging = folder.parent / f".staging-{folder.name}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -277,7 +277,7 @@ def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[st
 
 def choose_probe_layer(train: tuple[torch.Tensor, torch.Tensor], layers: list[int], seed: int) -> dict:
     """The block whose features give the lowest 5-fold cross-validated log-loss of the pairwise logistic
-    probe on the training pairs (:func:`edgerlhf.baselines.fit_pairwise_logistic`, C chosen per block).
+    probe on the training pairs (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`, C chosen per block).
 
     Args:
         train: ``(features_chosen, features_rejected)``, each ``FloatTensor[N, len(layers), hidden]``.
@@ -571,7 +571,7 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.reward [--profile P] [--config F] [--set K=V ...]``."""
+    """Command-line entry: ``python -m edgerlhf.reward_modeling [--profile P] [--config F] [--set K=V ...]``."""
     results = run_reward(cli_config("Stage 3: reward models at bf16, int8 and int4.", argv))
     if is_main_process():
         print("\n".join(results["conclusions"]))

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 #: The repository checkout that holds this package (``edgerlhf/..``).
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def shared_dir() -> Path:

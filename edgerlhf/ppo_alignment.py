@@ -1,7 +1,7 @@
 """Stage 4: PPO alignment against the BF16, INT8 and INT4 reward models (EXP-1/2/3).
 
 For each reward-model precision: the same SFT policy, seed and training prompts ->
-PPO (:mod:`edgerlhf.ppo`, :mod:`edgerlhf.ppo_loop`) -> save -> evaluate on held-out prompts.
+PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_loop`) -> save -> evaluate on held-out prompts.
 
 Evaluation, the same for every experiment so rows compare:
 
@@ -18,7 +18,7 @@ Evaluation, the same for every experiment so rows compare:
 
 Outputs: ``models/ppo/<precision>/`` (LoRA adapter and value head), the stage record with
 per-step statistics, the comparison table, and figures. Run without the notebook:
-``python -m edgerlhf.alignment --profile quick``.
+``python -m edgerlhf.ppo_alignment --profile quick``.
 """
 from __future__ import annotations
 
@@ -31,22 +31,22 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
-from .config import Config, PPOStageConfig
-from .files import swap_in_dir
-from .hardware import resolve_device
-from .lm import fit_prompt
-from .memory import free_memory, measure
-from .models import load_causal_lm, load_tokenizer
-from .plots import overoptimisation_figure, ppo_curves_figure
-from .ppo import decode_responses, policy_and_reference_logprobs, rollout
-from .ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
-from .prefs import read_prefs
-from .reproducibility import seed_everything
-from .rewards import backbone_of, load_reward_model, score, weights_digest
-from .stage import begin, cli_config, finish, recorded
-from .stats import mde_paired_mean, paired_bootstrap, wilson_interval
-from .templates import ensure_chat_template, ppo_pad_token, render_prompt
+from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
+from .core.config import Config, PPOStageConfig
+from .core.files import swap_in_dir
+from .core.hardware import resolve_device
+from .core.lm import fit_prompt
+from .core.memory import free_memory, measure
+from .core.models import load_causal_lm, load_tokenizer
+from .core.plots import overoptimisation_figure, ppo_curves_figure
+from .core.ppo import decode_responses, policy_and_reference_logprobs, rollout
+from .core.ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
+from .core.prefs import read_prefs
+from .core.reproducibility import seed_everything
+from .core.reward_models import backbone_of, load_reward_model, score, weights_digest
+from .core.stage import begin, cli_config, finish, recorded
+from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
+from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
 JUDGE = "judge"
 
@@ -128,7 +128,7 @@ def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
 def reward_scorer(model, tokenizer, cfg: PPOStageConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
                   counts: dict | None = None):
     """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``;
-    over-long items are fitted from the left and counted into ``counts`` (see :func:`edgerlhf.rewards.score`)."""
+    over-long items are fitted from the left and counted into ``counts`` (see :func:`edgerlhf.core.reward_models.score`)."""
     def scorer(prompts, replies):
         return gain * score(model, tokenizer, prompts, replies, cfg.score_batch_size, max_length, counts) + bias
     return scorer
@@ -208,7 +208,7 @@ def rm_verdicts(rm_dir: Path) -> dict:
     path = rm_dir / "evaluation.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no reward-model evaluation; run 03_Reward_Modeling "
-                                "(python -m edgerlhf.reward) first")
+                                "(python -m edgerlhf.reward_modeling) first")
     return json.loads(path.read_text())
 
 
@@ -365,7 +365,7 @@ def run_alignment(cfg: Config) -> dict:
     ctx = begin(cfg)
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
-        raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft) first")
+        raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft_finetuning) first")
     rm_dir = ctx.path(cfg.reward.output_dir)
     judge_folder = rm_dir / JUDGE
     if not judge_folder.exists():
@@ -423,7 +423,7 @@ def run_alignment(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.alignment [--profile P] [--config F] [--set K=V ...]``."""
+    """Command-line entry: ``python -m edgerlhf.ppo_alignment [--profile P] [--config F] [--set K=V ...]``."""
     results = run_alignment(cli_config("Stage 4: PPO against bf16/int8/int4 reward models.", argv))
     print("\n".join(results["conclusions"]))
 

@@ -86,7 +86,7 @@ def merged_adapter(model):
     disabled, so a decoding step runs the plain layers instead of three extra matmuls per layer (on a 2-core CPU
     2.2 s of 11.6 s for 8 replies of 64 tokens with SmolLM2-135M). The original weights are not modified: they
     are put back afterwards, bit for bit, so the reference model (adapter disabled) and any reward model sharing
-    them (:func:`edgerlhf.alignment.share_frozen_weights`) are unchanged. Costs one extra copy of the wrapped
+    them (:func:`edgerlhf.ppo_alignment.share_frozen_weights`) are unchanged. Costs one extra copy of the wrapped
     weights while the block runs. A model with no adapter, or a quantized base (int8/int4 weights cannot
     hold the sum), runs unchanged.
     """
@@ -356,7 +356,7 @@ def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: f
     """Old policy log-probs and values, and reference log-probs with the adapter disabled (no second copy).
 
     ``model`` is a peft ``PeftModel``; ``model.disable_adapter()`` gives the SFT model, whose LoRA
-    was merged into the base weights before PPO (see :func:`edgerlhf.alignment.load_policy`).
+    was merged into the base weights before PPO (see :func:`edgerlhf.ppo_alignment.load_policy`).
     Rows are sorted by real length (query + reply tokens) and passed ``chunk_size`` at a time (None: all),
     so each chunk pads only to its own longest row; rows do not interact, so the grouping changes nothing
     but the padding. With ``policy_pass=False`` only the reference pass runs and ``logprobs``/``values`` are
@@ -683,7 +683,7 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         queries: token ids of the rendered prompts (one per sample).
         prompts: the same prompts as chat messages, passed to ``scorer``.
         scorer: ``scorer(prompts, replies) -> FloatTensor[B]`` (a reward model, or a scripted reward).
-        cfg: a :class:`edgerlhf.config.PPOStageConfig`.
+        cfg: a :class:`edgerlhf.core.config.PPOStageConfig`.
         moments: running statistics for score normalisation (``cfg.score_norm``); None: off.
     Raises:
         NonFiniteError: a non-finite score, KL, reward, loss or gradient (a ``FloatingPointError`` carrying the

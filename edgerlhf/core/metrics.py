@@ -152,7 +152,7 @@ def assess(models: dict[str, dict], baselines: dict[str, dict], reference: str |
     Each entry of ``models`` and ``baselines`` has ``scores_chosen`` / ``scores_rejected`` (``float[N]``,
     the same N pairs in the same order). Adds to every model entry (in place):
 
-    * ``vs_length``: :func:`edgerlhf.stats.compare_classifiers` against the better length rule on
+    * ``vs_length``: :func:`edgerlhf.core.stats.compare_classifiers` against the better length rule on
       these pairs (``shorter wins`` or ``longer wins``, whichever scores higher: the conservative choice);
     * ``vs_best_baseline``: against the baseline with the highest accuracy (TF-IDF or a length rule);
     * ``vs_reference``: against ``models[reference]`` (None for the reference itself);

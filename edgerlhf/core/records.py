@@ -110,7 +110,7 @@ def make_record(
 ) -> dict:
     """Assemble a record for ``stage``; ``config`` is :meth:`Config.to_dict` output.
 
-    ``measurement`` is the dict filled by :func:`edgerlhf.memory.measure`; its
+    ``measurement`` is the dict filled by :func:`edgerlhf.core.memory.measure`; its
     ``wall_time_s`` becomes the record's wall time and the rest its ``peak_memory``.
     """
     run_id = Path(run_dir).name

@@ -9,7 +9,7 @@ from .files import atomic_path
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Save ``fig`` as a PNG (100 dpi) atomically (:func:`edgerlhf.files.atomic_path`), creating the folder;
+    """Save ``fig`` as a PNG (100 dpi) atomically (:func:`edgerlhf.core.files.atomic_path`), creating the folder;
     returns the path."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -148,7 +148,7 @@ def memory_figure(rows: list[dict], budget_gib: float | None, path: str | Path) 
 
 def show_stage_memory(run_dir: str | Path, budget_gib: float | None):
     """Display, in a notebook, the peak memory of every stage recorded so far in ``run_dir``
-    (:func:`edgerlhf.records.stage_memory`, MiB) as a table and as a bar chart against ``budget_gib``
+    (:func:`edgerlhf.core.records.stage_memory`, MiB) as a table and as a bar chart against ``budget_gib``
     (saved to ``figures/memory.png``); the one cell every notebook ends with. Returns the table (a DataFrame)."""
     import pandas as pd
     from IPython.display import Image, display

@@ -10,7 +10,7 @@ Outputs in ``sft.output_dir`` (default ``models/sft``)::
     model/sft_info.json              strategy, dtype, base model, metrics
 
 ``model/`` is replaced only after a run succeeds, so a failed run leaves the last good model.
-Run without the notebook: ``python -m edgerlhf.sft --profile quick`` (or under ``accelerate launch -m``).
+Run without the notebook: ``python -m edgerlhf.sft_finetuning --profile quick`` (or under ``accelerate launch -m``).
 """
 from __future__ import annotations
 
@@ -22,21 +22,21 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback
 
-from .adapters import (
+from .core.adapters import (
     compute_dtype, count_parameters, freeze_first_blocks, lora_config, nf4_in_compute_dtype, quantization_config,
 )
-from .config import Config, SFTStageConfig
-from .distributed import is_main_process, main_process_writes
-from .files import atomic_write_text, swap_in_dir
-from .generation import generate
-from .lm import completion_nll, fit_prompt
-from .memory import free_memory, measure
-from .models import load_causal_lm, load_tokenizer, prepare_base_model
-from .plots import loss_figure
-from .prefs import read_prefs
-from .stage import begin, choose_micro_batch, cli_config, finish, recorded
-from .templates import ensure_chat_template, ensure_pad_token
-from .training import checkpoint_to_resume, train_with_backoff, trainer_arguments
+from .core.config import Config, SFTStageConfig
+from .core.distributed import is_main_process, main_process_writes
+from .core.files import atomic_write_text, swap_in_dir
+from .core.generation import generate
+from .core.lm import completion_nll, fit_prompt
+from .core.memory import free_memory, measure
+from .core.models import load_causal_lm, load_tokenizer, prepare_base_model
+from .core.plots import loss_figure
+from .core.prefs import read_prefs
+from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
+from .core.templates import ensure_chat_template, ensure_pad_token
+from .core.training import checkpoint_to_resume, train_with_backoff, trainer_arguments
 
 def sft_examples(rows: list[dict], tokenizer, max_length: int, overlong: str) -> tuple[list[dict], dict]:
     """Conversational prompt-completion rows for TRL, fitted to ``max_length`` tokens.
@@ -250,7 +250,7 @@ def run_sft(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.sft [--profile P] [--config F] [--set K=V ...]``."""
+    """Command-line entry: ``python -m edgerlhf.sft_finetuning [--profile P] [--config F] [--set K=V ...]``."""
     results = run_sft(cli_config("Stage 2: supervised fine-tuning.", argv))
     if is_main_process():
         print(json.dumps({k: results[k] for k in ("strategy", "perplexity_before", "perplexity_after",

@@ -191,13 +191,13 @@ def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_l
     """Token ids of prompt + reply for each item, fitted to ``max_length`` tokens from the left.
 
     Each dialogue is rendered and tokenized once; only an item longer than ``max_length`` goes through
-    :func:`edgerlhf.lm.fit_prompt`, where the prompt loses its oldest turns first; an item that is still too
+    :func:`edgerlhf.core.lm.fit_prompt`, where the prompt loses its oldest turns first; an item that is still too
     long with only its last user turn keeps its last ``max_length`` tokens (the reply's end, where the
     reward is read). Nothing is dropped.
 
     Args:
         reply_starts: also return where each reply starts (index of its first token in the item's ids, as
-            :func:`edgerlhf.lm.encode_prompt_completion` finds it; 0 when the cut reached into the reply);
+            :func:`edgerlhf.core.lm.encode_prompt_completion` finds it; 0 when the cut reached into the reply);
             this costs one more tokenization of the prompt per item.
     Returns:
         ``(token_lists, starts, counts)``: ``starts`` is a list of int, or None without ``reply_starts``;
@@ -240,7 +240,7 @@ def pool_states(states: torch.Tensor, start: torch.Tensor, read: torch.Tensor, p
 
     Args:
         states: ``FloatTensor[B, T, H]``. start, read: ``LongTensor[B]`` positions in ``[0, T)``, ``start <= read``.
-        pooling: one of :data:`edgerlhf.config.PROBE_POOLINGS`.
+        pooling: one of :data:`edgerlhf.core.config.PROBE_POOLINGS`.
     Returns:
         ``FloatTensor[B, H]`` (``last``, ``mean``) or ``[B, 2H]`` (``last+mean``), in ``states``' dtype.
     Raises:
@@ -359,7 +359,7 @@ def encode_pair_suffixes(tokenizer, prompts: list[list[dict]], chosen: list[str]
     """Token ids of each pair split into the part both replies share and the two reply parts.
 
     Prompts are truncated from the left by whole turns so both replies fit ``max_length``
-    (:func:`edgerlhf.lm.fit_prompt`). The head is read where transformers' sequence classification
+    (:func:`edgerlhf.core.lm.fit_prompt`). The head is read where transformers' sequence classification
     pooling reads it, at the last token that is not the pad token (with pad = EOS, as for GPT-2, that
     is the token before a final EOS); each suffix contains that token.
 

@@ -40,7 +40,7 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     the run folder.
 
     With ``cfg.run.run_dir`` None, the stage joins the *current run*: the folder named by
-    ``results/current_run.json`` (:func:`edgerlhf.records.current_run`), so notebooks run by hand in order
+    ``results/current_run.json`` (:func:`edgerlhf.core.records.current_run`), so notebooks run by hand in order
     share one run folder as they do under papermill. A stage that ``starts_run`` (00_Setup), or any stage
     when there is no current run, creates a new ``results/runs/<run_id>`` and makes it current. The folder
     is written back into ``cfg`` so the record names it.
@@ -49,7 +49,7 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     run in several processes under ``accelerate launch``; its files are written by the main process alone.
 
     Raises:
-        ValueError: a config value out of range (:func:`edgerlhf.config.validate`), or a current-run
+        ValueError: a config value out of range (:func:`edgerlhf.core.config.validate`), or a current-run
             pointer that is damaged or names a deleted folder; nothing is written.
         RuntimeError: several processes run a stage that is not ``distributed``.
     """
@@ -58,7 +58,7 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     processes = process_info()["num_processes"]
     if processes > 1 and not distributed:
         raise RuntimeError(f"this stage runs in one process, not {processes}: start it with python -m, not "
-                           "accelerate launch (only edgerlhf.sft and edgerlhf.reward shard their training)")
+                           "accelerate launch (only edgerlhf.sft_finetuning and edgerlhf.reward_modeling shard their training)")
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     root = resolve(cfg.run.root)
     if cfg.run.run_dir is None:  # under accelerate launch the main process decides, the others join it
@@ -75,7 +75,7 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
 
 
 def join_or_start_run(results: Path, profile: str, starts_run: bool) -> Path:
-    """The current run folder under ``results`` (:func:`edgerlhf.records.current_run`), or, when
+    """The current run folder under ``results`` (:func:`edgerlhf.core.records.current_run`), or, when
     ``starts_run`` or there is none, a new ``results/runs/<run_id>`` made current.
 
     Raises:
@@ -123,8 +123,8 @@ def recorded(stage: str):
 def choose_micro_batch(ctx: StageContext, stage: str, model_location: str) -> tuple[Config, dict | None]:
     """The config ``stage`` (``sft`` or ``reward``) should train with: with ``run.auto_micro_batch`` on a CUDA
     device, its micro-batch is the largest that the memory planner fits into the device memory measured now
-    (:func:`edgerlhf.memory.available_device_mib`, under ``run.vram_budget_gib``) less
-    ``run.micro_batch_headroom``, with the effective batch unchanged (:func:`edgerlhf.planner.fit_micro_batch`).
+    (:func:`edgerlhf.core.memory.available_device_mib`, under ``run.vram_budget_gib``) less
+    ``run.micro_batch_headroom``, with the effective batch unchanged (:func:`edgerlhf.core.planner.fit_micro_batch`).
     On a CPU, or with the option off, ``ctx.cfg`` is returned unchanged.
 
     Returns:
@@ -148,7 +148,7 @@ def choose_micro_batch(ctx: StageContext, stage: str, model_location: str) -> tu
 
 
 def finish(ctx: StageContext, stage: str, results: dict, measurement: dict, **fields) -> Path:
-    """Write the stage's run record (see :mod:`edgerlhf.records`); returns its path."""
+    """Write the stage's run record (see :mod:`edgerlhf.core.records`); returns its path."""
     record = make_record(
         stage, ctx.run_dir, ctx.cfg.to_dict(), results, measurement=measurement, device=str(ctx.device), **fields
     )

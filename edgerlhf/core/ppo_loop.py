@@ -1,4 +1,4 @@
-"""The PPO training loop around :func:`edgerlhf.ppo.ppo_step`: optimiser, prompt sampling,
+"""The PPO training loop around :func:`edgerlhf.core.ppo.ppo_step`: optimiser, prompt sampling,
 checkpoints every N steps, exact resumption, and a saved failing step on non-finite values.
 
 A checkpoint ``checkpoint-<step>/`` holds the LoRA adapter and value head (safetensors) and
@@ -41,7 +41,7 @@ TRL_METRIC_NAMES = {
 
 
 def trl_metrics(stats: dict) -> dict[str, float]:
-    """The statistics of one PPO step (:func:`edgerlhf.ppo.ppo_step`) that TRL also logs, under TRL's names
+    """The statistics of one PPO step (:func:`edgerlhf.core.ppo.ppo_step`) that TRL also logs, under TRL's names
     (:data:`TRL_METRIC_NAMES`), in that order."""
     return {trl: stats[ours] for ours, trl in TRL_METRIC_NAMES.items() if ours in stats}
 
@@ -175,7 +175,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
 
     A step that runs out of memory is retried from the same state with the micro-batch halved and
     the accumulation doubled, and generation and scoring forward passes in halved chunks
-    (:func:`edgerlhf.memory.halve_on_oom`, at most ``max_backoffs`` times); the back-offs are in
+    (:func:`edgerlhf.core.memory.halve_on_oom`, at most ``max_backoffs`` times); the back-offs are in
     the step's statistics and the smaller sizes are kept for the rest of the run.
 
     Raises:

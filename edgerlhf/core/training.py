@@ -75,7 +75,7 @@ def train_with_backoff(build_trainer, args: dict, resume_from: str | None, max_b
 
     ``build_trainer(args) -> Trainer`` must build the trainer around the same model each time.
     A back-off halves ``per_device_train_batch_size`` and doubles ``gradient_accumulation_steps``
-    (the effective batch is unchanged; :func:`edgerlhf.memory.halve_on_oom`), restores the trainable
+    (the effective batch is unchanged; :func:`edgerlhf.core.memory.halve_on_oom`), restores the trainable
     weights to where the failed attempt started, and resumes from the newest checkpoint in
     ``args["output_dir"]`` (the Trainer then skips the batches already trained on, in the same
     seeded order), or from ``resume_from`` when no newer checkpoint was written.
