@@ -36,6 +36,7 @@ from .core.config import Config, PPOStageConfig
 from .core.files import swap_in_dir
 from .core.hardware import resolve_device
 from .core.lm import fit_prompt
+from .core.logs import tensorboard_writer
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
 from .core.plots import overoptimisation_figure, ppo_curves_figure
@@ -239,6 +240,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         extra = {"curve": [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
                             "judge": float(np.mean(before["judge_scores"]))}]}
 
+        board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{precision}")
+
         def on_step(step, stats):
             ctx.step = f"experiment {precision}: PPO step {step} of {p.steps} done"
             if p.eval_every and step % p.eval_every == 0 and step != p.steps:
@@ -251,7 +254,9 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         checkpoints = out_dir / "checkpoints" / precision
         history = train(policy, value_head, tokenizer, queries, prompts,
                         reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias, truncation), p,
-                        checkpoints, cfg.run.seed, on_step, cfg.run.max_oom_backoffs, extra)
+                        checkpoints, cfg.run.seed, on_step, cfg.run.max_oom_backoffs, extra, board)
+        if board is not None:
+            board.close()
         curve = extra["curve"]
         ctx.step = f"experiment {precision}: evaluation after training"
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)

@@ -38,6 +38,7 @@ from .core.config import Config, RewardStageConfig
 from .core.distributed import is_main_process, main_process_writes
 from .core.files import atomic_write_text, swap_in_dir
 from .core.lm import fit_prompt
+from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
 from .core.metrics import agreement, assess, evaluate_pairs
 from .core.models import load_tokenizer
@@ -84,7 +85,8 @@ def build_reward_model(sft_location: str, precision: str, cfg: RewardStageConfig
     return get_peft_model(model, config)
 
 
-def make_trainer(model, tokenizer, cfg: RewardStageConfig, args: dict, train: list[dict], validation: list[dict]):
+def make_trainer(model, tokenizer, cfg: RewardStageConfig, args: dict, train: list[dict], validation: list[dict],
+                 callbacks: list = ()):
     """TRL ``RewardTrainer`` with the Bradley-Terry loss, early stopping on validation accuracy.
 
     With ``cfg.group_by_length`` the tokenized pairs get a ``length`` column, the width the
@@ -99,7 +101,7 @@ def make_trainer(model, tokenizer, cfg: RewardStageConfig, args: dict, train: li
                              remove_unused_columns=not cfg.group_by_length)
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
                             eval_dataset=Dataset.from_list(validation), processing_class=tokenizer,
-                            callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience)])
+                            callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), *callbacks])
     if cfg.group_by_length:  # transformers groups the evaluation batches by length too
         def width(e):
             return {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))}
@@ -192,7 +194,8 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
         model = build_reward_model(sft_location, precision, r, tokenizer.pad_token_id, ctx.device)
         parameters = count_parameters(model)  # before training merges the adapter away
         trainer, output, backoffs = train_with_backoff(
-            lambda args: make_trainer(model, tokenizer, r, args, train, validation),
+            lambda args: make_trainer(model, tokenizer, r, args, train, validation,
+                                      trainer_callbacks(cfg.run.report_to, ctx.run_dir, f"reward/{name}")),
             trainer_arguments(r, checkpoints, ctx.device, seed, "eval_accuracy", greater_is_better=True),
             last, cfg.run.max_oom_backoffs)
         write_model_folder(out_dir / name, lambda staging: save_trained(

@@ -30,6 +30,7 @@ from .core.distributed import is_main_process, main_process_writes
 from .core.files import atomic_write_text, swap_in_dir
 from .core.generation import generate
 from .core.lm import completion_nll, fit_prompt
+from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer, prepare_base_model
 from .core.plots import loss_figure
@@ -88,7 +89,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints: Path, device: torch.dev
 
 
 def make_trainer(model, tokenizer, cfg: SFTStageConfig, args: dict, train: list[dict], evaluation: list[dict],
-                 teacher_location: str | None):
+                 teacher_location: str | None, callbacks: list = ()):
     """TRL's ``SFTTrainer`` (completion-only loss, early stopping on eval loss) or, for
     ``distill``, TRL's ``DistillationTrainer`` (on-policy generalized JSD to the teacher)."""
     from datasets import Dataset
@@ -100,13 +101,13 @@ def make_trainer(model, tokenizer, cfg: SFTStageConfig, args: dict, train: list[
         config = DistillationConfig(**args, max_completion_length=cfg.sample_max_new_tokens)
         prompts = Dataset.from_list([{"prompt": e["prompt"]} for e in train])
         return DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=prompts,
-                                   processing_class=tokenizer)
+                                   processing_class=tokenizer, callbacks=list(callbacks))
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(**args, max_length=cfg.max_length, completion_only_loss=True, packing=False)
     return SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
-        processing_class=tokenizer, callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience)],
+        processing_class=tokenizer, callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), *callbacks],
     )
 
 
@@ -201,7 +202,8 @@ def run_sft(cfg: Config) -> dict:
         # trainer, train
         ctx.step = "train"
         trainer, output, backoffs = train_with_backoff(
-            lambda args: make_trainer(model, tokenizer, s, args, train, evaluation, teacher),
+            lambda args: make_trainer(model, tokenizer, s, args, train, evaluation, teacher,
+                                      trainer_callbacks(cfg.run.report_to, ctx.run_dir, "sft")),
             training_arguments(s, checkpoints, ctx.device, cfg.run.seed), last, cfg.run.max_oom_backoffs)
         # save (into a staging folder, swapped in only when complete)
         ctx.step = "save"

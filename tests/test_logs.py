@@ -1,7 +1,11 @@
 """The edgerlhf loggers and progress bars (run.log_level)."""
 import logging
 
-from edgerlhf.core.logs import configure_logging, progress
+import pytest
+import torch
+
+from edgerlhf.core.config import PPOStageConfig
+from edgerlhf.core.logs import configure_logging, progress, tensorboard_writer, trainer_callbacks
 
 
 def test_progress_bars_show_at_info_and_not_for_short_loops():
@@ -17,9 +21,45 @@ def test_progress_bars_show_at_info_and_not_for_short_loops():
 
 
 def test_a_bad_log_level_is_refused_by_the_config():
-    import pytest
-
     from edgerlhf.core.config import load_config
 
     with pytest.raises(ValueError, match="run.log_level='LOUD'"):
         load_config("tiny", overrides={"run.log_level": "LOUD"})
+
+
+def scalar_tags(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_writes_sft_and_ppo_curves(tiny_cfg, tiny_gpt2, tmp_path):
+    from edgerlhf.core.models import load_causal_lm, load_tokenizer
+    from edgerlhf.core.ppo_loop import TRL_METRIC_NAMES, build_policy, train
+    from edgerlhf.core.templates import ensure_pad_token
+    from edgerlhf.sft_finetuning import run_sft
+
+    assert trainer_callbacks("none", tmp_path, "x") == [] and tensorboard_writer("none", tmp_path, "x") is None
+    with pytest.raises(ValueError, match="run.report_to='wandb'"):
+        tensorboard_writer("wandb", tmp_path, "x")
+    # SFT: the Trainer's own logs, through transformers' TensorBoardCallback
+    results = run_sft(tiny_cfg(**{"run.report_to": "tensorboard", "sft.max_steps": 2, "sft.logging_steps": 1}))
+    run_dir = tmp_path / "results" / "runs"
+    (sft_board,) = list(run_dir.glob("*/tensorboard/sft"))
+    assert "train/loss" in scalar_tags(sft_board) and results["global_step"] == 2
+    # PPO: every step under TRL's metric names
+    cfg = PPOStageConfig(steps=2, batch_size=2, mini_batch_size=1, ppo_epochs=1, response_length=3, lora_r=2,
+                         lora_alpha=4)
+    torch.manual_seed(0)
+    policy, head = build_policy(load_causal_lm(tiny_gpt2).eval(), cfg)
+    tok = load_tokenizer(tiny_gpt2)
+    ensure_pad_token(tok)
+    writer = tensorboard_writer("tensorboard", tmp_path, "ppo/bf16")
+    history = train(policy, head, tok, [[5, 6, 7], [8, 9]], [[{"role": "user", "content": "q"}]] * 2,
+                    lambda p, r: torch.ones(len(r)), cfg, tmp_path / "ck", seed=0, writer=writer)
+    writer.close()
+    tags = scalar_tags(tmp_path / "tensorboard" / "ppo" / "bf16")
+    assert set(TRL_METRIC_NAMES.values()) <= set(tags)
+    assert tags["objective/kl"] == pytest.approx([h["kl"] for h in history])

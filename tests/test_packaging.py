@@ -26,7 +26,8 @@ def test_constraints_pin_every_dependency_within_its_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pinned = pins()
     requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]
-                                                                  + project["optional-dependencies"]["notebooks"]]
+                                                                  + project["optional-dependencies"]["notebooks"]
+                                                                  + project["optional-dependencies"]["tracking"]]
     for req in requirements:
         name = canonicalize_name(req.name)
         assert name in pinned, f"constraints.txt does not pin {req.name}"

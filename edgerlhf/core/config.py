@@ -68,6 +68,10 @@ class RunConfig:
         "INFO", "Level of the `edgerlhf` loggers (str: DEBUG, INFO, WARNING, ERROR). INFO logs each PPO step under "
         "TRL's metric names and shows progress bars (PPO steps, reward scoring); WARNING keeps only warnings."
     )
+    report_to: str = _f(
+        "none", "Live training curves (str): `none`, or `tensorboard` (event files under `<run folder>/tensorboard/`: "
+        "SFT and reward training under the Trainer's names, PPO steps under TRL's; needs the `tracking` extra)."
+    )
     auto_micro_batch: bool = _f(
         True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
         "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.core.planner.fit_micro_batch`) "
@@ -489,7 +493,7 @@ _POSITIVE = (1, None)
 #: ``("above", x)`` (strictly greater) or a tuple of choices. Checked by :func:`validate` after every layer.
 LIMITS: dict[str, Any] = {
     "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0), "run.micro_batch_headroom": (0.0, 0.9),
-    "run.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "run.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "run.report_to": ("none", "tensorboard"),
     "data.n_train": _POSITIVE, "data.n_test": _POSITIVE, "data.max_length": (8, None),
     "sft.strategy": SFT_STRATEGIES, "sft.overlong": ("truncate_left", "drop"),
     "sft.lora_r": _POSITIVE, "sft.lora_alpha": _POSITIVE, "sft.lora_dropout": (0.0, 0.99),

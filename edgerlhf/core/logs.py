@@ -1,7 +1,9 @@
-"""Logging and progress bars: the ``edgerlhf`` loggers at ``run.log_level``, and tqdm bars shown at INFO."""
+"""Logging and progress bars: the ``edgerlhf`` loggers at ``run.log_level``, tqdm bars shown at INFO, and the
+opt-in live curves of ``run.report_to`` (TensorBoard)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 ROOT = "edgerlhf"
@@ -29,3 +31,40 @@ def progress(iterable: Iterable | None = None, min_total: int = 1, **kwargs):
     total = kwargs.get("total", len(iterable) if hasattr(iterable, "__len__") else None)
     quiet = not logging.getLogger(ROOT).isEnabledFor(logging.INFO) or (total is not None and total < min_total)
     return tqdm(iterable, disable=quiet, **kwargs)
+
+
+#: ``run.report_to`` values: no live curves, or TensorBoard event files under ``<run folder>/tensorboard/``.
+REPORT_TO = ("none", "tensorboard")
+
+
+def tensorboard_writer(report_to: str, run_dir: str | Path, name: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``<run_dir>/tensorboard/<name>`` when ``report_to``
+    is ``"tensorboard"``, else None. Watch it live with ``tensorboard --logdir <run_dir>/tensorboard``.
+
+    Raises:
+        ValueError: ``report_to`` is not one of :data:`REPORT_TO`.
+        ModuleNotFoundError: TensorBoard is not installed (the message names the extra that installs it).
+    """
+    if report_to not in REPORT_TO:
+        raise ValueError(f"run.report_to={report_to!r}: choose one of {REPORT_TO}")
+    if report_to == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ModuleNotFoundError as exc:  # torch's module needs the tensorboard package: say how to get it
+        raise ModuleNotFoundError("run.report_to='tensorboard' needs TensorBoard: "
+                                  "EDGERLHF_EXTRAS=dev,tracking bash scripts/setup.sh "
+                                  "(or pip install 'edgerlhf[tracking]')") from exc
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard" / name))
+
+
+def trainer_callbacks(report_to: str, run_dir: str | Path, name: str) -> list:
+    """Callbacks that send a transformers ``Trainer``'s logs (loss, learning rate, eval metrics, under the
+    Trainer's names) to ``run.report_to``: transformers' ``TensorBoardCallback`` on :func:`tensorboard_writer`'s
+    folder, or none."""
+    writer = tensorboard_writer(report_to, run_dir, name)
+    if writer is None:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=writer)]

@@ -162,7 +162,7 @@ def checkpoint_to_resume(checkpoints: Path, resume: bool, signature: dict) -> Pa
 
 def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list, scorer: Callable, cfg,
           checkpoints: Path, seed: int, on_step: Callable | None = None, max_backoffs: int = 3,
-          extra: dict | None = None) -> list[dict]:
+          extra: dict | None = None, writer=None) -> list[dict]:
     """Run ``cfg.steps`` PPO iterations; returns one statistics dict per step.
 
     Each step samples ``cfg.batch_size`` prompts without replacement from a ``torch.Generator``
@@ -172,6 +172,8 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     ``on_step(step, stats)`` is called after every step (e.g. for periodic evaluation). ``extra``
     (a dict of the caller's picklable state, e.g. its evaluation curve) is saved in every checkpoint
     and, on resume, updated in place from it; ``extra["resumed_from"]`` is then the checkpoint's name.
+    ``writer`` (a TensorBoard ``SummaryWriter``, :func:`edgerlhf.core.logs.tensorboard_writer`; None: none) gets
+    every step's :func:`trl_metrics` as scalars at the step number, flushed each step, for live curves.
 
     A step that runs out of memory is retried from the same state with the micro-batch halved and
     the accumulation doubled, and generation and scoring forward passes in halved chunks
@@ -248,6 +250,10 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), stats["time_step_s"])
         bar.set_postfix({"score": f"{stats['score']:.3f}", "kl": f"{stats['kl']:.3f}"}, refresh=False)
         bar.update()
+        if writer is not None:
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step + 1)
+            writer.flush()
         if on_step is not None:
             on_step(step + 1, stats)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
