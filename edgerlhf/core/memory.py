@@ -193,8 +193,8 @@ def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3
 
     Returns:
         ``(result, backoffs)``; ``backoffs`` lists ``{"micro_batch", "accumulation", "error"}`` of every
-        failed attempt, for the run record. Each back-off is reported through ``log(message)`` (None: this
-    module's logger, at WARNING).
+        failed attempt, for the run record. Each back-off is reported through ``log(message)`` (None:
+        this module's logger, at WARNING).
     Raises:
         torch.OutOfMemoryError: still out of memory after ``max_backoffs`` back-offs, or the micro-batch
             cannot be halved exactly (odd, or 1) - the effective batch is never changed silently.
