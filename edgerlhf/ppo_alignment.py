@@ -129,7 +129,8 @@ def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
 def reward_scorer(model, tokenizer, cfg: PPOStageConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
                   counts: dict | None = None):
     """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``;
-    over-long items are fitted from the left and counted into ``counts`` (see :func:`edgerlhf.core.reward_models.score`)."""
+    over-long items are fitted from the left and counted into ``counts``
+    (see :func:`edgerlhf.core.reward_models.score`)."""
     def scorer(prompts, replies):
         return gain * score(model, tokenizer, prompts, replies, cfg.score_batch_size, max_length, counts) + bias
     return scorer
@@ -286,7 +287,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
                    "kl_mean": 0.0},
         "after": after, "curve": curve, "judge_change": change,
         "judge_change_mde": mde_paired_mean(n, change["sd_difference"]),
-        "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n), "win_ties": int(np.sum(judge_after == judge_before)),
+        "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n),
+        "win_ties": int(np.sum(judge_after == judge_before)),
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
@@ -370,7 +372,8 @@ def run_alignment(cfg: Config) -> dict:
     ctx = begin(cfg)
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
-        raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning (python -m edgerlhf.sft_finetuning) first")
+        raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning "
+                                "(python -m edgerlhf.sft_finetuning) first")
     rm_dir = ctx.path(cfg.reward.output_dir)
     judge_folder = rm_dir / JUDGE
     if not judge_folder.exists():

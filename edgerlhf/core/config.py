@@ -74,7 +74,8 @@ class RunConfig:
     )
     auto_micro_batch: bool = _f(
         True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
-        "effective batch (micro-batch x accumulation, kept) whose planned peak (`edgerlhf.core.planner.fit_micro_batch`) "
+        "effective batch (micro-batch x accumulation, kept) whose planned peak "
+        "(`edgerlhf.core.planner.fit_micro_batch`) "
         "fits the memory measured free under `vram_budget_gib`, less `micro_batch_headroom`; the choice is recorded. "
         "Ignored on a CPU, where the configured sizes stand (they were chosen for RAM and speed, measured)."
     )

@@ -1,7 +1,7 @@
 """Several processes under ``accelerate launch``: which process writes, and what the record says about them.
 
-A stage launched as ``accelerate launch --multi_gpu --num_processes N -m edgerlhf.sft_finetuning`` runs once per process;
-the library trainers (TRL's ``SFTTrainer`` and ``RewardTrainer``) shard the batches across the processes and
+A stage launched as ``accelerate launch --multi_gpu --num_processes N -m edgerlhf.sft_finetuning`` runs once per
+process; the library trainers (TRL's ``SFTTrainer`` and ``RewardTrainer``) shard the batches across the processes and
 average the gradients (DDP: NCCL on GPUs, gloo on CPUs). Everything that writes a file (models, figures,
 ``evaluation.json``, the run record, the current-run pointer) runs on the main process only, through
 :func:`main_process_writes`; the other processes wait and receive its result. With one process (a notebook,

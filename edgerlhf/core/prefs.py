@@ -45,8 +45,8 @@ def read_prefs(path: str | Path) -> list[dict]:
     """Read a preference JSONL file into ``[{"prompt": [messages], "chosen": str, "rejected": str, ...}]``.
 
     The file is in TRL's conversational preference format (``chosen``/``rejected`` each a list of one assistant
-    message, :func:`edgerlhf.data_preparation.to_jsonl`); a plain-string reply is read as well. The rows returned carry each
-    reply as its text.
+    message, :func:`edgerlhf.data_preparation.to_jsonl`); a plain-string reply is read as well. The rows returned
+    carry each reply as its text.
 
     Raises:
         FileNotFoundError: the file is missing (message says to run stage 1 first).
@@ -55,7 +55,8 @@ def read_prefs(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; run 01_Data_Preparation (python -m edgerlhf.data_preparation) first")
+        raise FileNotFoundError(f"{path}: no such file; run 01_Data_Preparation "
+                                "(python -m edgerlhf.data_preparation) first")
     rows = []
     with open(path, encoding="utf-8") as fh:
         for number, text in enumerate(fh, start=1):

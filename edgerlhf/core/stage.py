@@ -58,7 +58,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     processes = process_info()["num_processes"]
     if processes > 1 and not distributed:
         raise RuntimeError(f"this stage runs in one process, not {processes}: start it with python -m, not "
-                           "accelerate launch (only edgerlhf.sft_finetuning and edgerlhf.reward_modeling shard their training)")
+                           "accelerate launch (only edgerlhf.sft_finetuning and edgerlhf.reward_modeling shard "
+                           "their training)")
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     root = resolve(cfg.run.root)
     if cfg.run.run_dir is None:  # under accelerate launch the main process decides, the others join it
