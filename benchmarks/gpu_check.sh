@@ -33,8 +33,9 @@ set +f
 progress "pipeline start: --profile full ${SETS[*]}"
 "$PY" -m edgerlhf.run --profile full --no-progress "${SETS[@]}" >"$OUT_DIR/pipeline.log" 2>&1
 progress "pipeline rc=$?"
-RUN=$(ls -dt results/runs/*/ 2>/dev/null | head -1)
-RUN=${RUN%/}
+# the run the pipeline just made, from the current-run pointer it writes (edgerlhf.core.records.current_run)
+RUN=$("$PY" -c 'from edgerlhf.core.records import current_run; print(current_run("results") or "")' \
+  2>"$OUT_DIR/current_run.log")
 
 progress "stages start ($RUN)"
 "$PY" benchmarks/stages.py --run-dir "$RUN" >"$OUT_DIR/stages.log" 2>&1

@@ -13,10 +13,12 @@ from ``edgerlhf``::
 The work matches ``ppo_step.py``'s defaults: the first 8 prompts of the prefs file rendered with the chat template,
 batch 8, minibatch 2, no accumulation, 4 PPO epochs, LoRA r16 (alpha 32, no dropout) on all seven projections, up
 to 64 new tokens sampled at temperature 1 with top-k and top-p off, generation of the whole batch at once, the
-scripted reward (share of distinct words), the same optimiser settings and KL controller (EdgeRLHF's defaults),
-in float32. Time is split as TRL reports it (``time/ppo/forward_pass`` is its no-grad pass for log-probs, values
-and reference log-probs; ``time/ppo/optimize_step`` its update); peak RSS is the kernel's VmHWM inside each step,
-reset before it, as ``edgerlhf.core.memory.measure`` does.
+scripted reward (share of distinct words), EdgeRLHF's default policy learning rate, KL controller and PPO
+coefficients, in float32. TRL 0.11.4 has one Adam (eps 1e-8) for the policy and the value head at 1.41e-5, where
+EdgeRLHF's AdamW gives the value head 1e-4 and uses eps 1e-5 (``edgerlhf.core.ppo_loop.make_optimizer``): the
+losses differ, the work timed does not. Time is split as TRL reports it (``time/ppo/forward_pass`` is its no-grad
+pass for log-probs, values and reference log-probs; ``time/ppo/optimize_step`` its update); peak RSS is the
+kernel's VmHWM inside each step, reset before it, as ``edgerlhf.core.memory.measure`` does.
 """
 from __future__ import annotations
 

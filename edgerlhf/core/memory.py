@@ -158,9 +158,9 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB. It is not
     free: one update micro-batch of 659 tokens took 3.0-3.1 s inside the block against 2.2-2.5 s with a threshold of
     4 MiB or more (about 850,000 page faults and 1.3 s of system time per micro-batch, against under 50,000), and
-    whole PPO steps (``benchmarks/ppo_step.py --reply-length 64``, run back to back) 45.5 s at 1 MiB against 38.1 s
-    at 4 MiB, with peak RSS 2,833 against 3,057 MiB: a trade of speed for memory, kept for issue 15's peak-RSS
-    target (2.7 GB).
+    whole PPO steps (``benchmarks/ppo_step.py --reply-length 64``, one run after the other, the default changed by
+    hand) 45.5 s at 1 MiB against 38.1 s at 4 MiB, with peak RSS 2,833 against 3,057 MiB: a trade of speed for
+    memory, kept for issue 15's peak-RSS target (2.7 GB).
     Yields True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
     """
     libc = ctypes.CDLL(None) if os.name == "posix" else None
