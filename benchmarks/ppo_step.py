@@ -31,7 +31,7 @@ from edgerlhf.ppo_alignment import encode_queries, load_policy, reward_scorer
 from edgerlhf.core.config import PPOStageConfig
 from edgerlhf.core.hardware import hardware_report, resolve_device
 from edgerlhf.core.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
-from edgerlhf.core.ppo import KLController, forward_logprobs, ppo_step
+from edgerlhf.core.ppo import KLController, micro_batch_backward, ppo_step
 from edgerlhf.core.ppo_loop import make_optimizer
 from edgerlhf.core.prefs import read_prefs
 from edgerlhf.core.records import software_versions
@@ -82,16 +82,14 @@ def steal_seconds() -> float | None:
 
 
 def one_micro_batch(policy, value_head, batch, cfg) -> dict:
-    """Peak memory of one forward + backward on the widest ``cfg.mini_batch_size`` rows of ``batch``, measured
-    from a trimmed heap (:func:`edgerlhf.core.memory.free_memory`), as the update runs it (padding-free, inside
+    """Peak memory of the forward + backward of one micro-batch, the widest ``cfg.mini_batch_size`` rows of
+    ``batch``, measured from a trimmed heap (:func:`edgerlhf.core.memory.free_memory`), as the update runs it
+    (:func:`edgerlhf.core.ppo.micro_batch_backward`: ``ppo.rows_per_pass`` rows at a time, padding-free, inside
     :func:`edgerlhf.core.memory.returning_freed_memory`)."""
     widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.mini_batch_size]
-    mb = batch.select(widest)
     free_memory()
     with returning_freed_memory(), measure() as m:
-        new = forward_logprobs(policy, value_head, mb, cfg.temperature, with_entropy=True,
-                               padding_free=cfg.padding_free)
-        (new["logprobs"].sum() + new["values"].sum()).backward()
+        micro_batch_backward(policy, value_head, batch, widest.cpu(), cfg, 1.0)
     policy.zero_grad(set_to_none=True)
     value_head.zero_grad(set_to_none=True)
     return m

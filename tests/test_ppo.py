@@ -592,6 +592,33 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_minibatch(mode
         assert torch.allclose(whole, accumulated, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_rows_one_pass_at_a_time_give_the_micro_batchs_gradient_and_statistics(models_dir, padding_free):
+    # replies of unequal length: each pass must weigh by its share of the micro-batch's reply tokens, not of its
+    # rows; two epochs, so the second runs at ratios other than 1 (non-trivial approx_kl and clipping)
+    results, stats = [], []
+    for rows_per_pass in (None, 1, 3):
+        policy, head, batch = update_batch("tiny-llama", models_dir, n=4, fixed_length=True)
+        for row, keep in enumerate((1, 5, 2, 4)):
+            batch.response_mask[row, keep:] = 0
+        for name in ("advantages", "returns"):
+            setattr(batch, name, getattr(batch, name) * batch.response_mask)
+        cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+                                "ppo_epochs": 2, "max_grad_norm": 1e9, "rows_per_pass": rows_per_pass,
+                                "padding_free": padding_free})
+        before = trainable(policy, head)
+        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
+                                    lr=1.0)
+        stats.append(ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(1)))
+        results.append([a - b for a, b in zip(trainable(policy, head), before)])
+    assert stats[0]["optimizer_steps"] == 2 and stats[0]["approx_kl"] > 0 and stats[0]["vf_loss"] > 0
+    for other, deltas in zip(stats[1:], results[1:]):
+        for key in ("pg_loss", "vf_loss", "loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy"):
+            assert other[key] == pytest.approx(stats[0][key], rel=1e-5, abs=1e-7), key
+        for whole, by_rows in zip(results[0], deltas):
+            assert torch.allclose(whole, by_rows, atol=1e-6)
+
+
 def test_approx_kl_stop_is_checked_every_minibatch(models_dir):
     policy, head, batch = update_batch("tiny-llama", models_dir, n=4)
     cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
@@ -664,7 +691,7 @@ def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir
         greedy = dict(input_ids=query, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                       eos_token_id=tok.eos_token_id)
         plain = policy.generate(**greedy)
-        prefilled = policy.generate(**greedy, cache=ppo.prefill_cache(policy, query, mask))
+        prefilled = policy.generate(**greedy, cache=ppo.prefill_cache(policy, query, mask, 6))
     assert torch.equal(plain, prefilled)
     assert ppo.prefill_cache(policy, torch.tensor([[7]]), torch.tensor([[1]])) is None  # nothing before the last
 

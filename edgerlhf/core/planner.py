@@ -157,8 +157,9 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
         rows = min(p.generation_batch_size or p.batch_size, p.batch_size)  # per generate / forward call
         generation = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, 1, 2)
         no_grad_forward = logits_mib(shape, rows, p.response_length, 1)
-        training = activations_mib(shape, p.mini_batch_size, seq, compute, False) + logits_mib(
-            shape, p.mini_batch_size, p.response_length, 3)
+        per_pass = min(p.rows_per_pass or p.mini_batch_size, p.mini_batch_size)  # rows in one forward/backward
+        training = activations_mib(shape, per_pass, seq, compute, False) + logits_mib(
+            shape, per_pass, p.response_length, 3)
         parts["activations (largest phase)"] = max(generation, no_grad_forward, training)
     else:
         raise ValueError(f"unknown stage {stage!r}; choose sft, reward or ppo")
