@@ -87,9 +87,9 @@ def merged_adapter(model):
     2.2 s of 11.6 s for 8 replies of 64 tokens with SmolLM2-135M). The original weights are not modified: they
     are put back afterwards, bit for bit, so the reference model (adapter disabled) and any reward model sharing
     them (:func:`edgerlhf.ppo_alignment.share_frozen_weights`) are unchanged. Costs one extra copy of the wrapped
-    weights while the block runs, allocated under :func:`edgerlhf.core.memory.returning_freed_memory` so that it goes
-    back to the operating system afterwards instead of staying in the heap (SmolLM2-135M: 405 MiB). A model with no adapter, or a quantized base (int8/int4 weights cannot
-    hold the sum), runs unchanged.
+    weights while the block runs, allocated under :func:`edgerlhf.core.memory.returning_freed_memory` so that it
+    goes back to the operating system afterwards instead of staying in the heap (SmolLM2-135M: 405 MiB). A model
+    with no adapter, or a quantized base (int8/int4 weights cannot hold the sum), runs unchanged.
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -655,10 +655,11 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
 
     Each epoch shuffles the rows with ``generator``; each optimizer step takes ``mini_batch_size *
     gradient_accumulation_steps`` rows (a minibatch) in micro-batches of ``mini_batch_size``, whose losses
-    are weighted by their share of the minibatch's rows (:func:`micro_batch_backward`). Before every ``optimizer.step()`` the step's losses
-    and the gradient norm (``clip_grad_norm_``, ``max_grad_norm``) must be finite, and its mean approximate
-    KL is compared with ``approx_kl_stop``: above it, the step is dropped and the update ends (checked per
-    minibatch, as TRL's ``early_stopping``). One host-device synchronisation per optimizer step.
+    are weighted by their share of the minibatch's rows (:func:`micro_batch_backward`). Before every
+    ``optimizer.step()`` the step's losses and the gradient norm (``clip_grad_norm_``, ``max_grad_norm``) must be
+    finite, and its mean approximate KL is compared with ``approx_kl_stop``: above it, the step is dropped and the
+    update ends (checked per minibatch, as TRL's ``early_stopping``). One host-device synchronisation per optimizer
+    step.
 
     ``cfg`` provides ``ppo_epochs``, ``mini_batch_size``, ``gradient_accumulation_steps``, ``rows_per_pass``,
     ``padding_free``, ``cliprange``,
@@ -686,7 +687,8 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
             step_idx = order[start:start + per_step]
             step_stats = []
             for micro in step_idx.split(cfg.mini_batch_size):
-                step_stats.append(micro_batch_backward(model, value_head, batch, micro, cfg, len(micro) / len(step_idx)))
+                share = len(micro) / len(step_idx)
+                step_stats.append(micro_batch_backward(model, value_head, batch, micro, cfg, share))
             block = torch.stack(step_stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             checks = torch.cat([block[:, :3].flatten(), grad_norm.reshape(1).float().to(block.device),
