@@ -155,6 +155,8 @@ def prefill_cache(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_
             the last query token and each new token but the final one, i.e. ``generate``'s ``max_new_tokens``.
     Returns:
         A ``transformers.StaticCache`` holding ``P - 1`` positions, or None when ``P < 2`` (nothing to prefill).
+    Raises:
+        ValueError: the model has sliding-window attention layers (their cache keeps only the last window).
     """
     from transformers import StaticCache
 
@@ -172,10 +174,13 @@ def prefill_cache(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_
         group_cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
                             logits_to_keep=1).cache
         for layer, computed in zip(cache.layers, group_cache.layers):
+            if layer.is_sliding:
+                raise ValueError(f"prefill_cache lays whole prompts into the cache; {type(model).__name__} has "
+                                 "sliding-window attention layers")
             if not layer.is_initialized:  # allocate [B, heads, P - 1 + max_new_tokens, head_dim] zeros and mark
-                zeros = computed.keys.new_zeros(()).expand(len(query), *computed.keys.shape[1:2], width,
-                                                           computed.keys.shape[3])  # P - 1 positions as filled
-                layer.update(zeros, zeros.expand(*zeros.shape[:3], computed.values.shape[3]))
+                heads = computed.keys.shape[1]  # the first P - 1 positions as filled (no copy: expanded zeros)
+                layer.update(*(t.new_zeros(()).expand(len(query), heads, width, t.shape[3])
+                               for t in (computed.keys, computed.values)))
             layer.keys[rows, :, width - cols:width] = computed.keys
             layer.values[rows, :, width - cols:width] = computed.values
     return cache
@@ -632,10 +637,10 @@ def micro_batch_backward(model, value_head, batch: Batch, micro: torch.Tensor, c
     Returns:
         ``FloatTensor[7]``: the micro-batch's :data:`UPDATE_STATS` (token means over its reply tokens).
     """
-    tokens = sum(batch.select(micro)["response_lengths"])
+    passes = [batch.select(rows) for rows in micro.split(cfg.rows_per_pass or len(micro))]
+    tokens = sum(sum(mb["response_lengths"]) for mb in passes)
     total = None
-    for rows in micro.split(cfg.rows_per_pass or len(micro)):
-        mb = batch.select(rows)
+    for mb in passes:
         share = sum(mb["response_lengths"]) / tokens
         new = forward_logprobs(model, value_head, mb, cfg.temperature, with_entropy=True,
                                padding_free=cfg.padding_free)
@@ -662,8 +667,8 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
     step.
 
     ``cfg`` provides ``ppo_epochs``, ``mini_batch_size``, ``gradient_accumulation_steps``, ``rows_per_pass``,
-    ``padding_free``, ``cliprange``,
-    ``cliprange_value``, ``vf_coef``, ``max_grad_norm``, ``temperature`` and ``approx_kl_stop`` (None: never).
+    ``padding_free``, ``cliprange``, ``cliprange_value``, ``vf_coef``, ``max_grad_norm``, ``temperature`` and
+    ``approx_kl_stop`` (None: never).
 
     Raises:
         FloatingPointError: a loss or the gradient norm is not finite (nothing is stepped with it).
