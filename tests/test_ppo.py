@@ -613,7 +613,7 @@ def test_rows_one_pass_at_a_time_give_the_micro_batchs_gradient_and_statistics(m
         results.append([a - b for a, b in zip(trainable(policy, head), before)])
     assert stats[0]["optimizer_steps"] == 2 and stats[0]["approx_kl"] > 0 and stats[0]["vf_loss"] > 0
     for other, deltas in zip(stats[1:], results[1:]):
-        for key in ("pg_loss", "vf_loss", "loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy"):
+        for key in ppo.UPDATE_STATS:
             assert other[key] == pytest.approx(stats[0][key], rel=1e-5, abs=1e-7), key
         for whole, by_rows in zip(results[0], deltas):
             assert torch.allclose(whole, by_rows, atol=1e-6)

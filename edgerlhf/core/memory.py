@@ -142,9 +142,9 @@ def trim_heap() -> bool:
     """Return the free pages of the C heap to the operating system (glibc ``malloc_trim(0)``, which also releases
     free pages between live blocks, not only at the heap's top); no garbage collection. Tensors of a few MiB freed
     after a phase (PPO's KV cache, activations) otherwise stay resident as heap fragments under the next phase's
-    peak: between PPO's phases (SmolLM2-135M, 2 CPU cores) one call took 0.03-0.06 s and lowered the resident
-    memory from 1,654-2,008 to 1,131-1,195 MiB. Returns False where glibc's ``malloc_trim`` is absent (musl, macOS,
-    Windows), nothing done.
+    peak: between PPO's phases (SmolLM2-135M, 2 CPU cores, measured by hand, no JSON kept) one call took
+    0.03-0.06 s and lowered the resident memory from 1,654-2,008 to 1,131-1,195 MiB. Returns False where glibc's
+    ``malloc_trim`` is absent (musl, macOS, Windows), nothing done.
     """
     libc = ctypes.CDLL(None) if os.name == "posix" else None
     if libc is None or not hasattr(libc, "malloc_trim"):
@@ -168,7 +168,8 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     it from being trimmed and regrown at every allocation. On exit the threshold is 32 MiB (where glibc's own
     would have settled), so many mid-sized allocations, such as generation's growing KV cache, come from the heap
     again: mapping each of them costs page faults (25% slower generation at 1 MiB). Used around PPO's forward
-    and update passes (:func:`edgerlhf.core.ppo.ppo_step`); process-wide while the block runs.
+    and update passes (:func:`edgerlhf.core.ppo.ppo_step`) and the folded adapter's weight copies
+    (:func:`edgerlhf.core.ppo.merged_adapter`); process-wide while the block runs.
 
     Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB. It is not
     free: one update micro-batch of 659 tokens took 3.0-3.1 s inside the block against 2.2-2.5 s with a threshold of

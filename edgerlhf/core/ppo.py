@@ -146,8 +146,8 @@ def prefill_cache(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_
 
     The cache is a ``transformers.StaticCache`` of ``P - 1 + max_new_tokens`` positions: each decoding step writes
     its keys in place, where the default ``DynamicCache`` concatenates, i.e. copies the whole cache of all 30
-    layers, at every step (SmolLM2-135M, 8 replies of 64 tokens on 2 CPU cores: 7.5 s of decoding against
-    8.2-8.9 s, the same tokens sampled).
+    layers, at every step (SmolLM2-135M, 8 replies of 64 tokens on 2 CPU cores, measured by hand, no JSON kept:
+    7.5 s of decoding against 8.2-8.9 s, the same tokens sampled).
 
     Args:
         query, query_mask: ``LongTensor[B, P]``, left-padded.
@@ -628,8 +628,9 @@ def micro_batch_backward(model, value_head, batch: Batch, micro: torch.Tensor, c
     each pass's loss weighted by its share of the micro-batch's reply tokens, so the sum of the passes' gradients
     is the micro-batch's gradient (up to float summation order): only memory and time change. One row per pass
     holds one row's activations, and attends with a plain causal kernel where packed rows need a block mask
-    (SmolLM2-135M, 2 CPU cores: the widest two rows of the benchmark took 3.1-3.7 s and +720-760 MiB one by one,
-    4.4-5.2 s and +1,200-1,230 MiB packed).
+    (SmolLM2-135M, 2 CPU cores, the benchmark's widest two rows: 741 against 1,401 MiB of activations in
+    ``results/benchmarks/ppo_step-*-forced64-amd*.json``; 3.1-3.7 against 4.4-5.2 s in a measurement by hand, no
+    JSON kept).
 
     Args:
         micro: ``LongTensor[m]`` (CPU), row indices of ``batch``.
@@ -678,8 +679,7 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
     """
     n = batch.query.shape[0]
     per_step = cfg.mini_batch_size * cfg.gradient_accumulation_steps
-    keys = UPDATE_STATS
-    stats: list[torch.Tensor] = []  # one [micro-batches, len(keys)] block per optimizer step
+    stats: list[torch.Tensor] = []  # one [micro-batches, len(UPDATE_STATS)] block per optimizer step
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.eval()  # dropout off: log-probs must match the rollout's
     steps = epochs = 0
@@ -711,7 +711,7 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
         if stopped:
             break
     means = torch.cat(stats).mean(dim=0).tolist()
-    return {**dict(zip(keys, means)), "epochs": epochs, "optimizer_steps": steps, "early_stopped": stopped}
+    return {**dict(zip(UPDATE_STATS, means)), "epochs": epochs, "optimizer_steps": steps, "early_stopped": stopped}
 
 
 def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eos_id: int) -> list[str]:
