@@ -31,6 +31,7 @@ from edgerlhf.ppo_alignment import encode_queries, load_policy, reward_scorer
 from edgerlhf.core.config import PPOStageConfig
 from edgerlhf.core.hardware import hardware_report, resolve_device
 from edgerlhf.core.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
+from edgerlhf.core import ppo
 from edgerlhf.core.ppo import KLController, micro_batch_backward, ppo_step
 from edgerlhf.core.ppo_loop import make_optimizer
 from edgerlhf.core.prefs import read_prefs
@@ -51,24 +52,36 @@ def scripted_reward(prompts, replies) -> torch.Tensor:
 def count_tokens(model):
     """Count the tokens every forward pass of ``model`` processes, by pass: ``generation`` (``use_cache``),
     ``no_grad_forward`` and ``update_forward`` (gradients on). ``padded`` is the width the pass ran at
-    (``input_ids.numel()``), ``real`` the positions whose attention mask is 1."""
+    (``input_ids.numel()``), ``real`` the positions whose attention mask is 1. The old log-probs' pass over the
+    reply tokens (:func:`edgerlhf.core.ppo.reply_logprobs`) counts as ``no_grad_forward``, though it uses a cache."""
     counts = {p: {"calls": 0, "padded": 0, "real": 0} for p in PASSES}
+    in_reply_pass = [False]
+    reply_logprobs = ppo.reply_logprobs
+
+    def counted_reply_logprobs(*args, **kwargs):  # a no-grad pass, though it runs with the prompt's cache
+        in_reply_pass[0] = True
+        try:
+            return reply_logprobs(*args, **kwargs)
+        finally:
+            in_reply_pass[0] = False
 
     def hook(module, args, kwargs):
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if ids is None:
             return
-        name = "generation" if kwargs.get("use_cache") else "update_forward" if torch.is_grad_enabled() \
-            else "no_grad_forward"
+        name = "no_grad_forward" if in_reply_pass[0] else "generation" if kwargs.get("use_cache") \
+            else "update_forward" if torch.is_grad_enabled() else "no_grad_forward"
         counts[name]["calls"] += 1
         counts[name]["padded"] += ids.numel()
         counts[name]["real"] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    ppo.reply_logprobs = counted_reply_logprobs
     try:
         yield counts
     finally:
         handle.remove()
+        ppo.reply_logprobs = reply_logprobs
 
 
 def steal_seconds() -> float | None:

@@ -160,10 +160,10 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
         for start in range(0, len(queries), cfg.batch_size):
             ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
                          tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-                         min_new_tokens=cfg.min_response_length)
+                         min_new_tokens=cfg.min_response_length, value_head=value_head)
             if value_head is not None:
-                lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature)
-                kls += ((lp["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
+                lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature, policy_pass=False)
+                kls += ((ro["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
             replies += decode_responses(tokenizer, ro["response"], ro["response_mask"], tokenizer.eos_token_id)
     return {"replies": replies, "kl": kls or None}
 

@@ -735,7 +735,8 @@ def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones
                 p.normal_(0, 0.05)
         torch.nn.init.normal_(head.weight)
     torch.manual_seed(4)
-    ro = ppo.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head)
+    ro = ppo.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head,
+                     from_generation=True)
     mask = ro["response_mask"]
     assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1
     again = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
@@ -744,6 +745,38 @@ def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones
     only_reference = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7, policy_pass=False)
     assert only_reference["logprobs"] is None and only_reference["values"] is None
     assert torch.equal(only_reference["ref_logprobs"], again["ref_logprobs"])
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("lengths", [(3, 6, 4, 5, 3), (1, 1, 1)], ids=["prompts", "one-token-prompts"])
+def test_old_log_probs_from_the_reply_pass_over_the_prompt_cache_match_a_full_forward(name, lengths, models_dir):
+    """The rollout's old log-probs and values come from a pass over the reply tokens that reuses the prompt's
+    cached keys and values: they must equal a forward pass over query + reply with the adapter on (and not the
+    reference), for replies of different lengths, generation chunks, and prompts with nothing to cache."""
+    from edgerlhf.core.models import prepare_base_model
+
+    location = prepare_base_model(name, models_dir)
+    tok = load_tokenizer(location)
+    policy, head = eos_prone_policy(location, tok.eos_token_id, bias=0.7 * (math.log(len(tok)) - 1.5))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        torch.nn.init.normal_(head.weight)
+    queries = [list(range(7, 7 + n)) for n in lengths]
+    torch.manual_seed(4)
+    ro = ppo.rollout(policy, queries, ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, chunk_size=2, value_head=head)
+    mask = ro["response_mask"]
+    assert ro["time_old_logprobs_s"] > 0
+    full = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    for key in ("logprobs", "values"):
+        assert torch.allclose(ro[key] * mask, full[key] * mask, atol=1e-5), key
+    assert not torch.allclose(ro["logprobs"] * mask, full["ref_logprobs"] * mask, atol=1e-3)  # the policy's
+    if len(set(lengths)) > 1:
+        assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1  # replies of different lengths
+    if ro["query"].shape[1] > 1:  # without the prompt's cache, a query wider than one token is refused
+        with pytest.raises(ValueError, match="prefill_cache"):
+            ppo.reply_logprobs(policy, head, ro["query"], ro["query_mask"], ro["response"], mask, 0.7)
 
 
 def test_a_step_with_log_probs_from_generation_starts_at_ratio_one(tiny_gpt2, tmp_path):

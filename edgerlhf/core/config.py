@@ -281,9 +281,10 @@ class PPOStageConfig:
     )
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
     generation_batch_size: Optional[int] = _f(
-        None, "Prompts per `generate` call (int); None: the whole batch. The no-grad log-prob passes of a rollout "
-        "take its rows sorted by length, this many at a time (None: one minibatch, `mini_batch_size * "
-        "gradient_accumulation_steps`). Halved with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
+        None, "Prompts per `generate` call (int); None: the whole batch. The old log-probs' pass over the replies "
+        "runs per `generate` call, on its prompts' cache; the reference pass takes the rollout's rows sorted by "
+        "length, this many at a time (None: one minibatch, `mini_batch_size * gradient_accumulation_steps`). Halved "
+        "with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
     )
     padding_free: bool = _f(
         True, "Pack the rows of each update pass into one sequence without padding (bool; TRL's `padding_free`): "
@@ -296,8 +297,9 @@ class PPOStageConfig:
         "mask (SmolLM2-135M on 2 CPU cores, the benchmark's widest two rows: 741 against 1,401 MiB of activations)."
     )
     logprobs_from_generation: bool = _f(
-        False, "Take the old policy log-probs and values from the generation pass instead of a separate no-grad "
-        "forward (bool): one pass fewer per step; they match the recomputed ones to ~1e-6 in float32 (the "
+        False, "Take the old policy log-probs and values from the generation pass instead of a no-grad pass over "
+        "the reply tokens (bool; that pass reuses the prompt's cached keys and values, `edgerlhf.core.ppo."
+        "reply_logprobs`): one pass fewer per step; they match the recomputed ones to ~1e-6 in float32 (the "
         "generation runs with the adapter folded into the weights), so the first PPO ratio is 1 up to rounding."
     )
     ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")

@@ -156,7 +156,8 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
         seq = p.max_prompt_length + p.response_length
         rows = min(p.generation_batch_size or p.batch_size, p.batch_size)  # per generate / forward call
         generation = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, 1, 2)
-        no_grad_forward = logits_mib(shape, rows, p.response_length, 1)
+        # the old log-probs' pass over the replies of one generate call, with its prompts' cache (ppo.reply_logprobs)
+        no_grad_forward = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, p.response_length, 1)
         per_pass = min(p.rows_per_pass or p.mini_batch_size, p.mini_batch_size)  # rows in one forward/backward
         training = activations_mib(shape, per_pass, seq, compute, False) + logits_mib(
             shape, per_pass, p.response_length, 3)
