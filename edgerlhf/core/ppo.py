@@ -275,7 +275,8 @@ def reply_logprobs(model, value_head, query: torch.Tensor, query_mask: torch.Ten
             response_mask: ``[B, R]`` (1 up to and including the first EOS).
         cache: the query's cache, or None when ``P == 1`` (nothing before the last query token).
     Returns:
-        ``{"logprobs": FloatTensor[B, R], "values": FloatTensor[B, R]}`` (float32; computed but meaningless where the mask is 0).
+        ``{"logprobs": FloatTensor[B, R], "values": FloatTensor[B, R]}`` (float32; computed but meaningless
+        where the mask is 0).
     Raises:
         ValueError: ``cache`` is None but the query is wider than one token.
     """
