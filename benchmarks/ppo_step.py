@@ -38,6 +38,7 @@ from edgerlhf.core.prefs import read_prefs
 from edgerlhf.core.records import software_versions
 from edgerlhf.core.reproducibility import seed_everything
 from edgerlhf.core.reward_models import load_reward_model, state_dict_mib
+from turns import Turns  # benchmarks/turns.py (this script's folder is on sys.path)
 
 PARTS = ("time_generation_s", "time_scoring_s", "time_forward_s", "time_update_s", "time_step_s")
 PASSES = ("generation", "no_grad_forward", "update_forward")
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> Path:
                         help="old log-probs and values from the generation pass (ppo.logprobs_from_generation)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--out", default="results/benchmarks")
+    parser.add_argument("--turns", default=None, help="folder of turn tokens: each step waits for its turn and "
+                        "then hands it to trl011_ppo_step.py (benchmarks/paired_ppo_steps.py runs the pair)")
     args = parser.parse_args(argv)
+    turns = Turns(args.turns, "edgerlhf", "trl")
 
     seed_everything(0)
     device = resolve_device(args.device)
@@ -164,16 +168,20 @@ def main(argv: list[str] | None = None) -> Path:
     generator = torch.Generator().manual_seed(0)
     steps = []
     for i in range(args.steps + 1):
-        cpu, steal = time.process_time(), steal_seconds()
+        turns.wait()
+        cpu, steal, started = time.process_time(), steal_seconds(), time.time()
         with measure(device) as m, count_tokens(policy.get_base_model()) as tokens:
             stats = ppo_step(policy, value_head, optimizer, kl_ctl, tokenizer, queries, prompts, scorer, cfg, generator)
+        turns.pass_on()
         batch = stats.pop("batch")
         if i > 0:  # the first step warms up allocators and kernels
             steps.append({**{k: stats[k] for k in PARTS}, "generated_tokens_per_s": stats["generated_tokens_per_s"],
+                          "started_unix_s": started,
                           "cpu_time_s": time.process_time() - cpu,
                           "steal_s": None if steal is None else steal_seconds() - steal,
                           "response_length": stats["response_length"], "tokens": tokens, "peak": m,
                           "losses": {k: stats[k] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac")}})
+    turns.wait()  # after the other process's last step, so that this measurement does not slow it
     micro = one_micro_batch(policy, value_head, batch, cfg)
     lora_mib = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" in n) / MIB
     policy_mib = state_dict_mib(policy.get_base_model()) - lora_mib

@@ -36,6 +36,7 @@ import trl
 from peft import LoraConfig
 from transformers import PreTrainedTokenizerFast
 from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from turns import Turns  # benchmarks/turns.py (this script's folder is on sys.path; standard library only)
 
 MIB = 2**20
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=3, help="steps measured after one warm-up step")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", default="results/benchmarks")
+    parser.add_argument("--turns", default=None, help="folder of turn tokens: each step waits for its turn and "
+                        "then hands it to ppo_step.py (benchmarks/paired_ppo_steps.py runs the pair)")
     args = parser.parse_args(argv)
+    turns = Turns(args.turns, "trl", "edgerlhf")
 
     torch.manual_seed(0)
     # folders saved by transformers 5 name the tokenizer class TokenizersBackend and keep the chat template in
@@ -113,16 +117,18 @@ def main(argv: list[str] | None = None) -> Path:
         generation["min_new_tokens"] = args.reply_length
     steps = []
     for i in range(args.steps + 1):
+        turns.wait()
         peak_rss_reset()
-        start = time.perf_counter()
+        started, start = time.time(), time.perf_counter()
         responses = trainer.generate(queries, batch_size=args.batch, return_prompt=False, **generation)
         generated = time.perf_counter()
         rewards = scripted_reward(tokenizer.batch_decode(responses, skip_special_tokens=True))
         stats = trainer.step(queries, responses, rewards)
         end = time.perf_counter()
+        turns.pass_on()
         if i > 0:  # the first step warms up allocators and kernels, as in ppo_step.py
             steps.append({"time_generation_s": generated - start, "time_rest_s": end - generated,
-                          "time_step_s": end - start,
+                          "time_step_s": end - start, "started_unix_s": started,
                           "trl_timing_s": {k: float(v) for k, v in stats.items() if k.startswith("time/")},
                           "response_length": sum(len(r) for r in responses) / len(responses),
                           "peak_rss_mib": peak_rss_mib(),
