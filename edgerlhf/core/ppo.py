@@ -266,9 +266,11 @@ def reply_logprobs(model, value_head, query: torch.Tensor, query_mask: torch.Ten
     With ``cache`` from :func:`prefill_cache` (built with the adapter on, cropped to the query's ``P - 1``
     positions), this is :func:`forward_logprobs` over query + reply without recomputing the query: the same
     products, in another order (float32 agreement about 1e-5). On the benchmark's 8 prompts of 1,273 tokens with
-    replies of 64 (SmolLM2-135M, 2 CPU cores, measured by hand, no JSON kept) the pass took 1.3-1.4 s against
-    4.3-4.9 s for the padded pass over query and reply; the prefill with the adapter on instead of folded costs
-    about 0.5 s of it back. The reply pass writes its keys and values into ``cache``.
+    replies of 64 (SmolLM2-135M, 2 CPU cores) a step's no-grad phase, this pass and the reference pass, took
+    4.8-5.4 s against 9.0 s with a padded policy pass over query and reply (``results/benchmarks/ppo_step-*-amd-
+    prefix*.json`` against ``*-amd.json``); alone, measured by hand, 1.3-1.4 s against 4.3-4.9 s, of which the
+    prefill with the adapter on instead of folded costs about 0.5 s back. The pass writes its keys and values
+    into ``cache``.
 
     Args:
         query, query_mask: ``LongTensor[B, P]``, left-padded. response: ``LongTensor[B, R]``;
