@@ -722,8 +722,9 @@ def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouc
             assert p is weights[n][0] and torch.equal(p, weights[n][1]), n  # the same tensors, bit for bit
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones(name, models_dir):
+def trained_eos_prone_policy(name, models_dir):
+    """The tokenizer, an :func:`eos_prone_policy` with a random (trained-looking) adapter, and a random value head:
+    replies end at different lengths and the policy differs from the reference."""
     from edgerlhf.core.models import prepare_base_model
 
     location = prepare_base_model(name, models_dir)
@@ -734,6 +735,12 @@ def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones
             if "lora_B" in n:
                 p.normal_(0, 0.05)
         torch.nn.init.normal_(head.weight)
+    return tok, policy, head
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones(name, models_dir):
+    tok, policy, head = trained_eos_prone_policy(name, models_dir)
     torch.manual_seed(4)
     ro = ppo.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head,
                      from_generation=True)
@@ -753,16 +760,7 @@ def test_old_log_probs_from_the_reply_pass_over_the_prompt_cache_match_a_full_fo
     """The rollout's old log-probs and values come from a pass over the reply tokens that reuses the prompt's
     cached keys and values: they must equal a forward pass over query + reply with the adapter on (and not the
     reference), for replies of different lengths, generation chunks, and prompts with nothing to cache."""
-    from edgerlhf.core.models import prepare_base_model
-
-    location = prepare_base_model(name, models_dir)
-    tok = load_tokenizer(location)
-    policy, head = eos_prone_policy(location, tok.eos_token_id, bias=0.7 * (math.log(len(tok)) - 1.5))
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-        torch.nn.init.normal_(head.weight)
+    tok, policy, head = trained_eos_prone_policy(name, models_dir)
     queries = [list(range(7, 7 + n)) for n in lengths]
     torch.manual_seed(4)
     ro = ppo.rollout(policy, queries, ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, chunk_size=2, value_head=head)

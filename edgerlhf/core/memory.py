@@ -146,11 +146,17 @@ def trim_heap() -> bool:
     0.03-0.06 s and lowered the resident memory from 1,654-2,008 to 1,131-1,195 MiB. Returns False where glibc's
     ``malloc_trim`` is absent (musl, macOS, Windows), nothing done.
     """
-    libc = ctypes.CDLL(None) if os.name == "posix" else None
-    if libc is None or not hasattr(libc, "malloc_trim"):
+    libc = _glibc()
+    if libc is None:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def _glibc():
+    """The C library when it is glibc (has ``mallopt`` and ``malloc_trim``), else None (musl, macOS, Windows)."""
+    libc = ctypes.CDLL(None) if os.name == "posix" else None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 #: glibc ``mallopt`` parameters (malloc.h), and the ceiling of glibc's own dynamic mmap threshold (64-bit).
@@ -179,8 +185,8 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     memory, kept for issue 15's peak-RSS target (2.7 GB).
     Yields True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
     """
-    libc = ctypes.CDLL(None) if os.name == "posix" else None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    libc = _glibc()
+    if libc is None:
         yield False
         return
     libc.mallopt(_M_TOP_PAD, int(top_pad_mib * MIB))

@@ -268,9 +268,9 @@ def reply_logprobs(model, value_head, query: torch.Tensor, query_mask: torch.Ten
     products, in another order (float32 agreement about 1e-5). On the benchmark's 8 prompts of 1,273 tokens with
     replies of 64 (SmolLM2-135M, 2 CPU cores) a step's no-grad phase, this pass and the reference pass, took
     4.8-5.4 s against 9.0 s with a padded policy pass over query and reply (``results/benchmarks/ppo_step-*-amd-
-    prefix*.json`` against ``*-amd.json``); alone, measured by hand, 1.3-1.4 s against 4.3-4.9 s, of which the
-    prefill with the adapter on instead of folded costs about 0.5 s back. The pass writes its keys and values
-    into ``cache``.
+    prefix*.json`` against ``*-amd.json``); alone, measured by hand, 1.3-1.4 s against 4.3-4.9 s. The prefill
+    now runs the adapter's products instead of folded weights; that cost was not measured in pairs. The pass
+    writes its keys and values into ``cache``.
 
     Args:
         query, query_mask: ``LongTensor[B, P]``, left-padded. response: ``LongTensor[B, R]``;
