@@ -85,6 +85,38 @@ def count_tokens(model):
         ppo.reply_logprobs = reply_logprobs
 
 
+#: The phases of :func:`edgerlhf.core.ppo.ppo_step` whose peak memory is measured apart, and the function
+#: (in :mod:`edgerlhf.core.ppo`) each one is.
+PHASES = {"rollout": "rollout", "reference_pass": "reference_logprobs", "update": "ppo_update"}
+
+
+@contextmanager
+def phase_peaks(device):
+    """Measure each phase of ``ppo_step`` (:data:`PHASES`: the rollout, i.e. generation and the old log-probs'
+    pass over the replies; the reference model's pass; the update) with :func:`edgerlhf.core.memory.measure`,
+    by wrapping the functions ``ppo_step`` calls while the block runs. Yields ``{phase: measure's dict}``
+    (the last call of each phase), filled as the phases run; nested in the step's own measurement, which still
+    sees the whole step's peak."""
+    peaks: dict = {}
+    originals = {name: getattr(ppo, fn) for name, fn in PHASES.items()}
+
+    def measured(name, fn):
+        def run(*args, **kwargs):
+            with measure(device) as m:
+                out = fn(*args, **kwargs)
+            peaks[name] = m
+            return out
+        return run
+
+    for name, fn in originals.items():
+        setattr(ppo, PHASES[name], measured(name, fn))
+    try:
+        yield peaks
+    finally:
+        for name, fn in originals.items():
+            setattr(ppo, PHASES[name], fn)
+
+
 def steal_seconds() -> float | None:
     """CPU time the hypervisor took from this machine since boot (``/proc/stat`` steal column), in seconds;
     None where not available. Steal during a step means its wall time is not comparable."""
@@ -170,7 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
     for i in range(args.steps + 1):
         turns.wait()
         cpu, steal, started = time.process_time(), steal_seconds(), time.time()
-        with measure(device) as m, count_tokens(policy.get_base_model()) as tokens:
+        with measure(device) as m, count_tokens(policy.get_base_model()) as tokens, phase_peaks(device) as phases:
             stats = ppo_step(policy, value_head, optimizer, kl_ctl, tokenizer, queries, prompts, scorer, cfg, generator)
         turns.pass_on()
         batch = stats.pop("batch")
@@ -180,6 +212,7 @@ def main(argv: list[str] | None = None) -> Path:
                           "cpu_time_s": time.process_time() - cpu,
                           "steal_s": None if steal is None else steal_seconds() - steal,
                           "response_length": stats["response_length"], "tokens": tokens, "peak": m,
+                          "peak_by_phase": phases,
                           "losses": {k: stats[k] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac")}})
     turns.wait()  # after the other process's last step, so that this measurement does not slow it
     micro = one_micro_batch(policy, value_head, batch, cfg)
@@ -203,6 +236,8 @@ def main(argv: list[str] | None = None) -> Path:
             "cpu_rss": peak_rss, "cpu_rss_with_load_and_micro_batch": max(peak_rss, load["cpu_peak_rss_mib"],
                                                                           micro["cpu_peak_rss_mib"]),
             "cpu_rss_before_model_load": rss_before_load,
+            "cpu_rss_by_phase": {name: max(s["peak_by_phase"][name]["cpu_peak_rss_mib"] for s in steps)
+                                 for name in PHASES},
             "cuda_allocated": max((s["peak"]["cuda_peak_allocated_mib"] or 0) for s in steps) or None,
             "weights_plus_one_micro_batch": bound,
             "ratio_to_weights_plus_one_micro_batch": peak_rss / bound,

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .core.config import Config, DataConfig
 from .core.files import atomic_write_text, sha256_file
@@ -25,7 +24,7 @@ from .core.hh_rlhf import Pair, check_row, parse_pair, read_rows
 from .core.memory import measure
 from .core.models import load_tokenizer, prepare_base_model
 from .core.paths import resolve
-from .core.plots import save
+from .core.plots import new_figure, save
 from .core.stage import StageContext, begin, cli_config, finish, recorded
 from .core.templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
 
@@ -186,7 +185,7 @@ def to_jsonl(pairs: list[Pair]) -> str:
 
 def length_figure(lengths: dict[str, list[int]], path: Path) -> Path:
     """Save a histogram of prompt / chosen / rejected token lengths to ``path`` (PNG)."""
-    fig = Figure(figsize=(9, 3.2))
+    fig = new_figure((9, 3.2))
     for ax, (name, values) in zip(fig.subplots(1, 3), lengths.items()):
         ax.hist(values, bins=30, color="#4c72b0")
         ax.set_title(f"{name} ({len(values)})")

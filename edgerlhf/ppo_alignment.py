@@ -40,7 +40,7 @@ from .core.logs import tensorboard_writer
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
 from .core.plots import overoptimisation_figure, ppo_curves_figure
-from .core.ppo import decode_responses, policy_and_reference_logprobs, rollout
+from .core.ppo import decode_responses, reference_logprobs, rollout
 from .core.ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
 from .core.prefs import read_prefs
 from .core.reproducibility import seed_everything
@@ -162,8 +162,8 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
                          tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
                          min_new_tokens=cfg.min_response_length, value_head=value_head)
             if value_head is not None:
-                lp = policy_and_reference_logprobs(policy, value_head, ro, cfg.temperature, policy_pass=False)
-                kls += ((ro["logprobs"] - lp["ref_logprobs"]) * ro["response_mask"]).sum(dim=1).tolist()
+                ref = reference_logprobs(policy, ro, cfg.temperature)
+                kls += ((ro["logprobs"] - ref) * ro["response_mask"]).sum(dim=1).tolist()
             replies += decode_responses(tokenizer, ro["response"], ro["response_mask"], tokenizer.eos_token_id)
     return {"replies": replies, "kl": kls or None}
 

@@ -53,3 +53,15 @@ def test_data_flows_one_way_the_shared_modules_never_import_a_stage():
                 assert not (node.level == 0 and module.startswith("edgerlhf") and not module.startswith(
                     "edgerlhf.core")), f"{path.name}: imports {module}"
                 assert node.level == 0 or module.split(".")[0] not in top, f"{path.name}: imports .{module}"
+
+
+def test_the_ppo_stage_holds_no_plotting_or_table_library_while_it_trains():
+    """Importing the PPO stage loads neither matplotlib, pandas nor scipy.stats (108 MiB of resident memory
+    together, measured by hand on the PPO stage's imports): figures, tables and tests import them when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgerlhf.ppo_alignment; "
+            "print(' '.join(m for m in ('matplotlib', 'pandas', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""

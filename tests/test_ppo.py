@@ -131,6 +131,16 @@ def tiny_policy(location, seed=0):
     return build_policy(load_causal_lm(location).eval(), CFG)
 
 
+@torch.no_grad()
+def full_forward(policy, head, ro, temperature=0.7):
+    """Ground truth: the policy's log-probs and values from one padded forward pass over query + reply (adapter
+    on, dropout off), and the reference's log-probs (adapter off)."""
+    policy.eval()
+    out = ppo.forward_logprobs(policy, head, ro, temperature)
+    return {"logprobs": out["logprobs"], "values": out["values"],
+            "ref_logprobs": ppo.reference_logprobs(policy, ro, temperature)}
+
+
 def queries_for(tokenizer, n):
     return [tokenizer(f"question {i} is about", add_special_tokens=False)["input_ids"][: 3 + i % 4] for i in range(n)]
 
@@ -203,11 +213,10 @@ def test_chunked_rollout_and_forward_match_the_whole_batch(tiny_gpt2):
     torch.manual_seed(0)
     ro = ppo.rollout(policy, queries, tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0, chunk_size=2)
     assert ro["response"].shape == (3, 5) and ro["query"].shape[0] == 3
-    whole = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
-    chunked = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7, chunk_size=2)
-    for key in ("logprobs", "values", "ref_logprobs"):
-        assert chunked[key].shape == whole[key].shape
-        assert torch.allclose(chunked[key], whole[key], atol=1e-5), key
+    whole = ppo.reference_logprobs(policy, ro, 0.7)
+    chunked = ppo.reference_logprobs(policy, ro, 0.7, chunk_size=2)
+    assert chunked.shape == whole.shape == (3, 5)
+    assert torch.allclose(chunked, whole, atol=1e-5)
 
 
 def test_reference_is_the_sft_model_with_the_adapter_disabled(tiny_gpt2):
@@ -219,7 +228,7 @@ def test_reference_is_the_sft_model_with_the_adapter_disabled(tiny_gpt2):
                 p.add_(0.05)  # a trained-looking adapter: the policy now differs from the SFT model
     tok = load_tokenizer(tiny_gpt2)
     ro = ppo.rollout(policy, queries_for(tok, 3), tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0)
-    out = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    out = full_forward(policy, head, ro)
     with torch.no_grad():
         sft_out = ppo.forward_logprobs(sft, None, ro, 0.7)
     assert torch.allclose(out["ref_logprobs"], sft_out["logprobs"], atol=1e-5)
@@ -549,7 +558,7 @@ def update_batch(name, models_dir, n=4, new_tokens=5, fixed_length=False, seed=0
     torch.manual_seed(seed)
     ro = ppo.rollout(policy, queries_for(tok, n), ppo_pad(tok), tok.eos_token_id, new_tokens, 0.7, 0, 1.0,
                      min_new_tokens=new_tokens if fixed_length else 0)
-    old = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    old = full_forward(policy, head, ro)
     mask = ro["response_mask"]
     batch = ppo.Batch(query=ro["query"], query_mask=ro["query_mask"], response=ro["response"], response_mask=mask,
                       logprobs=old["logprobs"], values=old["values"], advantages=torch.randn(mask.shape) * mask,
@@ -746,12 +755,9 @@ def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones
                      from_generation=True)
     mask = ro["response_mask"]
     assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1
-    again = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    again = full_forward(policy, head, ro)
     for key in ("logprobs", "values"):
         assert torch.allclose(ro[key] * mask, again[key] * mask, atol=1e-5), key
-    only_reference = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7, policy_pass=False)
-    assert only_reference["logprobs"] is None and only_reference["values"] is None
-    assert torch.equal(only_reference["ref_logprobs"], again["ref_logprobs"])
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -766,7 +772,7 @@ def test_old_log_probs_from_the_reply_pass_over_the_prompt_cache_match_a_full_fo
     ro = ppo.rollout(policy, queries, ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, chunk_size=2, value_head=head)
     mask = ro["response_mask"]
     assert ro["time_old_logprobs_s"] > 0
-    full = ppo.policy_and_reference_logprobs(policy, head, ro, 0.7)
+    full = full_forward(policy, head, ro)
     for key in ("logprobs", "values"):
         assert torch.allclose(ro[key] * mask, full[key] * mask, atol=1e-5), key
     assert not torch.allclose(ro["logprobs"] * mask, full["ref_logprobs"] * mask, atol=1e-3)  # the policy's

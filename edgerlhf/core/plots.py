@@ -1,11 +1,23 @@
-"""Figures written by the stages (matplotlib's object API, no global pyplot state)."""
+"""Figures written by the stages (matplotlib's object API, no global pyplot state).
+
+matplotlib is imported when the first figure is made (:func:`new_figure`), not with this module, so that a stage
+process does not hold it while it trains (``tests/test_packaging.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from .files import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib ``Figure`` of ``figsize`` inches (object API: no pyplot state, no display backend)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 def save(fig: Figure, path: str | Path) -> Path:
@@ -19,7 +31,7 @@ def save(fig: Figure, path: str | Path) -> Path:
 
 def loss_figure(log_history: list[dict], path: str | Path) -> Path:
     """Training and evaluation loss against optimizer step, from a Trainer's ``state.log_history``."""
-    fig = Figure(figsize=(6, 3.5))
+    fig = new_figure((6, 3.5))
     ax = fig.subplots()
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
@@ -34,7 +46,7 @@ def loss_figure(log_history: list[dict], path: str | Path) -> Path:
 
 def reliability_figure(models: dict[str, dict], path: str | Path) -> Path:
     """Reliability diagram per reward model: accuracy against confidence in each bin (Guo et al. 2017)."""
-    fig = Figure(figsize=(3.2 * len(models), 3.2))
+    fig = new_figure((3.2 * len(models), 3.2))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, (name, entry) in zip(axes, models.items()):
         bins = [b for b in entry["reliability"] if b["n"]]
@@ -54,7 +66,7 @@ def reliability_figure(models: dict[str, dict], path: str | Path) -> Path:
 def accuracy_figure(table: list[dict], path: str | Path) -> Path:
     """Held-out accuracy with its 95% interval per reward model and baseline (rows of the stage-3 table),
     chance (0.5) and the best baseline marked; models that did not beat the length baseline are hatched."""
-    fig = Figure(figsize=(max(5.0, 0.7 * len(table) + 1.5), 3.6))
+    fig = new_figure((max(5.0, 0.7 * len(table) + 1.5), 3.6))
     ax = fig.subplots()
     names = [row["model"] for row in table]
     acc = [row["accuracy"] for row in table]
@@ -77,7 +89,7 @@ def accuracy_figure(table: list[dict], path: str | Path) -> Path:
 
 def margin_figure(models: dict[str, dict], path: str | Path) -> Path:
     """Histogram of reward margins ``r_chosen - r_rejected`` on held-out pairs, per reward model."""
-    fig = Figure(figsize=(3.2 * len(models), 3.0))
+    fig = new_figure((3.2 * len(models), 3.0))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, (name, entry) in zip(axes, models.items()):
         margins = [c - r for c, r in zip(entry["scores_chosen"], entry["scores_rejected"])]
@@ -98,7 +110,7 @@ PPO_CURVES = (("score", "proxy score change from step 1", True), ("kl", "KL to S
 def ppo_curves_figure(experiments: dict[str, dict], path: str | Path) -> Path:
     """A grid of the per-step PPO diagnostics (CleanRL's set), one line per experiment; the proxy score is
     drawn as its change from the first step, so experiments with different reward models share an axis."""
-    fig = Figure(figsize=(12, 5.5))
+    fig = new_figure((12, 5.5))
     axes = fig.subplots(2, 4).ravel()
     for ax, (key, label, relative) in zip(axes, PPO_CURVES):
         for name, e in experiments.items():
@@ -117,7 +129,7 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     """Change of the proxy (training) and judge reward on held-out prompts since step 0, against KL to the
     SFT model (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization"). Changes, not raw
     scores, so experiments whose reward models have different scales share the axis."""
-    fig = Figure(figsize=(5, 3.5))
+    fig = new_figure((5, 3.5))
     ax = fig.subplots()
     for name, e in experiments.items():
         kl = [c["kl"] for c in e["curve"]]
@@ -133,7 +145,7 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
 
 def memory_figure(rows: list[dict], budget_gib: float | None, path: str | Path) -> Path:
     """Peak memory per stage (MiB): CUDA peak allocated where measured, else process peak RSS, with the budget line."""
-    fig = Figure(figsize=(6, 3.2))
+    fig = new_figure((6, 3.2))
     ax = fig.subplots()
     on_cuda = any(r["cuda_peak_allocated_mib"] is not None for r in rows)
     key = "cuda_peak_allocated_mib" if on_cuda else "cpu_peak_rss_mib"

@@ -419,35 +419,30 @@ def forward_logprobs(model, value_head, batch: dict, temperature: float, with_en
 
 
 @torch.no_grad()
-def policy_and_reference_logprobs(model, value_head, batch: dict, temperature: float,
-                                  chunk_size: int | None = None, policy_pass: bool = True) -> dict:
-    """Old policy log-probs and values, and reference log-probs with the adapter disabled (no second copy).
+def reference_logprobs(model, batch: dict, temperature: float, chunk_size: int | None = None) -> torch.Tensor:
+    """Log-probs of the response tokens under the reference model: ``model`` with its adapter disabled (no
+    second copy).
 
     ``model`` is a peft ``PeftModel``; ``model.disable_adapter()`` gives the SFT model, whose LoRA
     was merged into the base weights before PPO (see :func:`edgerlhf.ppo_alignment.load_policy`).
     Rows are sorted by real length (query + reply tokens) and passed ``chunk_size`` at a time (None: all),
     so each chunk pads only to its own longest row; rows do not interact, so the grouping changes nothing
-    but the padding. With ``policy_pass=False`` only the reference pass runs and ``logprobs``/``values`` are
-    None (:func:`ppo_step` takes them from :func:`rollout`, which computes them without repeating the query).
-    Returns ``[B, R]`` float32 tensors in the batch's row order.
+    but the padding. The policy's old log-probs and values come from :func:`rollout` (:func:`reply_logprobs`).
+
+    Args:
+        batch: ``query``, ``query_mask`` ``[B, P]`` (left-padded), ``response``, ``response_mask`` ``[B, R]``.
+    Returns:
+        ``FloatTensor[B, R]`` in the batch's row order (computed but meaningless where the mask is 0).
     """
     model.eval()
-    n = batch["query"].shape[0]
     lengths = batch["query_mask"].sum(dim=1) + batch["response_mask"].sum(dim=1)
     order = torch.argsort(lengths, stable=True)
-    out = {key: torch.zeros(batch["response"].shape, device=batch["response"].device)
-           for key in ("logprobs", "values", "ref_logprobs")}
-    for rows in order.split(chunk_size or n):
+    out = torch.zeros(batch["response"].shape, device=batch["response"].device)
+    for rows in order.split(chunk_size or len(order)):
         chunk = {k: batch[k][rows] for k in ("query", "query_mask", "response", "response_mask")}
         with model.disable_adapter():
-            out["ref_logprobs"][rows] = forward_logprobs(model, None, chunk, temperature)["logprobs"]
-        if policy_pass:
-            policy = forward_logprobs(model, value_head, chunk, temperature)
-            out["logprobs"][rows] = policy["logprobs"]
-            if value_head is not None:
-                out["values"][rows] = policy["values"]
-    return out | {"values": out["values"] if value_head is not None and policy_pass else None,
-                  "logprobs": out["logprobs"] if policy_pass else None}
+            out[rows] = forward_logprobs(model, None, chunk, temperature)["logprobs"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,12 +809,12 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     t = time.perf_counter()
     chunk = cfg.generation_batch_size or cfg.mini_batch_size * cfg.gradient_accumulation_steps
     with returning_freed_memory():  # large freed activations go back to the OS (not during generation: slower)
-        lp = policy_and_reference_logprobs(model, value_head, ro, cfg.temperature, chunk, policy_pass=False)
-    lp.update(logprobs=ro["logprobs"], values=ro["values"])
+        lp = {"logprobs": ro["logprobs"], "values": ro["values"],
+              "ref_logprobs": reference_logprobs(model, ro, cfg.temperature, chunk)}
     timing["time_forward_s"] = time.perf_counter() - t + ro["time_old_logprobs_s"]
     rewards, kl = compute_rewards(scores, lp["logprobs"], lp["ref_logprobs"], mask, kl_ctl.beta, cfg.kl_estimator)
     tensors = {**{k: ro[k] for k in ("query", "query_mask", "response", "response_mask")}, "raw_scores": raw_scores,
-               "scores": scores, **{k: v for k, v in lp.items() if v is not None}, "kl": kl, "rewards": rewards}
+               "scores": scores, **lp, "kl": kl, "rewards": rewards}
     for name, tensor in (("score", scores), ("KL", kl), ("reward", rewards)):
         if not torch.isfinite(tensor).all():
             raise NonFiniteError(f"non-finite {name} in the rollout batch", tensors)

@@ -14,13 +14,14 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .distributed import process_info
 from .files import atomic_write_text
 from .hardware import hardware_report
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SOFTWARE = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "papermill", "numpy")
 
@@ -189,6 +190,8 @@ def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     Nested fields become dotted columns (``results.n_train``, ``hardware.device``); the
     full ``config`` is left out to keep the table readable.
     """
+    import pandas as pd  # here, not at module level: the stages that write records never hold pandas (65 MiB)
+
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     rows: list[dict[str, Any]] = []

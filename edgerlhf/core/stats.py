@@ -22,14 +22,19 @@ Arrays are 1-D, one entry per item; "correct" arrays are booleans (or 0/1).
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.stats import binomtest, norm
 
 ALPHA = 0.05
 POWER = 0.8
 N_BOOT = 2000
+
+
+def _z(q: float) -> float:
+    """The standard normal quantile ``Phi^-1(q)`` (``statistics.NormalDist``; the same value as SciPy's
+    ``norm.ppf`` to double precision)."""
+    return NormalDist().inv_cdf(q)
 
 
 def mcnemar_exact(correct_a, correct_b) -> dict:
@@ -50,6 +55,8 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     a, b = a.astype(bool), b.astype(bool)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     discordant = only_a + only_b
+    from scipy.stats import binomtest  # imported on use: a stage process need not hold scipy.stats (22 MiB)
+
     p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
     return {"only_a": only_a, "only_b": only_b, "discordant": discordant, "n": int(a.size), "p_value": p}
 
@@ -102,7 +109,7 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> list[float
     """
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}, {n}")
-    z = norm.ppf(1 - (1 - level) / 2)
+    z = _z(1 - (1 - level) / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -119,13 +126,15 @@ def mde_mcnemar(n: int, discordant_share: float, alpha: float = ALPHA, power: fl
     """
     if discordant_share <= 0 or n <= 0:
         return float("nan")
-    za, zb = norm.ppf(1 - alpha / 2), norm.ppf(power)
+    za, zb = _z(1 - alpha / 2), _z(power)
     psi = discordant_share
 
     def gap(d: float) -> float:
         return n * d * d - (za * math.sqrt(psi) + zb * math.sqrt(max(psi - d * d, 0.0))) ** 2
 
     hi = math.sqrt(psi)
+    from scipy.optimize import brentq
+
     return float(brentq(gap, 1e-9, hi)) if gap(hi) > 0 else float(hi)
 
 
@@ -133,7 +142,7 @@ def mde_paired_mean(n: int, sd_difference: float, alpha: float = ALPHA, power: f
     """Smallest mean paired difference detectable at ``alpha`` with ``power``: ``(z_a + z_b) sd / sqrt(n)``."""
     if n <= 1:
         return float("nan")
-    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd_difference / math.sqrt(n))
+    return float((_z(1 - alpha / 2) + _z(power)) * sd_difference / math.sqrt(n))
 
 
 def compare_classifiers(correct_a, correct_b, seed: int = 0) -> dict:
