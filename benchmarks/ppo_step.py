@@ -53,8 +53,11 @@ def scripted_reward(prompts, replies) -> torch.Tensor:
 def count_tokens(model):
     """Count the tokens every forward pass of ``model`` processes, by pass: ``generation`` (``use_cache``),
     ``no_grad_forward`` and ``update_forward`` (gradients on). ``padded`` is the width the pass ran at
-    (``input_ids.numel()``), ``real`` the positions whose attention mask is 1. The old log-probs' pass over the
-    reply tokens (:func:`edgerlhf.core.ppo.reply_logprobs`) counts as ``no_grad_forward``, though it uses a cache."""
+    (``input_ids.numel()``), ``real`` the positions whose attention mask is 1. (The committed ``*-forced64-amd.json``,
+    ``-amd-prefix*``, ``-amd-paired`` and ``-amd-paired2`` counted the ones of the 4-D mask of decoding steps
+    into a static cache as generation's real tokens, 98,865 for 1,777: their ``generation.real`` is wrong.)
+    The old log-probs' pass over the reply tokens (:func:`edgerlhf.core.ppo.reply_logprobs`) counts as
+    ``no_grad_forward``, though it uses a cache."""
     counts = {p: {"calls": 0, "padded": 0, "real": 0} for p in PASSES}
     in_reply_pass = [False]
     reply_logprobs = ppo.reply_logprobs
@@ -74,7 +77,10 @@ def count_tokens(model):
             else "update_forward" if torch.is_grad_enabled() else "no_grad_forward"
         counts[name]["calls"] += 1
         counts[name]["padded"] += ids.numel()
-        counts[name]["real"] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+        # a 2-D mask marks each position's own token; decoding into a static cache gets a 4-D [B, 1, q, kv] mask
+        # of what each query attends to, and every decoded position is real (left padding is all in the prompt)
+        real = int(mask[:, -ids.shape[1]:].sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+        counts[name]["real"] += real
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     ppo.reply_logprobs = counted_reply_logprobs
