@@ -22,8 +22,9 @@ import json
 import os
 import resource
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -83,12 +84,11 @@ def count_tokens(model):
         counts[name]["real"] += real
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    ppo.reply_logprobs = counted_reply_logprobs
     try:
-        yield counts
+        with patch.object(ppo, "reply_logprobs", counted_reply_logprobs):
+            yield counts
     finally:
         handle.remove()
-        ppo.reply_logprobs = reply_logprobs
 
 
 #: The phases of :func:`edgerlhf.core.ppo.ppo_step` whose peak memory is measured apart, and the function
@@ -104,7 +104,6 @@ def phase_peaks(device):
     (the last call of each phase), filled as the phases run; nested in the step's own measurement, which still
     sees the whole step's peak."""
     peaks: dict = {}
-    originals = {name: getattr(ppo, fn) for name, fn in PHASES.items()}
 
     def measured(name, fn):
         def run(*args, **kwargs):
@@ -114,13 +113,10 @@ def phase_peaks(device):
             return out
         return run
 
-    for name, fn in originals.items():
-        setattr(ppo, PHASES[name], measured(name, fn))
-    try:
+    with ExitStack() as stack:
+        for name, attribute in PHASES.items():
+            stack.enter_context(patch.object(ppo, attribute, measured(name, getattr(ppo, attribute))))
         yield peaks
-    finally:
-        for name, fn in originals.items():
-            setattr(ppo, PHASES[name], fn)
 
 
 def steal_seconds() -> float | None:

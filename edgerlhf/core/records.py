@@ -190,7 +190,7 @@ def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     Nested fields become dotted columns (``results.n_train``, ``hardware.device``); the
     full ``config`` is left out to keep the table readable.
     """
-    import pandas as pd  # here, not at module level: the stages that write records never hold pandas (65 MiB)
+    import pandas as pd  # here, not at module level: a stage writing records need not hold pandas (65 MiB by hand)
 
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
