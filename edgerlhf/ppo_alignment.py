@@ -408,7 +408,9 @@ def run_alignment(cfg: Config) -> dict:
     judge_info = {"folder": str(judge_folder), **verdicts["models"][JUDGE],
                   "length_baseline": verdicts["length_baseline"],
                   "agreement_with_proxies": {name: (e["proxy_verdict"] or {}).get("agreement_with_judge")
-                                             for name, e in experiments.items()}}
+                                             for name, e in experiments.items()},
+                  "phi_with_proxies": {name: (e["proxy_verdict"] or {}).get("phi_with_judge")
+                                       for name, e in experiments.items()}}
     words = conclusions(experiments, judge_info, cfg.run.seed)
     figures = {
         "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png")),

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core import plots
+from .core import crossfit, plots
 from .core.files import atomic_write_text
 from .core.records import STAGE_ORDER, current_run, memory_rows, newest_records
 
@@ -154,16 +154,18 @@ def section_reward(records: dict, figures: Path) -> str:
             if row.get("seed_accuracy_sd") is not None else f"{_n(row['seed_accuracy_mean'])} (1)")
         learned = "-" if row["learned"] is None else ("yes" if row["learned"] else "**not learned**")
         vs_len = "-" if row.get("vs_length_points") is None else (
-            f"{row['vs_length_points']:+.1f} {_ci(row['vs_length_ci95'], 1, True)}, p = {row['vs_length_p']:.2g}")
+            f"{row['vs_length_points']:+.1f} {_ci(row['vs_length_ci95'], 1, True)}, "
+            f"p_Holm = {row['vs_length_p_holm']:.2g}")
         vs_bf16 = "-" if row.get("vs_bf16_points") is None else (
-            f"{row['vs_bf16_points']:+.1f} {_ci(row['vs_bf16_ci95'], 1, True)}, p = {row['vs_bf16_p']:.2g} "
+            f"{row['vs_bf16_points']:+.1f} {_ci(row['vs_bf16_ci95'], 1, True)}, p_Holm = {row['vs_bf16_p_holm']:.2g} "
             f"(MDE {_n(row['vs_bf16_mde_points'], 1)})")
         entry = models.get(row["model"], {})
         rows.append([row["model"], row["mode"], row.get("dtype") or "-",
                      f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", seeds, learned, vs_len, vs_bf16,
                      " ".join([_n(row["auc_roc"])] + ([_ci(row["auc_roc_ci95"])] if row.get("auc_roc_ci95") else [])),
                      _n(row.get("ece")),
-                     _n(row.get("agreement_with_judge")), _n(row.get("trainable_parameters")),
+                     _n(row.get("agreement_with_judge")), _n(row.get("phi_with_judge"), 2),
+                     _n(row.get("trainable_parameters")),
                      _n(row.get("weights_mib"), 1), _peak(entry.get("peak_memory_training")),
                      _n(row.get("pairs_per_second"), 2), _n(row.get("train_time_s"), 1)])
     d = r["data"]
@@ -179,19 +181,56 @@ def section_reward(records: dict, figures: Path) -> str:
     else:
         how = "LoRA on the SFT backbone plus a one-output head (TRL RewardTrainer)"
     judge = f", the judge on {_n(d['judge_train']['kept'])} other pairs" if "judge_train" in d else ""
-    return (f"## Reward models\n\nMethod: {how}. Proxies trained on {_n(d['train']['kept'])} pairs (validation "
-            f"{_n(d['validation']['kept'])}){judge}; all evaluated on the same {_n(n)} held-out pairs. Accuracy is "
-            "strict (ties count as wrong) with a 95% bootstrap interval; differences are in points, paired on the "
-            "same pairs (bootstrap interval, exact McNemar p, minimum detectable difference at 80% power); a model "
-            "that does not beat the length baseline (p < 0.05) is **not learned**. `-ptq` rows are the bf16 model "
+    crossfit_text = section_crossfit(r) + "\n\n### The saved models (used by stage 4)\n\n" if r.get("crossfit") else ""
+    return (f"## Reward models\n\nMethod: {how}.\n\n{crossfit_text}Proxies trained on {_n(d['train']['kept'])} pairs "
+            f"(validation {_n(d['validation']['kept'])}){judge}; all evaluated on the same {_n(n)} held-out pairs. "
+            "Accuracy is strict (ties count as wrong) with a 95% bootstrap interval; differences are in points, paired "
+            "on the same pairs (bootstrap interval, exact McNemar p adjusted by Holm's method within each column's "
+            "family, minimum detectable difference at 80% power); a model that does not beat the length baseline "
+            "(Holm-adjusted p < 0.05) is **not learned**. `-ptq` rows are the bf16 model "
             "quantized after training. On a CPU \"bf16\" runs in float32 (the dtype column).\n\n"
             + _table(["model", "mode", "dtype that ran", "accuracy [95% CI]", "seeds: mean ± sd (n)", "learned",
                       "vs length (points)", "vs bf16 (points)", "AUC-ROC [95% CI]", "ECE", "agrees with judge",
+                      "phi with judge",
                       "trainable params", "weights (MiB)", "peak training (MiB)", "pairs/s", "train time (s)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![accuracy]({accuracy.parent.name}/{accuracy.name})\n\nReliability diagrams (pairs per bin on "
             "each bar; ECE of a model that did not learn only says it is unsure):\n\n"
             f"![reliability]({rel.parent.name}/{rel.name})\n\n![margins]({margins.parent.name}/{margins.name})")
+
+
+def _vs(row: dict, key: str) -> str:
+    """A cross-fitted comparison cell: points, corrected interval, Holm-adjusted p (``-`` where none)."""
+    if row.get(f"{key}_points") is None:
+        return "-"
+    return (f"{row[f'{key}_points']:+.1f} {_ci(row[f'{key}_ci95'], 1, True)}, p_Holm = {row[f'{key}_p_holm']:.2g} "
+            f"(MDE {_n(row[f'{key}_mde_points'], 1)})")
+
+
+def section_crossfit(r: dict) -> str:
+    """The cross-fitted evaluation of stage 3 (``results["crossfit"]``): the table and its generated words."""
+    cf = r["crossfit"]
+    proxies = [p for p in ("bf16", "int8", "int4") if p in cf["models"]]
+    table = crossfit.table(cf, proxies)
+    families = list(dict.fromkeys(c["family"] for c in cf["comparisons"]))
+    keys = [f.replace(" ", "_").replace("-", "_") for f in families]
+    rows = [[row["model"], f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", _n(row["accuracy_draw_sd"]),
+             f"{_n(row['auc_roc'])} {_ci(row['auc_roc_ci95'])}", *(_vs(row, k) for k in keys),
+             *(_n(row[f"phi_vs_{p}"], 2) for p in proxies)] for row in table]
+    pool = cf["pool"]
+    return (f"### Cross-fitted evaluation (every precision on the same folds)\n\n{_n(pool['pairs'])} pairs (every kept "
+            f"pair but the {_n(pool['left_out_sft_trained'])} whose replies SFT trained on), {cf['folds']} folds × "
+            f"{cf['draws']} random fold draws: each model is fitted on {cf['folds'] - 1} folds and scores the one "
+            "left out, so every pair is scored once per draw by a model that never saw it, and all models see the "
+            "same folds. Intervals are the corrected repeated k-fold t interval (Bouckaert & Frank 2004), which "
+            "counts the variance from which pairs a model was trained on; 'draw sd' is the sd of accuracy across "
+            "fold draws. Each column of comparisons is one family with Holm's correction; MDE is the minimum "
+            "detectable difference at 80% power. phi is the correlation of two models' per-pair correctness (pooled "
+            "decisions). The `judge` recipe is bf16's (a head on the same features), so cross-fitted it is the "
+            f"bf16 row. Took {_n(cf['wall_time_s'], 0)} s.\n\n"
+            + _table(["model", "accuracy [95% CI]", "draw sd", "AUC-ROC [95% CI]", *families,
+                      *(f"phi vs {p}" for p in proxies)], rows)
+            + "\n\n**What can be concluded (cross-fitted):**\n\n" + "\n".join(f"- {c}" for c in cf["conclusions"]))
 
 
 def section_ppo(records: dict, figures: Path) -> str:
@@ -209,11 +248,13 @@ def section_ppo(records: dict, figures: Path) -> str:
     for name, e in experiments.items():
         samples += [[name, _clip(s["prompt"], 120), _clip(s["sft"]), _clip(s["ppo"])] for s in e["samples"][:2]]
     lo, hi = judge["accuracy_ci95"]
-    agree = ", ".join(f"{k} {_n(v)}" for k, v in judge["agreement_with_proxies"].items())
+    phis = judge.get("phi_with_proxies") or {}
+    agree = ", ".join(f"{k} {_n(v)} (phi {_n(phis.get(k), 2)})" for k, v in judge["agreement_with_proxies"].items())
     return (f"## PPO alignment\n\n**Judge** (every experiment): `{Path(judge['folder']).name}`, trained on pairs no "
             f"proxy saw; held-out accuracy {_n(judge['accuracy'])} [{_n(lo)}, {_n(hi)}], "
             f"{'beats' if judge['learned'] else '**does not beat**'} the length baseline; agreement with each "
-            f"proxy on the test pairs: {agree}.\n\nOn {r['n_eval_prompts']} held-out prompts, the SFT replies are "
+            f"proxy on the test pairs, and the phi correlation of their correctness: {agree}.\n\n"
+            f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
             "sampled once and shared; judge change = judge score of the PPO reply − of the SFT reply, per prompt, "
             "with a paired bootstrap interval and the minimum detectable change (MDE, 80% power); win rate with a "
             "Wilson interval (ties count half); KL to the SFT model in nats per reply.\n\n"

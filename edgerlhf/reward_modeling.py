@@ -35,15 +35,17 @@ from transformers import EarlyStoppingCallback
 from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
 from .core.baselines import baseline_scores, fit_pairwise_logistic
 from .core.config import Config, RewardStageConfig
+from .core.crossfit import assess as crossfit_assess
+from .core.crossfit import fold_draws, length_margins, out_of_fold, phi, probe_fitter, tfidf_fitter
 from .core.distributed import is_main_process, main_process_writes
 from .core.files import atomic_write_text, swap_in_dir
 from .core.lm import fit_prompt
 from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
-from .core.metrics import agreement, assess, evaluate_pairs
+from .core.metrics import agreement, assess, correct, evaluate_pairs
 from .core.models import load_tokenizer
 from .core.plots import accuracy_figure, margin_figure, reliability_figure
-from .core.prefs import read_prefs
+from .core.prefs import read_prefs, sft_pairs
 from .core.reward_models import (
     HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
     tokenizer_fingerprint, weights_fingerprint, write_info,
@@ -360,28 +362,31 @@ def probe_entry(precision: str, mode: str, fits: list[dict], feats: dict, cost: 
 
 
 def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
-                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None]:
-    """``reward.method = "probe"``: per precision (bf16 first), one feature pass, then its heads fitted (one
-    per seed), saved and checked before the next pass; the judge on bf16 features of its own pairs;
-    post-training quantization = the bf16 head on int8/int4 features (the same arithmetic as loading the
-    bf16 folder quantized). With ``reward.probe_layer_search`` the first pass reads every candidate block
-    and the block chosen on its training pairs is used from then on.
+                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None, dict[str, dict]]:
+    """``reward.method = "probe"``: per precision (bf16 first), one feature pass over every split (the
+    cross-fitted evaluation reads them all), then its head fitted (``reward.seeds[0]``: a convex fit, whose
+    training variance the cross-fitted evaluation's fold draws measure), saved and checked before the next
+    pass; the judge on bf16 features of its own pairs; post-training quantization = the bf16 head on
+    int8/int4 features (the same arithmetic as loading the bf16 folder quantized). With
+    ``reward.probe_layer_search`` the first pass reads every candidate block and the block chosen on its
+    training pairs is used from then on.
 
     Returns:
-        ``(models, search)``: an entry per reward model, and the layer search's result (None without one).
+        ``(models, search, features)``: an entry per reward model, the layer search's result (None without
+        one), and ``{precision: {split: (features_chosen, features_rejected)}}`` at the chosen block.
     """
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     layer, search = r.probe_layer, None
     models: dict[str, dict] = {}
-    heads: dict[str, list[dict]] = {}  # name -> its fits (one per seed), for the post-training-quantized rows
+    heads: dict[str, list[dict]] = {}  # name -> its fit, for the post-training-quantized rows
+    features: dict[str, dict] = {}
     for i, precision in enumerate(sorted(dict.fromkeys(list(r.precisions) + ptq), key=lambda p: p != "bf16")):
         ctx.step = f"models: {precision} features"
         jobs = [(precision, "trained", "train", "validation")] if precision in r.precisions else []
         if precision == "bf16" and r.judge:
             jobs.append(("judge", "judge (pairs no proxy saw)", "judge_train", "judge_validation"))
-        wanted = ["test"] + [s for job in jobs for s in job[2:]] + (["validation"] if precision in ptq else [])
-        splits = {k: ex[k] for k in dict.fromkeys(wanted)}
+        splits = dict(ex)
         if i == 0 and r.probe_layer_search:  # every candidate block from one pass, chosen on the training pairs
             candidates = sorted(set(r.probe_layer_search))
             many, cost = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device, candidates[-1],
@@ -396,8 +401,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
         for name, mode, train_split, val_split in jobs:
             ctx.step = f"models: {name} fit, save and check"
             diff = (feats[train_split][0] - feats[train_split][1]).numpy()
-            fits = [{**fit_pairwise_logistic(diff, seed=seed), "seed": seed}
-                    for seed in (r.seeds if mode == "trained" else r.seeds[:1])]
+            fits = [{**fit_pairwise_logistic(diff, seed=r.seeds[0]), "seed": r.seeds[0]}]
             heads[name] = fits
             write_model_folder(out_dir / name, lambda staging: save_probe(
                 staging, fits[0]["weight"], tokenizer, sft_location, precision, ctx.device, fits[0], layer,
@@ -412,7 +416,44 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
                                                      cost, ex, None, "validation", out_dir / "bf16", ctx.device)
             models[f"{precision}-ptq"].update(probe_layer=layer,
                                               **loading_cost(out_dir / "bf16", precision, ctx.device)[2])
-    return models, search
+        features[precision] = feats
+    return models, search, features
+
+
+def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sft_pairs: set, r: RewardStageConfig,
+                        seed: int) -> dict:
+    """Cross-fitted evaluation (:mod:`edgerlhf.core.crossfit`) of every probe precision, the ``-ptq`` models and
+    the baselines, over every kept pair whose replies SFT did not train on, on the same folds.
+
+    Args:
+        features: ``{precision: {split: (features_chosen, features_rejected)}}`` from :func:`probe_models`.
+        sft_pairs: ``{(chosen, rejected)}`` reply texts of the pairs SFT trained on (their features are not
+            held out, so they are left out).
+    Returns:
+        :func:`edgerlhf.core.crossfit.assess`'s result, with ``"pool"`` (pairs per split, pairs left out) and
+        ``"folds"``, ``"draws"``, ``"seconds"``.
+    """
+    start = time.perf_counter()
+    splits = [s for s in ex if s in features["bf16"]]
+    rows = [e for s in splits for e in ex[s]]
+    pair = [(e["chosen"][0]["content"], e["rejected"][0]["content"]) for e in rows]
+    keep = np.array([p not in sft_pairs for p in pair])
+    chosen, rejected = [c for (c, _), k in zip(pair, keep) if k], [j for (_, j), k in zip(pair, keep) if k]
+    diff = {p: np.concatenate([(f[s][0] - f[s][1]).numpy().astype(float) for s in splits])[keep]
+            for p, f in features.items()}
+    assignments = fold_draws(len(chosen), r.crossfit_folds, r.crossfit_draws, seed)
+    margins = length_margins(chosen, rejected, r.crossfit_draws)
+    margins.update(out_of_fold(*tfidf_fitter(chosen, rejected, seed), assignments))
+    for p in r.precisions:
+        ptq = {f"{q}-ptq": diff[q] for q in diff if q != "bf16"} if p == "bf16" and r.post_training_quantization else {}
+        margins.update(out_of_fold(*probe_fitter(diff[p], {p: diff[p], **ptq}, seed), assignments))
+    order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models last
+    margins = {name: margins[name] for name in sorted(margins, key=lambda m: order.index(m) if m in order else 99)}
+    out = crossfit_assess(margins, order[:3], assignments)
+    n = dict(zip(splits, (len(ex[s]) for s in splits)))
+    out.update(pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()), "by_split": n},
+               folds=r.crossfit_folds, draws=r.crossfit_draws, wall_time_s=time.perf_counter() - start)
+    return out
 
 
 def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]:
@@ -440,7 +481,7 @@ def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict) -
     """``models/rm/evaluation.json``: each reward model's held-out verdict, read by stage 4 to label
     its PPO rows (accuracy and interval, learned or not, agreement with the judge)."""
     keep = ("precision", "mode", "method", "folder", "accuracy", "accuracy_ci95", "n", "learned", "vs_length",
-            "vs_best_baseline", "agreement_with_judge", "dtype")
+            "vs_best_baseline", "agreement_with_judge", "phi_with_judge", "dtype")
     summary = {"length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
                "baseline_accuracy": assessment["baseline_accuracy"],
                "models": {name: {k: e.get(k) for k in keep} for name, e in models.items()}}
@@ -461,7 +502,8 @@ def run_reward(cfg: Config) -> dict:
     with measure(ctx.device) as stage_m:
         # data: disjoint proxy / judge shares of the training pairs, and the held-out test pairs
         ctx.step = "data"
-        splits = split_pairs(read_prefs(data_dir / "train_prefs.jsonl"), r)
+        train_rows = read_prefs(data_dir / "train_prefs.jsonl")
+        splits = split_pairs(train_rows, r)
         splits["test"] = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
         # tokenizer (the SFT model's, with its chat template and pad token)
         ctx.step = "tokenizer"
@@ -489,8 +531,15 @@ def run_reward(cfg: Config) -> dict:
             b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
         # models: train, save, evaluate (every precision and seed, the judge, post-training quantization)
         ctx.step = "models"
+        crossfit = None
         if r.method == "probe":
-            models, search = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+            models, search, features = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+            if "bf16" in r.precisions:  # every other precision is compared with it
+                ctx.step = "cross-fitted evaluation"
+                sft_train = sft_pairs(train_rows, cfg.sft.max_train_samples, cfg.sft.max_eval_samples)[0]
+                crossfit = crossfit_evaluation(features, ex, {(row["chosen"], row["rejected"]) for row in sft_train},
+                                               r, r.seeds[0])
+            del features
         else:
             models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
         # paired comparisons on the same test pairs, agreement between models
@@ -505,7 +554,11 @@ def run_reward(cfg: Config) -> dict:
                         np.subtract(ref["scores_chosen"], ref["scores_rejected"]),
                         np.subtract(entry["scores_chosen"], entry["scores_rejected"]))
                     entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
-                                 if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"]})
+                                 if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"],
+                                                           "phi_with_judge": phi(correct(ref["scores_chosen"],
+                                                                                         ref["scores_rejected"]),
+                                                                                 correct(entry["scores_chosen"],
+                                                                                         entry["scores_rejected"]))})
         main_process_writes(write_evaluation, out_dir, models, assessment)
         if search:
             losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
@@ -523,6 +576,7 @@ def run_reward(cfg: Config) -> dict:
                "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"],
                "length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
                "figures": figures, "probe_layer_search": search, "micro_batch_choice": micro_batch,
+               "crossfit": crossfit,
                "data": {name: counts[name] for name in counts}}
     results["record"] = str(finish(
         ctx, "reward", results, stage_m,
@@ -554,13 +608,15 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
             if len(seeds) > 1 else None, "n_seeds": len(seeds),
             "auc_roc": e["auc_roc"], "auc_roc_ci95": e["auc_roc_ci95"], "learned": e["learned"],
             "vs_length_points": 100 * length["difference"], "vs_length_ci95": [100 * x for x in length["ci"]],
-            "vs_length_p": length["p_value"],
+            "vs_length_p": length["p_value"], "vs_length_p_holm": length.get("p_holm"),
             "vs_bf16_points": 100 * ref["difference"] if ref else None,
             "vs_bf16_ci95": [100 * x for x in ref["ci"]] if ref else None, "vs_bf16_p": ref["p_value"] if ref else None,
+            "vs_bf16_p_holm": ref.get("p_holm") if ref else None,
             "vs_bf16_mde_points": 100 * ref["mde"] if ref else None,
             "ece": e["ece"], "ece_temperature_scaled": e["ece_temperature_scaled"],
             "nll": e["nll"], "brier": e["brier"], "spearman_vs_bf16": e.get("spearman"),
             "same_ranking_vs_bf16": e.get("same_ranking"), "agreement_with_judge": e.get("agreement_with_judge"),
+            "phi_with_judge": e.get("phi_with_judge"),
             "trainable_parameters": (e.get("parameters") or {}).get("trainable"),
             "weights_mib": e["weights_mib"], "folder_mib": e["folder_mib"],
             "memory_footprint_mib": e["memory_footprint_mib"],

@@ -34,7 +34,7 @@ from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer, prepare_base_model
 from .core.plots import loss_figure
-from .core.prefs import read_prefs
+from .core.prefs import read_prefs, sft_pairs
 from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
 from .core.templates import ensure_chat_template, ensure_pad_token
 from .core.training import checkpoint_to_resume, train_with_backoff, trainer_arguments
@@ -170,8 +170,8 @@ def run_sft(cfg: Config) -> dict:
     with measure(ctx.device) as m:
         # data
         ctx.step = "data"
-        train_rows = read_prefs(data_dir / "train_prefs.jsonl")[: s.max_train_samples]
-        eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: s.max_eval_samples]
+        train_rows, eval_rows = sft_pairs(read_prefs(data_dir / "train_prefs.jsonl"), s.max_train_samples,
+                                          s.max_eval_samples)
         # tokenizer
         ctx.step = "tokenizer"
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
@@ -246,7 +246,7 @@ def run_sft(cfg: Config) -> dict:
         training_config={k: getattr(s, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
             "max_length", "warmup_ratio", "lr_scheduler_type")},
-        data={"train_file": str(data_dir / "train_prefs.jsonl"), "test_file": str(data_dir / "test_prefs.jsonl")},
+        data={"train_file": str(data_dir / "train_prefs.jsonl")},
     ))
     return results
 

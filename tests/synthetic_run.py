@@ -9,9 +9,11 @@ import copy
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgerlhf.ppo_alignment import comparison_table, conclusions
+from edgerlhf.core import crossfit
 from edgerlhf.core.config import load_config
 from edgerlhf.core.memory import apply_vram_budget
 from edgerlhf.core.metrics import assess, evaluate_pairs
@@ -36,6 +38,18 @@ def _reward_model(precision: str, mode: str, shift: float) -> dict:
             "pairs_per_second": 40.0, "train_runtime_s": 2.0, "scores_chosen": chosen, "scores_rejected": REJECTED}
 
 
+def _crossfit() -> dict:
+    """A cross-fitted evaluation by the stage's own function, on made-up margins of 40 pairs, 2 draws of 4 folds."""
+    assignments = crossfit.fold_draws(40, folds=4, draws=2)
+    base = np.tile(np.r_[[1.0, -0.5, 2.0, 0.3] * 10], (2, 1))
+    margins = {"shorter wins": -base[:, ::-1], "longer wins": base[:, ::-1], "tf-idf": base * 0.5 - 0.2,
+               "bf16": base, "int8": base + 0.1, "int8-ptq": base - 0.1}
+    out = crossfit.assess(margins, ["shorter wins", "longer wins", "tf-idf"], assignments)
+    out.update(pool={"pairs": 40, "left_out_sft_trained": 8, "by_split": {"train": 48}}, folds=4, draws=2,
+               wall_time_s=1.0)
+    return out
+
+
 def _reward_results() -> dict:
     """Reward-stage results built by the stage's own assessment and table functions on made-up scores."""
     models = {"bf16": _reward_model("bf16", "trained", 0.0), "int8": _reward_model("int8", "trained", 0.01),
@@ -49,6 +63,7 @@ def _reward_results() -> dict:
     for e in models.values():
         e["agreement_with_judge"] = 1.0
     return {"method": "probe", "models": models, "baselines": baselines, "table": summary_table(models, baselines),
+            "crossfit": _crossfit(),
             "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
             "data": {"train": {"kept": 20}, "validation": {"kept": 4}, "judge_train": {"kept": 20},
                      "judge_validation": {"kept": 4}, "test": {"kept": 40}}}

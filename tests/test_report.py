@@ -21,7 +21,9 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
     for expected in ("| malformed_dialogue | 4 |", "900.00 → 850.00", "| bf16 | trained | float32 | 0.750 [",
                      "0.100 → 0.300", "+0.200 [", "**What can be concluded:**", "- bf16: ", "abc123",
                      "tiny-gpt2 (1,234 parameters)", "Mix, knead, bake.", "| sft | cpu | 900 |",
-                     "| shorter wins | baseline |", "0.75 [0.30, 0.95]"):
+                     "| shorter wins | baseline |", "0.75 [0.30, 0.95]",
+                     "### Cross-fitted evaluation", "**What can be concluded (cross-fitted):**",
+                     "- int8-ptq - bf16: ", "Holm-adjusted p = ", "| phi vs bf16 | phi vs int8 |"):
         assert expected in text, expected
     for figure in ("sft_loss", "rm_accuracy", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "memory"):
         assert f"(report_figures/{figure}.png)" in text

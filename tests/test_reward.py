@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgerlhf import reward_modeling as reward
+from edgerlhf.core import crossfit
 from edgerlhf.core.lm import encode_prompt_completion
 from edgerlhf.core.reward_models import RewardModelError, load_backbone, load_reward_model, score
 
@@ -270,7 +271,7 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
     assert [row["model"] for row in results["table"][:3]] == ["shorter wins", "longer wins", "tf-idf"]
     for name, entry in models.items():
-        assert entry["method"] == "probe" and len(entry["seed_accuracies"]) == (1 if name == "judge" else 2)
+        assert entry["method"] == "probe" and entry["seeds"] == [42]  # a convex fit: one seed; draws give the sd
         assert isinstance(entry["learned"], bool) and entry["vs_length"]["n"] == entry["n"]
         assert entry["parameters"]["trainable"] == 128  # last+mean head of a width-64 model, counted as trained
         assert entry["vs_reference"] is None if name == "bf16" else entry["vs_reference"]["n"] == entry["n"]
@@ -283,6 +284,16 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     verdicts = json.load(open(f"{models['bf16']['folder']}/../evaluation.json"))
     assert verdicts["models"]["judge"]["learned"] == models["judge"]["learned"]
     assert any(c.startswith("bf16: ") for c in results["conclusions"])
+    # the cross-fitted evaluation: every kept pair SFT did not train on, every precision on the same folds
+    cf = results["crossfit"]
+    assert set(cf["models"]) == {"shorter wins", "longer wins", "tf-idf", "bf16", "int8", "int4", "int8-ptq",
+                                 "int4-ptq"}
+    assert cf["pool"]["left_out_sft_trained"] > 0
+    assert cf["pool"]["pairs"] + cf["pool"]["left_out_sft_trained"] == sum(cf["pool"]["by_split"].values())
+    assert {m["n"] for m in cf["models"].values()} == {cf["pool"]["pairs"]}
+    assert {c["family_size"] for c in cf["comparisons"] if c["family"] == "vs bf16"} == {4}
+    rows = crossfit.table(cf, ["bf16", "int8", "int4"])
+    assert [r["model"] for r in rows][-1] == "int4-ptq" and rows[-1]["vs_bf16_p_holm"] is not None
 
 
 def test_a_probe_on_the_first_blocks_is_saved_and_loaded_truncated(rm_cfg):

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from edgerlhf import sft_finetuning as sft
 from edgerlhf.core.hh_rlhf import DataFormatError
 from edgerlhf.core.lm import encode_prompt_completion
 from edgerlhf.core.models import load_causal_lm, load_tokenizer, prepare_base_model
-from edgerlhf.core.prefs import read_prefs
+from edgerlhf.core.prefs import read_prefs, sft_pairs
 from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 CPU = torch.device("cpu")
@@ -141,6 +142,17 @@ def test_bad_inputs_fail_clearly_and_keep_the_last_model(tiny_cfg, tmp_path):
     (empty / "test_prefs.jsonl").write_text("\n")
     with pytest.raises(DataFormatError, match="train_prefs.jsonl: the file has no rows"):
         sft.run_sft(tiny_cfg(**{"data.out_dir": str(empty)}))
+
+
+def test_sft_never_reads_the_held_out_test_pairs(tiny_cfg, tiny_data, tmp_path):
+    data = tmp_path / "train_only"
+    data.mkdir()
+    shutil.copy(tiny_data / "train_prefs.jsonl", data)  # no test_prefs.jsonl: SFT validates on the training file
+    results = sft.run_sft(tiny_cfg(**{"data.out_dir": str(data), "sft.max_steps": 1}))
+    rows = read_prefs(data / "train_prefs.jsonl")
+    train, validation = sft_pairs(rows, 16, 8)  # the tiny profile's sft.max_train_samples / max_eval_samples
+    assert validation == rows[-8:] and train == rows[:16] and not {id(r) for r in train} & {id(r) for r in validation}
+    assert results["data"]["eval"]["kept"] + results["data"]["eval"]["dropped"] == 8
 
 
 def test_overlong_prompts_are_truncated_from_the_left_or_dropped(gpt2_tokenizer):

@@ -158,8 +158,13 @@ class SFTStageConfig:
         "Pairs longer than `max_length`: `truncate_left` drops the oldest prompt turns until they fit (counted), "
         "`drop` drops the pair (counted) (str).",
     )
-    max_train_samples: Optional[int] = _f(None, "Use only the first N training pairs (int); None: all.")
-    max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out pairs for eval loss and perplexity.")
+    max_train_samples: Optional[int] = _f(
+        None, "Use only the first N training pairs, of those not kept for validation (int); None: all."
+    )
+    max_eval_samples: Optional[int] = _f(
+        None, "Validation pairs for eval loss, checkpoint choice, perplexity and samples: the last N pairs of the "
+        "training file, never trained on (int); None: 5% of them. The held-out test pairs are not read."
+    )
     eval_steps: Optional[int] = _f(
         None, "Evaluate and checkpoint every N optimizer steps (int); None: once per epoch."
     )
@@ -216,6 +221,16 @@ class RewardStageConfig:
     )
     post_training_quantization: bool = _f(
         True, "Also load the trained bf16 model at every other precision without retraining (bool)."
+    )
+    crossfit_folds: int = _f(
+        5, "With `probe`: folds K of the cross-fitted evaluation (int >= 2): every precision, post-training "
+        "quantization and the baselines are fitted on K - 1 folds of all kept pairs that SFT did not train on and "
+        "score the fold left out, on the same folds (edgerlhf.core.crossfit). 5 keeps 80% of the pairs for "
+        "training, near the saved models' shares.",
+    )
+    crossfit_draws: int = _f(
+        10, "With `probe`: random fold draws R of the cross-fitted evaluation (int >= 1); intervals are the "
+        "corrected repeated k-fold t interval over the K * R folds (Bouckaert & Frank 2004 use 10 x 10).",
     )
     per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
@@ -428,6 +443,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft.sample_max_new_tokens": 8,
         "reward.method": "probe",
         "reward.seeds": [42, 43],
+        "reward.crossfit_draws": 2,
         "reward.per_device_train_batch_size": 4,
         "reward.gradient_accumulation_steps": 1,
         "reward.learning_rate": 1e-3,
@@ -526,7 +542,8 @@ LIMITS: dict[str, Any] = {
     "reward.judge_fraction": (0.05, 0.95), "reward.max_train_samples": _POSITIVE,
     "reward.max_eval_samples": _POSITIVE, "reward.eval_steps": _POSITIVE, "reward.logging_steps": _POSITIVE,
     "reward.save_total_limit": _POSITIVE, "reward.early_stopping_patience": _POSITIVE,
-    "reward.score_batch_size": _POSITIVE, "reward.feature_batch_size": _POSITIVE, "reward.probe_layer": _POSITIVE,
+    "reward.score_batch_size": _POSITIVE, "reward.crossfit_folds": (2, None), "reward.crossfit_draws": _POSITIVE,
+    "reward.feature_batch_size": _POSITIVE, "reward.probe_layer": _POSITIVE,
     "ppo.reward_mode": ("trained", "ptq"), "ppo.steps": _POSITIVE, "ppo.batch_size": _POSITIVE,
     "ppo.mini_batch_size": _POSITIVE, "ppo.gradient_accumulation_steps": _POSITIVE,
     "ppo.generation_batch_size": _POSITIVE, "ppo.rows_per_pass": _POSITIVE,

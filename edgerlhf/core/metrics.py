@@ -11,7 +11,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from .stats import bootstrap_statistic, compare_classifiers, describe_comparison
+from .stats import bootstrap_statistic, compare_classifiers, describe_comparison, holm
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -156,8 +156,11 @@ def assess(models: dict[str, dict], baselines: dict[str, dict], reference: str |
       these pairs (``shorter wins`` or ``longer wins``, whichever scores higher: the conservative choice);
     * ``vs_best_baseline``: against the baseline with the highest accuracy (TF-IDF or a length rule);
     * ``vs_reference``: against ``models[reference]`` (None for the reference itself);
-    * ``learned``: it beats the length baseline, paired McNemar ``p < alpha``;
+    * ``learned``: it beats the length baseline, McNemar ``p < alpha`` after Holm's correction;
     * ``auc_roc_ci95``: bootstrap interval of its AUC-ROC.
+
+    Each of the three kinds of comparison is one family: its McNemar p-values get Holm's adjustment
+    (:func:`edgerlhf.core.stats.holm`) as ``p_holm``, with the ``family_size``, and the verdicts use it.
 
     Returns ``{"length_baseline", "best_baseline", "conclusions": [sentences]}``.
     """
@@ -165,23 +168,26 @@ def assess(models: dict[str, dict], baselines: dict[str, dict], reference: str |
     length = max((n for n in accuracy if n.endswith(" wins")), key=accuracy.get)
     best = max(accuracy, key=accuracy.get)
     hits = {name: correct(b["scores_chosen"], b["scores_rejected"]) for name, b in baselines.items()}
+    mine = {name: correct(e["scores_chosen"], e["scores_rejected"]) for name, e in models.items()}
+    for name, entry in models.items():
+        entry["vs_length"] = compare_classifiers(mine[name], hits[length], seed)
+        entry["vs_best_baseline"] = compare_classifiers(mine[name], hits[best], seed)
+        entry["auc_roc_ci95"] = auc_ci(entry["scores_chosen"], entry["scores_rejected"], seed)
+        entry["vs_reference"] = compare_classifiers(mine[name], mine[reference], seed) \
+            if reference in models and name != reference else None
+    for key in ("vs_length", "vs_best_baseline", "vs_reference"):
+        family = [e[key] for e in models.values() if e[key] is not None]
+        for c, p in zip(family, holm([c["p_value"] for c in family])):
+            c.update(p_holm=p, family_size=len(family))
     conclusions = []
     for name, entry in models.items():
-        mine = correct(entry["scores_chosen"], entry["scores_rejected"])
-        entry["vs_length"] = compare_classifiers(mine, hits[length], seed)
-        entry["vs_best_baseline"] = compare_classifiers(mine, hits[best], seed)
-        entry["learned"] = entry["vs_length"]["p_value"] < alpha and entry["vs_length"]["difference"] > 0
-        entry["auc_roc_ci95"] = auc_ci(entry["scores_chosen"], entry["scores_rejected"], seed)
-        has_ref = reference in models and name != reference
-        entry["vs_reference"] = compare_classifiers(
-            mine, correct(models[reference]["scores_chosen"], models[reference]["scores_rejected"]), seed) \
-            if has_ref else None
+        entry["learned"] = entry["vs_length"]["p_holm"] < alpha and entry["vs_length"]["difference"] > 0
         verdict = "learned more than length" if entry["learned"] else (
             "NOT LEARNED: it does not beat the length baseline, so nothing built on it measures alignment")
         conclusions.append(f"{name}: {verdict}. " + describe_comparison(name, length, entry["vs_length"], alpha))
         if best != length:
             conclusions.append(describe_comparison(name, best, entry["vs_best_baseline"], alpha))
-        if has_ref:
+        if entry["vs_reference"] is not None:
             conclusions.append(describe_comparison(name, reference, entry["vs_reference"], alpha))
     return {"length_baseline": length, "best_baseline": best, "baseline_accuracy": accuracy,
             "conclusions": conclusions}

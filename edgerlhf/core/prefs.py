@@ -76,3 +76,21 @@ def read_prefs(path: str | Path) -> list[dict]:
     if not rows:
         raise DataFormatError(f"{path}: the file has no rows")
     return rows
+
+
+def sft_pairs(rows: list[dict], max_train: int | None, max_validation: int | None) -> tuple[list[dict], list[dict]]:
+    """The pairs SFT trains on and those it validates on (checkpoint choice, perplexity, samples), both from the
+    training file's ``rows``, so that the held-out test pairs are read only at the final evaluation.
+
+    Validation is the last ``max_validation`` rows (None: 5% of them, at least one); training is the first
+    ``max_train`` of the others (None: all). Stage 3 calls this too, to leave SFT's training pairs out of its
+    cross-fitted evaluation.
+
+    Raises:
+        ValueError: fewer than two rows.
+    """
+    if len(rows) < 2:
+        raise ValueError(f"SFT needs at least 2 training pairs (one to validate on), got {len(rows)}")
+    n_val = max_validation if max_validation is not None else max(1, round(0.05 * len(rows)))
+    n_val = min(n_val, len(rows) - 1)
+    return rows[: len(rows) - n_val][:max_train], rows[len(rows) - n_val:]

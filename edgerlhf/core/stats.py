@@ -14,6 +14,8 @@ pairs, two policies answer the same held-out prompts. The tools:
 * :func:`mde_mcnemar` / :func:`mde_paired_mean` - the smallest difference a two-sided test at
   ``alpha`` detects with probability ``power`` at this number of items (Connor 1987 for
   McNemar; the normal approximation for a paired mean);
+* :func:`holm` - Holm's step-down adjustment of a family's p-values (Holm 1979), so that a family of
+  tests keeps its family-wise error rate at ``alpha``;
 * :func:`compare_classifiers` / :func:`describe_comparison` - all of that for two models, and
   one generated sentence saying what can be concluded.
 
@@ -31,7 +33,7 @@ POWER = 0.8
 N_BOOT = 2000
 
 
-def _z(q: float) -> float:
+def normal_quantile(q: float) -> float:
     """The standard normal quantile ``Phi^-1(q)`` (``statistics.NormalDist``; the same value as SciPy's
     ``norm.ppf`` to double precision)."""
     return NormalDist().inv_cdf(q)
@@ -109,7 +111,7 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> list[float
     """
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}, {n}")
-    z = _z(1 - (1 - level) / 2)
+    z = normal_quantile(1 - (1 - level) / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -126,7 +128,7 @@ def mde_mcnemar(n: int, discordant_share: float, alpha: float = ALPHA, power: fl
     """
     if discordant_share <= 0 or n <= 0:
         return float("nan")
-    za, zb = _z(1 - alpha / 2), _z(power)
+    za, zb = normal_quantile(1 - alpha / 2), normal_quantile(power)
     psi = discordant_share
 
     def gap(d: float) -> float:
@@ -138,11 +140,29 @@ def mde_mcnemar(n: int, discordant_share: float, alpha: float = ALPHA, power: fl
     return float(brentq(gap, 1e-9, hi)) if gap(hi) > 0 else float(hi)
 
 
+def holm(p_values) -> list[float]:
+    """Holm-adjusted p-values of one family of tests (Holm 1979, "A simple sequentially rejective multiple test
+    procedure"; statsmodels' ``multipletests(method="holm")``), in the order given: a test is rejected at family-wise
+    level ``alpha`` when its adjusted p-value is below ``alpha``. An empty family gives ``[]``.
+
+    Raises:
+        ValueError: a p-value is not finite or outside ``[0, 1]``.
+    """
+    p = np.asarray(p_values, float)
+    if p.size == 0:
+        return []
+    if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must be finite and in [0, 1], got {p.tolist()}")
+    from statsmodels.stats.multitest import multipletests  # imported on use, like scipy.stats
+
+    return [float(x) for x in multipletests(p, method="holm")[1]]
+
+
 def mde_paired_mean(n: int, sd_difference: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """Smallest mean paired difference detectable at ``alpha`` with ``power``: ``(z_a + z_b) sd / sqrt(n)``."""
     if n <= 1:
         return float("nan")
-    return float((_z(1 - alpha / 2) + _z(power)) * sd_difference / math.sqrt(n))
+    return float((normal_quantile(1 - alpha / 2) + normal_quantile(power)) * sd_difference / math.sqrt(n))
 
 
 def compare_classifiers(correct_a, correct_b, seed: int = 0) -> dict:
@@ -161,19 +181,25 @@ def _points(x: float) -> str:
 def describe_comparison(name_a: str, name_b: str, comparison: dict, alpha: float = ALPHA) -> str:
     """One sentence stating what a :func:`compare_classifiers` result allows one to conclude.
 
-    e.g. ``"int4 vs bf16: -1.2 points [-3.9, +1.5], McNemar p = 0.41 (35 vs 47 discordant pairs):
-    no difference detectable at n = 1,000 (minimum detectable difference 4.1 points)"``.
+    When the comparison carries ``p_holm`` and ``family_size`` (its family's Holm-adjusted p-value,
+    :func:`holm`), the verdict uses the adjusted p-value and says so. e.g. ``"int4 vs bf16: -1.2 points
+    [-3.9, +1.5], McNemar p = 0.41 (35 vs 47 discordant pairs), Holm-adjusted p = 1 over 4 comparisons: no
+    difference detectable at n = 1,000 (minimum detectable difference 4.1 points)"``.
     """
     c = comparison
     lo, hi = c["ci"]
     head = (f"{name_a} vs {name_b}: {_points(c['difference'])} points [{_points(lo)}, {_points(hi)}], "
             f"McNemar p = {c['p_value']:.3g} ({c['only_a']} vs {c['only_b']} discordant pairs)")
-    if c["p_value"] < alpha:
+    p, after = c["p_value"], ""
+    if "p_holm" in c:
+        p, after = c["p_holm"], " after Holm's correction"
+        head += f", Holm-adjusted p = {p:.3g} over {c['family_size']} comparison{'s' if c['family_size'] > 1 else ''}"
+    if p < alpha:
         verdict = "better than" if c["difference"] > 0 else "worse than"
-        return f"{head}: {name_a} is {verdict} {name_b} (p < {alpha:g}, n = {c['n']:,})"
+        return f"{head}: {name_a} is {verdict} {name_b}{after} (p < {alpha:g}, n = {c['n']:,})"
     mde = c["mde"]
     mde_text = "" if math.isnan(mde) else f" (minimum detectable difference {100 * mde:.1f} points)"
-    return f"{head}: no difference detectable at n = {c['n']:,}{mde_text}"
+    return f"{head}: no difference detectable{after} at n = {c['n']:,}{mde_text}"
 
 
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
