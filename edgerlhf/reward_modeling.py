@@ -1,8 +1,8 @@
 """Stage 3: reward models at BF16, INT8 and INT4, the quantization study, and the judge.
 
 For each precision in ``reward.precisions``: data -> tokenizer -> model (SFT backbone at that
-precision + a one-output head) -> train -> save -> evaluate, once per seed in ``reward.seeds``.
-Training is ``reward.method``:
+precision + a one-output head) -> train -> save; then, once every model is saved and every choice made on
+training pairs, the final evaluation reads the held-out test pairs. Training is ``reward.method``:
 
 * ``lora`` - TRL ``RewardTrainer`` (Bradley-Terry loss), LoRA on the backbone, head trained in full;
 * ``probe`` - the backbone frozen at the precision; its final-layer state at the last token of
@@ -12,9 +12,10 @@ Training is ``reward.method``:
 The trained bf16 model is also loaded at int8 and int4 without retraining (post-training
 quantization, ``-ptq``). A bf16 ``judge`` is trained on pairs no proxy sees, for stage 4.
 Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.core.baselines`) are scored on
-the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar, paired
-bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
-carries each model's verdict to stage 4.
+the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar with Holm's
+correction, paired bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
+carries each model's verdict to stage 4. Probes are also cross-fitted over every pair SFT did not train on
+(:func:`crossfit_evaluation`), the evaluation that compares precisions.
 
 Folders: ``models/rm/{bf16,int8,int4,judge}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
 Run without the notebook: ``python -m edgerlhf.reward_modeling --profile quick``.
@@ -214,8 +215,10 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
 
 
 def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> dict[str, dict]:
-    """``reward.method = "lora"``: train, save and evaluate every precision (every seed), the judge, and
-    the post-training-quantized bf16 model. Extra seeds are evaluated, then their folders removed."""
+    """``reward.method = "lora"``: train and save every precision (every seed) and the judge. Extra seeds are
+    saved in hidden folders ``.<name>-seed<seed>`` that :func:`evaluate_lora_models` removes once evaluated.
+
+    Returns ``{name: entry}`` with the training results; ``entry["seed_folders"]`` lists ``(seed, folder)``."""
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     jobs = [(p, p, "trained", "train", "validation") for p in r.precisions]
     if r.judge:
@@ -223,27 +226,44 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
     models: dict[str, dict] = {}
     for name, precision, mode, train_split, val_split in jobs:
         seeds = r.seeds if mode == "trained" else r.seeds[:1]
-        accuracies = []
+        folders = []
         for i, seed in enumerate(seeds):
             ctx.step = f"models: {name} seed {seed} training"
             folder_name = name if i == 0 else f".{name}-seed{seed}"
             trained = train_one(folder_name, precision, cfg, ctx, sft_location, tokenizer, ex[train_split],
                                 ex[val_split], seed)
-            evaluated = evaluate_folder(out_dir / folder_name, precision, ex["test"], ex["validation"], r, ctx.device)
-            accuracies.append(evaluated["accuracy"])
+            folders.append((seed, str(out_dir / folder_name)))
             if i == 0:
                 models[name] = {"precision": precision, "mode": mode, "method": "lora", "folder": str(out_dir / name),
-                                "dtype": dtype_that_ran(precision, ctx.device), **trained, **evaluated}
+                                "dtype": dtype_that_ran(precision, ctx.device), "validation_split": val_split,
+                                **trained}
+        models[name].update(seed_folders=folders)
+    return models
+
+
+def evaluate_lora_models(models: dict[str, dict], cfg: Config, ctx, ex: dict[str, list[dict]]) -> None:
+    """The final evaluation of :func:`lora_models`' models (in place): every seed's folder scored on the test pairs
+    (accuracy per seed; the first seed's model is the one kept), extra seeds' folders then removed; and the
+    post-training-quantized bf16 model (``-ptq``)."""
+    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    for name, entry in models.items():
+        accuracies, folders, validation = [], entry.pop("seed_folders"), ex[entry.pop("validation_split")]
+        for i, (seed, folder) in enumerate(folders):
+            ctx.step = f"final evaluation: {name} seed {seed}"
+            evaluated = evaluate_folder(Path(folder), entry["precision"], ex["test"], validation, r, ctx.device)
+            accuracies.append(evaluated["accuracy"])
+            if i == 0:
+                entry.update(evaluated)
             else:
-                main_process_writes(shutil.rmtree, out_dir / folder_name)
-        models[name].update(seeds=list(seeds), seed_accuracies=accuracies)
+                main_process_writes(shutil.rmtree, Path(folder))
+        entry.update(seeds=[s for s, _ in folders], seed_accuracies=accuracies)
     if r.post_training_quantization and "bf16" in r.precisions:
         for precision in [p for p in PRECISIONS if p != "bf16"]:
+            ctx.step = f"final evaluation: {precision}-ptq"
             models[f"{precision}-ptq"] = {
                 "precision": precision, "mode": "post-training quantization", "method": "lora",
                 "folder": str(out_dir / "bf16"), "dtype": dtype_that_ran(precision, ctx.device),
                 **evaluate_folder(out_dir / "bf16", precision, ex["test"], ex["validation"], r, ctx.device)}
-    return models
 
 
 def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardStageConfig,
@@ -318,10 +338,11 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
                num_layers=num_layers, pooling=pooling)
 
 
-def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: np.ndarray, r: RewardStageConfig,
+def check_saved_probe(folder: Path, precision: str, rows: list[dict], expected: np.ndarray, r: RewardStageConfig,
                       device, n: int = 2) -> dict:
-    """Load a saved probe through the PPO API and score ``n`` test replies: they must equal the scores it
-    was evaluated with, ``|a - b| <= tol (1 + |b|)``, catching a wrong head or backbone (an error of order 1).
+    """Load a saved probe through the PPO API and score the chosen replies of the first ``n`` of ``rows``
+    (validation pairs): they must equal the scores its features gave (``expected``), ``|a - b| <= tol (1 + |b|)``,
+    catching a wrong head or backbone (an error of order 1).
     ``tol`` is 1e-3, and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so
     int8 scores depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
     Returns its loading cost.
@@ -330,7 +351,7 @@ def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: 
         RuntimeError: the saved model scores differently from the features it was fitted on.
     """
     model, tokenizer, cost = loading_cost(folder, precision, device)
-    got = score(model, tokenizer, [e["prompt"] for e in test[:n]], [e["chosen"][0]["content"] for e in test[:n]],
+    got = score(model, tokenizer, [e["prompt"] for e in rows[:n]], [e["chosen"][0]["content"] for e in rows[:n]],
                 r.score_batch_size, r.max_length).numpy()
     tol = 0.1 if precision == "int8" else 1e-3
     if not np.all(np.abs(got - expected[:n]) <= tol * (1 + np.abs(expected[:n]))):
@@ -340,56 +361,35 @@ def check_saved_probe(folder: Path, precision: str, test: list[dict], expected: 
     return cost
 
 
-def probe_entry(precision: str, mode: str, fits: list[dict], feats: dict, cost: dict, ex: dict, train_split,
-                val_split: str, folder: Path, device) -> dict:
-    """A probe reward model's record: its head (``fits[0]``) scored on the test features, calibration
-    fitted on ``val_split``, accuracy per seed, parameters, feature-pass cost and memory."""
-    test = feats["test"]
-    c, rj = probe_scores(fits[0]["weight"], test)
-    vc, vr = probe_scores(fits[0]["weight"], feats[val_split])
-    width, total = fits[0]["weight"].shape[0], cost["parameters_total"]
-    return {"precision": precision, "mode": mode, "method": "probe", "folder": str(folder),
-            "dtype": dtype_that_ran(precision, device), "C": fits[0]["C"], "cv_curve": fits[0]["cv_curve"],
-            "parameters": {"trainable": width, "total": total, "trainable_share": width / total},
-            "seeds": [f["seed"] for f in fits],
-            "seed_accuracies": [float(np.mean(np.greater(*probe_scores(f["weight"], test)))) for f in fits],
-            "train_pairs": len(ex[train_split]) if train_split else None,
-            "train_runtime_s": cost["seconds"][train_split] if train_split else None,
-            "peak_memory_training": cost["peak_memory_features"] if train_split else None,
-            "pairs_per_second": len(ex["test"]) / cost["seconds"]["test"], "blocks_run_when_timed": cost["blocks_run"],
-            "peak_memory_scoring": cost["peak_memory_features"],
-            **evaluate_pairs(c, rj, vc - vr), "scores_chosen": c.tolist(), "scores_rejected": rj.tolist()}
-
-
 def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
-                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None, dict[str, dict]]:
-    """``reward.method = "probe"``: per precision (bf16 first), one feature pass over every split (the
-    cross-fitted evaluation reads them all), then its head fitted (``reward.seeds[0]``: a convex fit, whose
-    training variance the cross-fitted evaluation's fold draws measure), saved and checked before the next
-    pass; the judge on bf16 features of its own pairs; post-training quantization = the bf16 head on
-    int8/int4 features (the same arithmetic as loading the bf16 folder quantized). With
-    ``reward.probe_layer_search`` the first pass reads every candidate block and the block chosen on its
-    training pairs is used from then on.
+                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None, dict[str, dict], dict[str, dict]]:
+    """``reward.method = "probe"``, before any test pair is read: per precision (bf16 first), one feature pass
+    over every training split (the cross-fitted evaluation reads them all), then its head fitted
+    (``reward.seeds[0]``: a convex fit, whose training variance the cross-fitted evaluation's fold draws
+    measure), saved and checked on validation pairs before the next pass; the judge on bf16 features of its own
+    pairs; post-training quantization = the bf16 head on int8/int4 features (the same arithmetic as loading the
+    bf16 folder quantized). With ``reward.probe_layer_search`` the first pass reads every candidate block and the
+    block chosen on its training pairs is used from then on. :func:`evaluate_probes` scores them on the test pairs.
 
     Returns:
-        ``(models, search, features)``: an entry per reward model, the layer search's result (None without
-        one), and ``{precision: {split: (features_chosen, features_rejected)}}`` at the chosen block.
+        ``(models, search, features, heads)``: an entry per reward model (training results), the layer search's
+        result (None without one), ``{precision: {split: (features_chosen, features_rejected)}}`` at the chosen
+        block, and ``{name: fit}`` of every head fitted (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
     """
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     layer, search = r.probe_layer, None
     models: dict[str, dict] = {}
-    heads: dict[str, list[dict]] = {}  # name -> its fit, for the post-training-quantized rows
+    heads: dict[str, dict] = {}
     features: dict[str, dict] = {}
     for i, precision in enumerate(sorted(dict.fromkeys(list(r.precisions) + ptq), key=lambda p: p != "bf16")):
         ctx.step = f"models: {precision} features"
         jobs = [(precision, "trained", "train", "validation")] if precision in r.precisions else []
         if precision == "bf16" and r.judge:
             jobs.append(("judge", "judge (pairs no proxy saw)", "judge_train", "judge_validation"))
-        splits = dict(ex)
         if i == 0 and r.probe_layer_search:  # every candidate block from one pass, chosen on the training pairs
             candidates = sorted(set(r.probe_layer_search))
-            many, cost = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device, candidates[-1],
+            many, cost = probe_features(sft_location, precision, tokenizer, ex, r, ctx.device, candidates[-1],
                                         candidates)
             search = {"precision": precision, **choose_probe_layer(many[jobs[0][2]], candidates, r.seeds[0])}
             layer, j = search["chosen"], candidates.index(search["chosen"])
@@ -397,27 +397,54 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
             cost["parameters_total"] = cost["parameters_total"][layer]
             del many
         else:
-            feats, cost = probe_features(sft_location, precision, tokenizer, splits, r, ctx.device, layer)
+            feats, cost = probe_features(sft_location, precision, tokenizer, ex, r, ctx.device, layer)
+        common = {"precision": precision, "method": "probe", "dtype": dtype_that_ran(precision, ctx.device),
+                  "probe_layer": layer, "seeds": [r.seeds[0]]}
         for name, mode, train_split, val_split in jobs:
             ctx.step = f"models: {name} fit, save and check"
             diff = (feats[train_split][0] - feats[train_split][1]).numpy()
-            fits = [{**fit_pairwise_logistic(diff, seed=r.seeds[0]), "seed": r.seeds[0]}]
-            heads[name] = fits
+            fit = heads[name] = {**fit_pairwise_logistic(diff, seed=r.seeds[0]), "seed": r.seeds[0]}
             write_model_folder(out_dir / name, lambda staging: save_probe(
-                staging, fits[0]["weight"], tokenizer, sft_location, precision, ctx.device, fits[0], layer,
-                r.probe_pooling))
-            models[name] = probe_entry(precision, mode, fits, feats, cost, ex, train_split, val_split,
-                                       out_dir / name, ctx.device)
-            models[name].update(probe_layer=layer, **check_saved_probe(
-                out_dir / name, precision, ex["test"], np.asarray(models[name]["scores_chosen"]), r, ctx.device))
+                staging, fit["weight"], tokenizer, sft_location, precision, ctx.device, fit, layer, r.probe_pooling))
+            width = fit["weight"].shape[0]
+            models[name] = {
+                **common, "mode": mode, "folder": str(out_dir / name), "head": name, "validation_split": val_split,
+                "C": fit["C"], "cv_curve": fit["cv_curve"], "train_pairs": len(ex[train_split]),
+                "parameters": {"trainable": width, "total": cost["parameters_total"],
+                               "trainable_share": width / cost["parameters_total"]},
+                "train_runtime_s": cost["seconds"][train_split], "peak_memory_training": cost["peak_memory_features"],
+                **check_saved_probe(out_dir / name, precision, ex[val_split],
+                                    probe_scores(fit["weight"], feats[val_split])[0], r, ctx.device)}
         if precision in ptq:
             ctx.step = f"models: {precision}-ptq"
-            models[f"{precision}-ptq"] = probe_entry(precision, "post-training quantization", heads["bf16"], feats,
-                                                     cost, ex, None, "validation", out_dir / "bf16", ctx.device)
-            models[f"{precision}-ptq"].update(probe_layer=layer,
-                                              **loading_cost(out_dir / "bf16", precision, ctx.device)[2])
+            models[f"{precision}-ptq"] = {
+                **common, "mode": "post-training quantization", "folder": str(out_dir / "bf16"), "head": "bf16",
+                "validation_split": "validation", "C": heads["bf16"]["C"], "parameters": models["bf16"]["parameters"],
+                "train_pairs": None, "train_runtime_s": None, "peak_memory_training": None,
+                **loading_cost(out_dir / "bf16", precision, ctx.device)[2]}
         features[precision] = feats
-    return models, search, features
+    return models, search, features, heads
+
+
+def evaluate_probes(models: dict[str, dict], heads: dict[str, dict], features: dict[str, dict], cfg: Config, ctx,
+                    sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> None:
+    """The final evaluation of :func:`probe_models`' models (in place): per precision one pass over the test pairs
+    through the chosen block (added to ``features``), then each model of that precision scored there: accuracy,
+    AUC, calibration (temperature fitted on its validation pairs), margins; and the pass's throughput and memory."""
+    for precision in dict.fromkeys(e["precision"] for e in models.values()):
+        ctx.step = f"final evaluation: {precision} test features"
+        layer = next(e["probe_layer"] for e in models.values() if e["precision"] == precision)
+        feats, cost = probe_features(sft_location, precision, tokenizer, {"test": ex["test"]}, cfg.reward,
+                                     ctx.device, layer)
+        features[precision]["test"] = feats["test"]
+        for entry in (e for e in models.values() if e["precision"] == precision):
+            weight = heads[entry.pop("head")]["weight"]
+            c, rj = probe_scores(weight, feats["test"])
+            vc, vr = probe_scores(weight, features[precision][entry.pop("validation_split")])
+            entry.update(seed_accuracies=[float(np.mean(c > rj))],
+                         pairs_per_second=len(ex["test"]) / cost["seconds"]["test"],
+                         blocks_run_when_timed=cost["blocks_run"], peak_memory_scoring=cost["peak_memory_features"],
+                         **evaluate_pairs(c, rj, vc - vr), scores_chosen=c.tolist(), scores_rejected=rj.tolist())
 
 
 def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sft_pairs: set, r: RewardStageConfig,
@@ -431,7 +458,7 @@ def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sf
             held out, so they are left out).
     Returns:
         :func:`edgerlhf.core.crossfit.assess`'s result, with ``"pool"`` (pairs per split, pairs left out) and
-        ``"folds"``, ``"draws"``, ``"seconds"``.
+        ``"folds"``, ``"draws"``, ``"wall_time_s"``.
     """
     start = time.perf_counter()
     splits = [s for s in ex if s in features["bf16"]]
@@ -500,11 +527,10 @@ def run_reward(cfg: Config) -> dict:
     ctx = begin(cfg, distributed=True)
     data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
-        # data: disjoint proxy / judge shares of the training pairs, and the held-out test pairs
+        # data: disjoint proxy / judge shares of the training pairs (the held-out test pairs come at the end)
         ctx.step = "data"
         train_rows = read_prefs(data_dir / "train_prefs.jsonl")
         splits = split_pairs(train_rows, r)
-        splits["test"] = read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples]
         # tokenizer (the SFT model's, with its chat template and pad token)
         ctx.step = "tokenizer"
         sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
@@ -518,32 +544,41 @@ def run_reward(cfg: Config) -> dict:
         ex, counts = {}, {}
         for name, rows in splits.items():
             ex[name], counts[name] = reward_examples(rows, tokenizer, r.max_length)
-        empty = [k for k in ("train", "validation", "test") + (("judge_train", "judge_validation") if r.judge else ())
+        empty = [k for k in ("train", "validation") + (("judge_train", "judge_validation") if r.judge else ())
                  if not ex[k]]
         if empty:
             raise ValueError(f"no pairs left in {empty} after fitting to reward.max_length={r.max_length}: {counts}")
-        # baselines, trained on the proxies' training pairs and scored on the test pairs
-        ctx.step = "baselines"
+        # models: train and save every precision (every seed), the judge; every choice is made on training pairs
+        ctx.step = "models"
+        if r.method == "probe":
+            models, search, features, heads = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+        else:
+            models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
+        # final evaluation: the held-out test pairs are read here, once every model is saved
+        ctx.step = "final evaluation: data"
+        ex["test"], counts["test"] = reward_examples(
+            read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples], tokenizer, r.max_length)
+        if not ex["test"]:
+            raise ValueError(f"no test pairs left after fitting to reward.max_length={r.max_length}: {counts}")
+        ctx.step = "final evaluation: baselines"  # trained on the proxies' training pairs
         plain = {k: [{"chosen": e["chosen"][0]["content"], "rejected": e["rejected"][0]["content"]} for e in ex[k]]
                  for k in ("train", "test")}
         baselines = baseline_scores(plain["train"], plain["test"], seed=r.seeds[0])
         for b in baselines.values():
             b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
-        # models: train, save, evaluate (every precision and seed, the judge, post-training quantization)
-        ctx.step = "models"
         crossfit = None
         if r.method == "probe":
-            models, search, features = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+            evaluate_probes(models, heads, features, cfg, ctx, sft_location, tokenizer, ex)
             if "bf16" in r.precisions:  # every other precision is compared with it
-                ctx.step = "cross-fitted evaluation"
+                ctx.step = "final evaluation: cross-fitted"
                 sft_train = sft_pairs(train_rows, cfg.sft.max_train_samples, cfg.sft.max_eval_samples)[0]
                 crossfit = crossfit_evaluation(features, ex, {(row["chosen"], row["rejected"]) for row in sft_train},
                                                r, r.seeds[0])
             del features
         else:
-            models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
+            evaluate_lora_models(models, cfg, ctx, ex)
         # paired comparisons on the same test pairs, agreement between models
-        ctx.step = "assessment"
+        ctx.step = "final evaluation: assessment"
         assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
         for anchor in ("bf16", "judge"):
             if anchor in models:

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -294,6 +295,24 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     assert {c["family_size"] for c in cf["comparisons"] if c["family"] == "vs bf16"} == {4}
     rows = crossfit.table(cf, ["bf16", "int8", "int4"])
     assert [r["model"] for r in rows][-1] == "int4-ptq" and rows[-1]["vs_bf16_p_holm"] is not None
+
+
+@pytest.mark.parametrize("method, precisions", [("probe", ["bf16", "int8", "int4"]), ("lora", ["bf16", "int8"])])
+def test_the_held_out_test_pairs_are_read_once_after_every_model_is_saved(rm_cfg, monkeypatch, method, precisions):
+    cfg = rm_cfg(**{"reward.method": method, "reward.precisions": precisions, "reward.max_steps": 1,
+                    "reward.probe_layer_search": [1, 2] if method == "probe" else []})
+    out_dir = Path(cfg.run.root) / cfg.reward.output_dir
+    reads, real = [], reward.read_prefs
+
+    def recording(path):
+        if Path(path).name == "test_prefs.jsonl":  # which models are saved when the test pairs are opened
+            reads.append(sorted(p.name for p in out_dir.glob("*") if (p / "rm_info.json").exists()))
+        return real(path)
+
+    monkeypatch.setattr(reward, "read_prefs", recording)
+    results = reward.run_reward(cfg)
+    assert reads == [sorted([*precisions, "judge"])]
+    assert results["conclusions"] and all(e["n"] == results["data"]["test"]["kept"] for e in results["models"].values())
 
 
 def test_a_probe_on_the_first_blocks_is_saved_and_loaded_truncated(rm_cfg):
