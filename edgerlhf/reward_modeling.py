@@ -379,6 +379,10 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
     r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     layer, search = r.probe_layer, None
+
+    def parameters(width: int, total: int) -> dict:  # the head's weights are the trained ones
+        return {"trainable": width, "total": total, "trainable_share": width / total}
+
     models: dict[str, dict] = {}
     heads: dict[str, dict] = {}
     features: dict[str, dict] = {}
@@ -406,12 +410,10 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
             fit = heads[name] = {**fit_pairwise_logistic(diff, seed=r.seeds[0]), "seed": r.seeds[0]}
             write_model_folder(out_dir / name, lambda staging: save_probe(
                 staging, fit["weight"], tokenizer, sft_location, precision, ctx.device, fit, layer, r.probe_pooling))
-            width = fit["weight"].shape[0]
             models[name] = {
                 **common, "mode": mode, "folder": str(out_dir / name), "head": name, "validation_split": val_split,
                 "C": fit["C"], "cv_curve": fit["cv_curve"], "train_pairs": len(ex[train_split]),
-                "parameters": {"trainable": width, "total": cost["parameters_total"],
-                               "trainable_share": width / cost["parameters_total"]},
+                "parameters": parameters(fit["weight"].shape[0], cost["parameters_total"]),
                 "train_runtime_s": cost["seconds"][train_split], "peak_memory_training": cost["peak_memory_features"],
                 **check_saved_probe(out_dir / name, precision, ex[val_split],
                                     probe_scores(fit["weight"], feats[val_split])[0], r, ctx.device)}
@@ -419,7 +421,8 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
             ctx.step = f"models: {precision}-ptq"
             models[f"{precision}-ptq"] = {
                 **common, "mode": "post-training quantization", "folder": str(out_dir / "bf16"), "head": "bf16",
-                "validation_split": "validation", "C": heads["bf16"]["C"], "parameters": models["bf16"]["parameters"],
+                "validation_split": "validation", "C": heads["bf16"]["C"],
+                "parameters": parameters(heads["bf16"]["weight"].shape[0], cost["parameters_total"]),
                 "train_pairs": None, "train_runtime_s": None, "peak_memory_training": None,
                 **loading_cost(out_dir / "bf16", precision, ctx.device)[2]}
         features[precision] = feats
