@@ -213,7 +213,7 @@ def section_crossfit(r: dict) -> str:
     proxies = [p for p in ("bf16", "int8", "int4") if p in cf["models"]]
     table = crossfit.table(cf, proxies)
     families = list(dict.fromkeys(c["family"] for c in cf["comparisons"]))
-    keys = [f.replace(" ", "_").replace("-", "_") for f in families]
+    keys = [crossfit.column_key(f) for f in families]
     rows = [[row["model"], f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", _n(row["accuracy_draw_sd"]),
              f"{_n(row['auc_roc'])} {_ci(row['auc_roc_ci95'])}", *(_vs(row, k) for k in keys),
              *(_n(row[f"phi_vs_{p}"], 2) for p in proxies)] for row in table]

@@ -480,8 +480,8 @@ def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sf
     order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models last
     margins = {name: margins[name] for name in sorted(margins, key=lambda m: order.index(m) if m in order else 99)}
     out = crossfit_assess(margins, order[:3], assignments)
-    n = dict(zip(splits, (len(ex[s]) for s in splits)))
-    out.update(pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()), "by_split": n},
+    out.update(pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()),
+                     "by_split": {s: len(ex[s]) for s in splits}},
                folds=r.crossfit_folds, draws=r.crossfit_draws, wall_time_s=time.perf_counter() - start)
     return out
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import matthews_corrcoef, roc_auc_score
+from sklearn.metrics import matthews_corrcoef
 from sklearn.model_selection import KFold
 
+from .metrics import auc_roc
 from .stats import ALPHA, POWER, mcnemar_exact, normal_quantile
 
 
@@ -90,11 +91,6 @@ def corrected_interval(fold_values: np.ndarray, folds: int, level: float = 0.95)
     return {"mean": m, "ci": [m - half, m + half], "se": se, "p_value": p}
 
 
-def _auc(margins: np.ndarray) -> float:
-    """AUC-ROC of the Bradley-Terry probability with each pair in both orders (:func:`metrics.auc_roc`)."""
-    return float(roc_auc_score(np.r_[np.ones(margins.size), np.zeros(margins.size)], np.r_[margins, -margins]))
-
-
 def summarize(margins: np.ndarray, assignments: np.ndarray) -> dict:
     """Cross-fitted quality of one model from its out-of-fold margins (``float[draws, n]``).
 
@@ -106,7 +102,7 @@ def summarize(margins: np.ndarray, assignments: np.ndarray) -> dict:
     folds = len(np.unique(assignments[0]))
     correct = (margins > 0).astype(float)
     acc = corrected_interval(per_fold(correct, assignments), folds)
-    auc = corrected_interval(per_fold(margins, assignments, _auc), folds)
+    auc = corrected_interval(per_fold(margins, assignments, lambda m: auc_roc(m, np.zeros_like(m))), folds)
     draw_acc = correct.mean(axis=1)
     return {"accuracy": acc["mean"], "accuracy_ci95": acc["ci"],
             "accuracy_draw_sd": float(draw_acc.std(ddof=1)) if draw_acc.size > 1 else 0.0,
@@ -240,20 +236,22 @@ def describe(c: dict, alpha: float = ALPHA) -> str:
             f"{100 * c['mde']:.1f} points)")
 
 
+def column_key(family: str) -> str:
+    """The prefix of a family's columns in :func:`table`: ``"vs tf-idf"`` -> ``"vs_tf_idf"``."""
+    return family.replace(" ", "_").replace("-", "_")
+
+
 def table(crossfit: dict, proxies: list[str]) -> list[dict]:
     """One row per model of the cross-fitted evaluation (:func:`assess`'s result): accuracy and AUC-ROC with
     their corrected intervals, the sd of accuracy across fold draws, each family's comparison (points, interval,
     Holm-adjusted p, minimum detectable difference) and the phi correlation of its correctness with each proxy."""
-    by = {}
-    for c in crossfit["comparisons"]:
-        by[(c["a"], c["family"])] = c
+    by = {(c["a"], c["family"]): c for c in crossfit["comparisons"]}
     rows = []
     for name, m in crossfit["models"].items():
         row = {"model": name, "accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"],
                "accuracy_draw_sd": m["accuracy_draw_sd"], "auc_roc": m["auc_roc"], "auc_roc_ci95": m["auc_roc_ci95"]}
         for family in dict.fromkeys(c["family"] for c in crossfit["comparisons"]):
-            c = by.get((name, family))
-            key = family.replace(" ", "_").replace("-", "_")
+            c, key = by.get((name, family)), column_key(family)
             row.update({f"{key}_points": 100 * c["difference"] if c else None,
                         f"{key}_ci95": [100 * x for x in c["ci"]] if c else None,
                         f"{key}_p_holm": c["p_holm"] if c else None,
