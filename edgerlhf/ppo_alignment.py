@@ -6,12 +6,15 @@ PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_loop`) -> save -> evaluat
 Evaluation, the same for every experiment so rows compare:
 
 * the SFT replies to the held-out prompts are sampled once (fixed seed) and shared by all experiments;
-* one **judge** scores every experiment: the bf16 reward model stage 3 trained on pairs that no
-  proxy saw, never the weights of a proxy (also with ``ppo.reward_mode = "ptq"``);
-* per prompt, the judge's change (PPO reply minus SFT reply) with a paired bootstrap interval, the
+* every **judge** stage 3 trained on pairs that no proxy saw scores every experiment: ``judge`` (the
+  proxies' recipe at bf16, never the weights of a proxy, also with ``ppo.reward_mode = "ptq"``) and
+  ``judge-tfidf`` (TF-IDF of the reply: other evidence, other errors);
+* per prompt and judge, the change (PPO reply minus SFT reply) with a paired bootstrap interval, the
   win rate with a Wilson interval, and the minimum detectable change; experiments are compared
-  with each other on the same prompts;
-* the conclusions are stated in words, and withheld when the judge itself did not beat the length
+  with each other on the same prompts; a direction is concluded only where every judge finds it;
+* a check that needs no judge: on held-out labelled pairs, the share where the policy raises
+  ``log pi(chosen) - log pi(rejected)`` over the SFT model (the implicit reward of Rafailov et al. 2023);
+* the conclusions are stated in words, and withheld when a judge itself did not beat the length
   baseline in stage 3 (``models/rm/evaluation.json``);
 * every evaluation samples under :func:`torch.random.fork_rng`, so evaluating changes nothing in
   training (``eval_every`` 0 and 1 give the same trajectory).
@@ -35,7 +38,7 @@ from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_con
 from .core.config import Config, PPOStageConfig
 from .core.files import swap_in_dir
 from .core.hardware import resolve_device
-from .core.lm import fit_prompt
+from .core.lm import completion_logprobs, fit_prompt
 from .core.logs import tensorboard_writer
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
@@ -50,6 +53,8 @@ from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
 JUDGE = "judge"
+#: Every judge stage 3 writes (folders under ``models/rm``); the first is required, the others used when present.
+JUDGES = (JUDGE, "judge-tfidf")
 
 
 def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
@@ -214,13 +219,77 @@ def rm_verdicts(rm_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def load_judges(rm_dir: Path, cfg: Config) -> dict[str, dict]:
+    """Every judge folder of :data:`JUDGES` present under ``rm_dir``, loaded for scoring.
+
+    Returns ``{name: {"folder", "model", "scorer", "truncation"}}``; ``scorer(prompts, replies) -> FloatTensor[B]``.
+    ``model`` is the reward model (None for TF-IDF, which reads the reply's words only).
+
+    Raises:
+        FileNotFoundError: no ``judge`` folder (stage 3 ran with ``reward.judge=false``).
+    """
+    if not (rm_dir / JUDGE).exists():
+        raise FileNotFoundError(f"{rm_dir / JUDGE}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
+    out = {}
+    for name in (j for j in JUDGES if (rm_dir / j).exists()):
+        folder, truncation = rm_dir / name, {}
+        if (folder / "tfidf.json").exists():
+            from .core.baselines import TfidfReward  # on use: scikit-learn loads scipy.stats (see test_packaging)
+
+            tfidf = TfidfReward.load(folder)
+            out[name] = {"folder": folder, "model": None, "truncation": None,
+                         "scorer": lambda prompts, replies, m=tfidf: torch.tensor(m.score(replies), dtype=torch.float32)}
+        else:
+            model, tok = load_reward_model(folder, "bf16", resolve_device(cfg.ppo.reward_device))
+            out[name] = {"folder": folder, "model": model, "truncation": truncation,
+                         "scorer": reward_scorer(model, tok, cfg.ppo, cfg.reward.max_length, counts=truncation)}
+    return out
+
+
+def judge_effect(after, before, seed: int) -> dict:
+    """One judge's verdict on one experiment, paired per prompt: the mean change (PPO reply - SFT reply) with a
+    paired bootstrap interval (:func:`edgerlhf.core.stats.paired_bootstrap`), the minimum detectable change (80%
+    power), and the win rate (ties count half) with a Wilson interval. ``after``, ``before``: ``float[n]``."""
+    after, before = np.asarray(after, float), np.asarray(before, float)
+    change, n = paired_bootstrap(after, before, seed=seed), len(after)
+    wins = float(np.sum(after > before) + 0.5 * np.sum(after == before))
+    return {"before_mean": float(before.mean()), "after_mean": float(after.mean()), "change": change,
+            "change_mde": mde_paired_mean(n, change["sd_difference"]), "win_rate": wins / n,
+            "win_rate_ci95": wilson_interval(wins, n), "win_ties": int(np.sum(after == before))}
+
+
+def preference_margins(model, tokenizer, rows: list[dict], batch_size: int) -> np.ndarray:
+    """``log pi(chosen | prompt) - log pi(rejected | prompt)`` of each labelled pair under ``model`` (temperature
+    1), ``float[N]`` nats (:func:`edgerlhf.core.lm.completion_logprobs`)."""
+    logprobs, _ = completion_logprobs(model, tokenizer, [(r["prompt"], r["chosen"]) for r in rows]
+                                      + [(r["prompt"], r["rejected"]) for r in rows], batch_size)
+    return (logprobs[:len(rows)] - logprobs[len(rows):]).numpy()
+
+
+def implicit_reward_check(policy_margins, sft_margins, seed: int) -> dict:
+    """The judge-free check: ``h = (policy margin) - (SFT margin)`` per held-out labelled pair, the implicit reward
+    of DPO (Rafailov et al. 2023) up to its ``beta``. Returns the share of pairs with ``h > 0`` (ties half) with
+    its Wilson interval and the exact sign test of "no more often than not" (``scipy.stats.binomtest`` on the
+    untied pairs), and the mean ``h`` (nats) with its paired bootstrap interval."""
+    from scipy.stats import binomtest
+
+    h = np.asarray(policy_margins, float) - np.asarray(sft_margins, float)
+    up, untied = int(np.sum(h > 0)), int(np.sum(h != 0))
+    share = (up + 0.5 * (len(h) - untied)) / len(h)
+    return {"n": len(h), "share_chosen_raised": share, "share_ci95": wilson_interval(up + 0.5 * (len(h) - untied),
+                                                                                     len(h)),
+            "sign_test_p": float(binomtest(up, untied, 0.5).pvalue) if untied else 1.0, "ties": len(h) - untied,
+            "mean_nats": paired_bootstrap(policy_margins, sft_margins, seed=seed)}
+
+
 def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
     """EXP at one reward-model precision: train PPO, evaluate the held-out prompts after training against
-    the shared SFT replies, with the shared judge; returns its results."""
+    the shared SFT replies, with every judge, and the implicit-reward check; returns its results."""
     p = cfg.ppo
     rm_dir = ctx.path(cfg.reward.output_dir)
     rm_folder = rm_dir / (precision if p.reward_mode == "trained" else "bf16")
-    judge_is_independent(shared["judge_folder"], rm_folder)
+    for judge in shared["judges"].values():
+        judge_is_independent(judge["folder"], rm_folder)
     reward_device = resolve_device(p.reward_device)
     seed_everything(cfg.run.seed, cfg.run.deterministic)  # the same seed for every experiment
     eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
@@ -230,16 +299,17 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
         policy, value_head, tokenizer = load_policy(sft_location, p, ctx.device)
         shared_mib = {"proxy": share_frozen_weights(proxy_model, policy),
-                      "judge": share_frozen_weights(shared["judge_model"], policy)}
+                      **{name: share_frozen_weights(j["model"], policy)
+                         for name, j in shared["judges"].items() if j["model"] is not None}}
         prompt_counts, truncation = {}, {}
         queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length, prompt_counts)
         proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, counts=truncation)
         gain, bias = normalisation(policy, value_head, tokenizer, queries, prompts, p, proxy, cfg.run.seed)
-        scorers = {"proxy": proxy, "judge": shared["judge"]}
+        scorers = {"proxy": proxy, **{name: j["scorer"] for name, j in shared["judges"].items()}}
         proxy_before = proxy(eval_prompts, before["replies"]).tolist()
         # the evaluation curve, checkpointed with the policy so that a resumed run keeps its points
         extra = {"curve": [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
-                            "judge": float(np.mean(before["judge_scores"]))}]}
+                            **{name: float(np.mean(before[f"{name}_scores"])) for name in shared["judges"]}}]}
 
         board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{precision}")
 
@@ -249,7 +319,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
                 point = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers,
                                            cfg.run.seed)
                 extra["curve"].append({"step": step, "kl": point["kl_mean"], "proxy": point["proxy_mean"],
-                                       "judge": point["judge_mean"]})
+                                       **{name: point[f"{name}_mean"] for name in shared["judges"]}})
 
         out_dir = ctx.path(p.output_dir)
         checkpoints = out_dir / "checkpoints" / precision
@@ -262,7 +332,10 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         ctx.step = f"experiment {precision}: evaluation after training"
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
-                      "judge": after["judge_mean"]})
+                      **{name: after[f"{name}_mean"] for name in shared["judges"]}})
+        ctx.step = f"experiment {precision}: implicit-reward check"
+        implicit = implicit_reward_check(preference_margins(policy, tokenizer, shared["labelled"], p.score_batch_size),
+                                         shared["sft_margins"], cfg.run.seed)
         staging = out_dir / f".staging-{precision}"
         shutil.rmtree(staging, ignore_errors=True)
         policy.save_pretrained(staging / "adapter")
@@ -273,90 +346,138 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         swap_in_dir(staging, out_dir / precision)
         if not p.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
-    judge_after, judge_before = np.asarray(after["judge_scores"]), np.asarray(before["judge_scores"])
-    change = paired_bootstrap(judge_after, judge_before, seed=cfg.run.seed)
-    n = len(judge_after)
-    wins = float(np.sum(judge_after > judge_before) + 0.5 * np.sum(judge_after == judge_before))
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
         "precision": precision, "reward_model": str(rm_folder), "proxy": proxy_name,
-        "proxy_verdict": shared["verdicts"]["models"].get(proxy_name), "judge_model": str(shared["judge_folder"]),
+        "proxy_verdict": shared["verdicts"]["models"].get(proxy_name),
         "reward_gain": gain, "reward_bias": bias,
-        "before": {"replies": before["replies"], "judge_scores": before["judge_scores"], "proxy_scores": proxy_before,
-                   "judge_mean": float(np.mean(judge_before)), "proxy_mean": float(np.mean(proxy_before)),
-                   "kl_mean": 0.0},
-        "after": after, "curve": curve, "judge_change": change,
-        "judge_change_mde": mde_paired_mean(n, change["sd_difference"]),
-        "win_rate": wins / n, "win_rate_ci95": wilson_interval(wins, n),
-        "win_ties": int(np.sum(judge_after == judge_before)),
+        "before": {"replies": before["replies"], "proxy_scores": proxy_before, "proxy_mean": float(np.mean(proxy_before)),
+                   "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
+        "after": after, "curve": curve,
+        "judges": {name: judge_effect(after[f"{name}_scores"], before[f"{name}_scores"], cfg.run.seed)
+                   for name in shared["judges"]},
+        "implicit_reward": implicit,
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
-        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "judge_sft": jb, "judge_ppo": ja}
-                    for pr, b, a, jb, ja in zip(eval_prompts, before["replies"], after["replies"],
-                                                before["judge_scores"], after["judge_scores"])],
+        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a,
+                     **{f"{name}_{when}": scores[i] for name in shared["judges"]
+                        for when, scores in (("sft", before[f"{name}_scores"]), ("ppo", after[f"{name}_scores"]))}}
+                    for i, (pr, b, a) in enumerate(zip(eval_prompts, before["replies"], after["replies"]))],
     }
 
 
-def conclusions(experiments: dict[str, dict], judge: dict, seed: int) -> list[str]:
+def direction(ci) -> int:
+    """+1 where an interval ``[lo, hi]`` lies above 0, -1 where below, 0 where it holds 0."""
+    return 1 if ci[0] > 0 else (-1 if ci[1] < 0 else 0)
+
+
+def judges_agree(cis: dict[str, list[float]]) -> int:
+    """The direction (+1 / -1) every judge's interval shows, or 0 where one holds 0 or they point apart."""
+    found = {direction(ci) for ci in cis.values()}
+    return found.pop() if len(found) == 1 else 0
+
+
+def _ci(ci, digits: int = 3) -> str:
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int) -> list[str]:
     """What the PPO table allows one to conclude, in words generated from its numbers.
 
-    Withheld when the judge did not beat the length baseline; an experiment whose proxy did not is
-    labelled as having optimised a reward model that learned nothing beyond length.
+    A direction (PPO better or worse than SFT; one precision's policy than bf16's) is stated only where every
+    judge's interval shows it (:func:`judges_agree`). Withheld when a judge did not beat the length baseline in
+    stage 3; an experiment whose proxy did not is labelled as having optimised a length proxy. The implicit-reward
+    check (no judge) is stated per experiment.
+
+    Args:
+        judges: ``{name: stage 3's verdict}`` (``accuracy``, ``accuracy_ci95``, ``learned``, ``vs_length``).
     """
-    lo, hi = judge["accuracy_ci95"]
-    if not judge["learned"]:
-        return [f"Withheld: the judge (held-out accuracy {judge['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]) does not beat "
-                "the length baseline, so a change in its score says nothing about alignment quality; no conclusion "
-                "about PPO is drawn from this table."]
-    out = [f"The judge was trained on pairs no proxy saw; held-out accuracy {judge['accuracy']:.3f} [{lo:.3f}, "
-           f"{hi:.3f}], better than the length baseline (p = {judge['vs_length']['p_value']:.3g})."]
+    weak = [name for name, j in judges.items() if not j["learned"]]
+    if weak:
+        accuracies = ", ".join(f"{judges[n]['accuracy']:.3f}" for n in weak)
+        one = len(weak) == 1
+        return [f"Withheld: {', '.join(weak)} (held-out accuracy {accuracies}) {'does' if one else 'do'} not beat "
+                f"the length baseline, so a change in {'its score' if one else 'their scores'} says nothing about "
+                "alignment quality; no conclusion about PPO is drawn from the judges (the implicit-reward check below "
+                "needs none)."] + [
+            implicit_sentence(name, e["implicit_reward"]) for name, e in experiments.items()]
+    out = [f"{len(judges)} judge{'s' if len(judges) > 1 else ''}, trained on pairs no proxy saw: " + "; ".join(
+        f"{name} held-out accuracy {j['accuracy']:.3f} [{j['accuracy_ci95'][0]:.3f}, {j['accuracy_ci95'][1]:.3f}], "
+        f"better than the length baseline (p = {j['vs_length']['p_value']:.3g})" for name, j in judges.items())
+        + ("." if len(judges) > 1 else "; with one judge, the directions below rest on it alone.")]
     for name, e in experiments.items():
-        c = e["judge_change"]
-        n, (clo, chi), (wlo, whi) = c["n"], c["ci"], e["win_rate_ci95"]
-        text = (f"{name}: judge score change {c['mean_difference']:+.3f} [{clo:+.3f}, {chi:+.3f}] per prompt "
-                f"(n = {n}), win rate {e['win_rate']:.2f} [{wlo:.2f}, {whi:.2f}]: ")
-        if clo > 0 or chi < 0:
-            text += f"PPO replies score {'higher' if clo > 0 else 'lower'} than the SFT replies under the judge"
+        effects = e["judges"]
+        n = next(iter(effects.values()))["change"]["n"]
+        text = f"{name}: judge score change per prompt (PPO - SFT reply, n = {n}): " + "; ".join(
+            f"{j} {v['change']['mean_difference']:+.3f} {_ci(v['change']['ci'])}" for j, v in effects.items()) + ": "
+        agreed = judges_agree({j: v["change"]["ci"] for j, v in effects.items()})
+        if agreed:
+            text += f"every judge scores the PPO replies {'higher' if agreed > 0 else 'lower'} than the SFT replies"
         else:
-            text += f"no change detectable (minimum detectable change {e['judge_change_mde']:.3f})"
-        verdict = e.get("proxy_verdict") or {}
-        if verdict.get("learned") is False:
+            text += ("no conclusion: the judges do not all find a change in the same direction (minimum detectable "
+                     "changes " + ", ".join(f"{j} {v['change_mde']:.3f}" for j, v in effects.items()) + ")")
+        if (e.get("proxy_verdict") or {}).get("learned") is False:
             text += f"; its proxy {e['proxy']} did NOT learn more than length, so this run optimised a length proxy"
-        out.append(text)
+        out += [text, implicit_sentence(name, e["implicit_reward"])]
     if "bf16" in experiments:
-        ref = np.asarray(experiments["bf16"]["after"]["judge_scores"])
         for name, e in experiments.items():
             if name == "bf16":
                 continue
-            d = paired_bootstrap(np.asarray(e["after"]["judge_scores"]), ref, seed=seed)
-            dlo, dhi = d["ci"]
-            e["vs_bf16_after"] = d
-            verdict = (f"the {name}-aligned policy scores {'higher' if dlo > 0 else 'lower'}"
-                       if dlo > 0 or dhi < 0 else "no difference detectable "
-                       f"(minimum detectable {mde_paired_mean(d['n'], d['sd_difference']):.3f})")
-            out.append(f"{name} vs bf16 after PPO, same prompts: {d['mean_difference']:+.3f} [{dlo:+.3f}, {dhi:+.3f}] "
-                       f"judge score per prompt: {verdict}")
+            e["vs_bf16_after"] = {j: paired_bootstrap(np.asarray(e["after"][f"{j}_scores"]),
+                                                      np.asarray(experiments["bf16"]["after"][f"{j}_scores"]), seed=seed)
+                                  for j in e["judges"]}
+            agreed = judges_agree({j: d["ci"] for j, d in e["vs_bf16_after"].items()})
+            verdict = (f"every judge scores the {name}-aligned policy {'higher' if agreed > 0 else 'lower'}" if agreed
+                       else "no conclusion: the judges do not all find a difference in the same direction (minimum "
+                       "detectable " + ", ".join(f"{j} {mde_paired_mean(d['n'], d['sd_difference']):.3f}"
+                                                 for j, d in e["vs_bf16_after"].items()) + ")")
+            out.append(f"{name} vs bf16 after PPO, same prompts: " + "; ".join(
+                f"{j} {d['mean_difference']:+.3f} {_ci(d['ci'])}" for j, d in e["vs_bf16_after"].items())
+                + f": {verdict}")
     return out
 
 
+def implicit_sentence(name: str, check: dict) -> str:
+    """The implicit-reward check (:func:`implicit_reward_check`) of one experiment in words."""
+    lo, hi = check["share_ci95"]
+    m = check["mean_nats"]
+    if lo > 0.5 or hi < 0.5:
+        verdict = (f"the policy moved towards the {'human-chosen' if lo > 0.5 else 'human-rejected'} replies more "
+                   "often than not")
+    else:
+        verdict = "no shift towards either reply detectable"
+    return (f"{name}: implicit reward (no judge): the policy raises log pi(chosen) - log pi(rejected) over the SFT "
+            f"model on {check['share_chosen_raised']:.2f} [{lo:.2f}, {hi:.2f}] of {check['n']} held-out labelled "
+            f"pairs (sign test p = {check['sign_test_p']:.3g}, {check['ties']} ties; mean {m['mean_difference']:+.3f} "
+            f"{_ci(m['ci'])} nats): {verdict}")
+
+
 def comparison_table(experiments: dict[str, dict]) -> list[dict]:
-    """The research plan's table with its intervals: precision | proxy | judge before -> after and the
-    paired change | win rate | proxy before -> after | KL | time | peak memory."""
+    """The research plan's table with its intervals: precision | proxy | per judge: before -> after, the paired
+    change, its minimum detectable change and win rate | implicit-reward share | proxy before -> after | KL |
+    time | peak memory. A judge's columns are prefixed by its name (``judge-tfidf`` -> ``judge_tfidf_``)."""
     rows = []
     for name, e in experiments.items():
         verdict = e.get("proxy_verdict") or {}
-        rows.append({
-            "reward_precision": name, "proxy": e["proxy"], "proxy_learned": verdict.get("learned"),
-            "judge_before": e["before"]["judge_mean"], "judge_after": e["after"]["judge_mean"],
-            "judge_change": e["judge_change"]["mean_difference"], "judge_change_ci95": e["judge_change"]["ci"],
-            "judge_change_mde": e["judge_change_mde"], "n_prompts": e["judge_change"]["n"],
-            "win_rate": e["win_rate"], "win_rate_ci95": e["win_rate_ci95"],
+        row = {"reward_precision": name, "proxy": e["proxy"], "proxy_learned": verdict.get("learned")}
+        for j, v in e["judges"].items():
+            key = j.replace("-", "_")
+            row.update({f"{key}_before": v["before_mean"], f"{key}_after": v["after_mean"],
+                        f"{key}_change": v["change"]["mean_difference"], f"{key}_change_ci95": v["change"]["ci"],
+                        f"{key}_change_mde": v["change_mde"], f"{key}_win_rate": v["win_rate"],
+                        f"{key}_win_rate_ci95": v["win_rate_ci95"]})
+        implicit = e["implicit_reward"]
+        row.update({
+            "implicit_share": implicit["share_chosen_raised"], "implicit_share_ci95": implicit["share_ci95"],
+            "implicit_sign_test_p": implicit["sign_test_p"], "implicit_pairs": implicit["n"],
+            "n_prompts": next(iter(e["judges"].values()))["change"]["n"],
             "proxy_before": e["before"]["proxy_mean"], "proxy_after": e["after"]["proxy_mean"],
             "kl": e["after"]["kl_mean"], "wall_time_s": e["wall_time_s"],
             "peak_cpu_rss_mib": e["peak_memory"]["cpu_peak_rss_mib"],
             "peak_cuda_mib": e["peak_memory"]["cuda_peak_allocated_mib"],
         })
+        rows.append(row)
     return rows
 
 
@@ -375,15 +496,15 @@ def run_alignment(cfg: Config) -> dict:
         raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning "
                                 "(python -m edgerlhf.sft_finetuning) first")
     rm_dir = ctx.path(cfg.reward.output_dir)
-    judge_folder = rm_dir / JUDGE
-    if not judge_folder.exists():
-        raise FileNotFoundError(f"{judge_folder}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
+    if not (rm_dir / JUDGE).exists():
+        raise FileNotFoundError(f"{rm_dir / JUDGE}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
     verdicts = rm_verdicts(rm_dir)
     for precision in p.experiments:  # an unfinished run, or a resume under changed settings: refuse before loading
         checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / precision, p.resume,
                              run_signature(p, cfg.run.seed))
     data_dir = ctx.path(cfg.data.out_dir)
-    eval_rows = read_prefs(data_dir / "test_prefs.jsonl")[: p.n_eval_prompts]
+    test_rows = read_prefs(data_dir / "test_prefs.jsonl")
+    eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
         # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
         ctx.step = "SFT replies to the held-out prompts"
@@ -391,38 +512,39 @@ def run_alignment(cfg: Config) -> dict:
         eval_counts = {}
         eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)
         before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
+        ctx.step = "SFT margins on the held-out labelled pairs"
+        with policy.disable_adapter():  # the reference: the SFT model itself
+            sft_margins = preference_margins(policy, tokenizer, labelled, p.score_batch_size)
         del policy
         free_memory()
-        judge_model, judge_tok = load_reward_model(judge_folder, "bf16", resolve_device(p.reward_device))
-        judge_truncation = {}
-        judge = reward_scorer(judge_model, judge_tok, p, cfg.reward.max_length, counts=judge_truncation)
-        before["judge_scores"] = judge(eval_prompts, before["replies"]).tolist()
+        judges = load_judges(rm_dir, cfg)
+        for name, judge in judges.items():
+            before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
         shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
-                  "eval_prompts": eval_prompts, "before": before, "judge": judge, "judge_model": judge_model,
-                  "judge_folder": judge_folder,
-                  "verdicts": verdicts}
+                  "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
+                  "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}
         for precision in p.experiments:
             experiments[precision] = run_experiment(precision, cfg, ctx, sft_location, shared)
             free_memory()  # that experiment's policy and proxy are unreferenced now: return their pages
-    judge_info = {"folder": str(judge_folder), **verdicts["models"][JUDGE],
-                  "length_baseline": verdicts["length_baseline"],
-                  "agreement_with_proxies": {name: (e["proxy_verdict"] or {}).get("agreement_with_judge")
-                                             for name, e in experiments.items()},
-                  "phi_with_proxies": {name: (e["proxy_verdict"] or {}).get("phi_with_judge")
-                                       for name, e in experiments.items()}}
+    judge_info = {
+        name: {"folder": str(j["folder"]), **verdicts["models"][name], "length_baseline": verdicts["length_baseline"],
+               "truncation": j["truncation"],
+               "agreement_with_proxies": {e: ((x["proxy_verdict"] or {}).get("judge_agreement") or {}).get(name)
+                                          for e, x in experiments.items()}}
+        for name, j in judges.items()}
     words = conclusions(experiments, judge_info, cfg.run.seed)
     figures = {
         "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png")),
         "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
     }
-    results = {"experiments": experiments, "table": comparison_table(experiments), "judge": judge_info,
+    results = {"experiments": experiments, "table": comparison_table(experiments), "judges": judge_info,
                "conclusions": words, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
-               "judge_truncation": judge_truncation, "figures": figures}
+               "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
-                      "reward_mode": p.reward_mode, "judge": str(judge_folder)},
+                      "reward_mode": p.reward_mode, "judges": [str(j["folder"]) for j in judges.values()]},
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
             "response_length", "init_kl_coef", "adaptive_kl", "target_kl", "gamma", "lam", "cliprange",

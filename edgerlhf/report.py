@@ -147,7 +147,7 @@ def section_reward(records: dict, figures: Path) -> str:
     accuracy = plots.accuracy_figure(r["table"], figures / "rm_accuracy.png")
     rel = plots.reliability_figure(models, figures / "rm_reliability.png")
     margins = plots.margin_figure(models, figures / "rm_margins.png")
-    rows = []
+    rows, judges = [], [j for j in ("judge", "judge-tfidf") if j in models]
     for row in r["table"]:
         seeds = "-" if row.get("n_seeds") is None else (
             f"{_n(row['seed_accuracy_mean'])} ± {_n(row['seed_accuracy_sd'])} ({row['n_seeds']})"
@@ -164,7 +164,8 @@ def section_reward(records: dict, figures: Path) -> str:
                      f"{_n(row['accuracy'])} {_ci(row['accuracy_ci95'])}", seeds, learned, vs_len, vs_bf16,
                      " ".join([_n(row["auc_roc"])] + ([_ci(row["auc_roc_ci95"])] if row.get("auc_roc_ci95") else [])),
                      _n(row.get("ece")),
-                     _n(row.get("agreement_with_judge")), _n(row.get("phi_with_judge"), 2),
+                     *(f"{_n(row.get(f'agreement_with_{j}'))} (phi {_n(row.get(f'phi_with_{j}'), 2)})"
+                       for j in judges),
                      _n(row.get("trainable_parameters")),
                      _n(row.get("weights_mib"), 1), _peak(entry.get("peak_memory_training")),
                      _n(row.get("pairs_per_second"), 2), _n(row.get("train_time_s"), 1)])
@@ -180,7 +181,8 @@ def section_reward(records: dict, figures: Path) -> str:
                "the one-output head fitted by logistic regression on chosen − rejected")
     else:
         how = "LoRA on the SFT backbone plus a one-output head (TRL RewardTrainer)"
-    judge = f", the judge on {_n(d['judge_train']['kept'])} other pairs" if "judge_train" in d else ""
+    judge = (f", the judges ({', '.join(judges)}) on {_n(d['judge_train']['kept'])} other pairs"
+             if "judge_train" in d else "")
     crossfit_text = section_crossfit(r) + "\n\n### The saved models (used by stage 4)\n\n" if r.get("crossfit") else ""
     return (f"## Reward models\n\nMethod: {how}.\n\n{crossfit_text}Proxies trained on {_n(d['train']['kept'])} pairs "
             f"(validation {_n(d['validation']['kept'])}){judge}; all evaluated on the same {_n(n)} held-out pairs. "
@@ -190,8 +192,8 @@ def section_reward(records: dict, figures: Path) -> str:
             "(Holm-adjusted p < 0.05) is **not learned**. `-ptq` rows are the bf16 model "
             "quantized after training. On a CPU \"bf16\" runs in float32 (the dtype column).\n\n"
             + _table(["model", "mode", "dtype that ran", "accuracy [95% CI]", "seeds: mean ± sd (n)", "learned",
-                      "vs length (points)", "vs bf16 (points)", "AUC-ROC [95% CI]", "ECE", "agrees with judge",
-                      "phi with judge",
+                      "vs length (points)", "vs bf16 (points)", "AUC-ROC [95% CI]", "ECE",
+                      *(f"agrees with {j} (phi)" for j in judges),
                       "trainable params", "weights (MiB)", "peak training (MiB)", "pairs/s", "train time (s)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![accuracy]({accuracy.parent.name}/{accuracy.name})\n\nReliability diagrams (pairs per bin on "
@@ -230,36 +232,64 @@ def section_crossfit(r: dict) -> str:
             f"bf16 row. Took {_n(cf['wall_time_s'], 0)} s.\n\n"
             + _table(["model", "accuracy [95% CI]", "draw sd", "AUC-ROC [95% CI]", *families,
                       *(f"phi vs {p}" for p in proxies)], rows)
-            + "\n\n**What can be concluded (cross-fitted):**\n\n" + "\n".join(f"- {c}" for c in cf["conclusions"]))
+            + "\n\n**What can be concluded (cross-fitted):**\n\n" + "\n".join(f"- {c}" for c in cf["conclusions"])
+            + (section_frontier(cf["judge_frontier"]) if cf.get("judge_frontier") else ""))
+
+
+def section_frontier(frontier: list[dict]) -> str:
+    """The judge candidates' accuracy against their independence from the proxies (cross-fitted)."""
+    proxies = list(frontier[0]["phi"])
+    rows = [[f["candidate"], f"{_n(f['accuracy'])} {_ci(f['accuracy_ci95'])}", *(_n(f["phi"][p], 2) for p in proxies),
+             _n(f["max_phi"], 2), "yes" if f["meets_target"] else "no"] for f in frontier]
+    met = [f["candidate"] for f in frontier if f["meets_target"]]
+    best, freest = max(frontier, key=lambda f: f["accuracy"]), min(frontier, key=lambda f: f["max_phi"])
+    return ("\n\n### Judge candidates: accuracy against independence from the proxies\n\nA judge can only see a "
+            "policy exploit the proxies' errors if it does not make the same errors: the target is cross-fitted "
+            "accuracy ≥ 0.65 with phi ≤ 0.3 against every proxy. "
+            + (f"Met by: {', '.join(met)}. " if met else "No candidate meets it. ")
+            + f"Most accurate: {best['candidate']} ({_n(best['accuracy'])}, largest phi {_n(best['max_phi'], 2)}); "
+            f"least correlated with the proxies: {freest['candidate']} ({_n(freest['accuracy'])}, largest phi "
+            f"{_n(freest['max_phi'], 2)}). Stage 4 scores every experiment with the saved `judge` (the bf16 row's "
+            "recipe) and `judge-tfidf` (the tf-idf row's) and states a direction only where both find it.")
+            + "\n\n" + _table(["candidate", "accuracy [95% CI]", *(f"phi vs {p}" for p in proxies), "largest phi",
+                                "meets target"], rows))
 
 
 def section_ppo(records: dict, figures: Path) -> str:
     r = records["ppo"]["results"]
-    experiments, judge = r["experiments"], r["judge"]
+    experiments, judges = r["experiments"], r["judges"]
     curves = plots.ppo_curves_figure(experiments, figures / "ppo_curves.png")
     overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
+    keys = [j.replace("-", "_") for j in judges]
     rows = [[t["reward_precision"], f"{t['proxy']}" + ("" if t["proxy_learned"] else " (**not learned**)"),
-             f"{_n(t['judge_before'])} → {_n(t['judge_after'])}",
-             f"{t['judge_change']:+.3f} {_ci(t['judge_change_ci95'], 3, True)}", _n(t["judge_change_mde"]),
-             f"{_n(t['win_rate'], 2)} {_ci(t['win_rate_ci95'], 2)}",
+             *(f"{t[f'{k}_change']:+.3f} {_ci(t[f'{k}_change_ci95'], 3, True)} (MDE {_n(t[f'{k}_change_mde'])}; "
+               f"wins {_n(t[f'{k}_win_rate'], 2)})" for k in keys),
+             f"{_n(t['implicit_share'], 2)} {_ci(t['implicit_share_ci95'], 2)}",
              f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["wall_time_s"], 1),
              _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
     samples = []
     for name, e in experiments.items():
         samples += [[name, _clip(s["prompt"], 120), _clip(s["sft"]), _clip(s["ppo"])] for s in e["samples"][:2]]
-    lo, hi = judge["accuracy_ci95"]
-    phis = judge.get("phi_with_proxies") or {}
-    agree = ", ".join(f"{k} {_n(v)} (phi {_n(phis.get(k), 2)})" for k, v in judge["agreement_with_proxies"].items())
-    return (f"## PPO alignment\n\n**Judge** (every experiment): `{Path(judge['folder']).name}`, trained on pairs no "
-            f"proxy saw; held-out accuracy {_n(judge['accuracy'])} [{_n(lo)}, {_n(hi)}], "
-            f"{'beats' if judge['learned'] else '**does not beat**'} the length baseline; agreement with each "
-            f"proxy on the test pairs, and the phi correlation of their correctness: {agree}.\n\n"
+    described = []
+    for name, j in judges.items():
+        lo, hi = j["accuracy_ci95"]
+        agree = ", ".join(f"{k} {_n((v or {}).get('agreement'))} (phi {_n((v or {}).get('phi'), 2)})"
+                          for k, v in j["agreement_with_proxies"].items())
+        described.append(f"- `{name}` ({j['method']}): held-out accuracy {_n(j['accuracy'])} [{_n(lo)}, {_n(hi)}], "
+                         f"{'beats' if j['learned'] else '**does not beat**'} the length baseline; agreement with "
+                         f"each proxy on the test pairs (phi of their correctness): {agree}")
+    return (f"## PPO alignment\n\n**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
+            + "\n".join(described) + "\n\n"
             f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
-            "sampled once and shared; judge change = judge score of the PPO reply − of the SFT reply, per prompt, "
-            "with a paired bootstrap interval and the minimum detectable change (MDE, 80% power); win rate with a "
-            "Wilson interval (ties count half); KL to the SFT model in nats per reply.\n\n"
-            + _table(["reward-model precision", "proxy", "judge before → after", "judge change [95% CI]", "MDE",
-                      "win rate [95% CI]", "proxy before → after", "KL", "time (s)", "peak memory (MiB)"], rows)
+            "sampled once and shared; a judge's change = its score of the PPO reply − of the SFT reply, per prompt, "
+            "with a paired bootstrap interval, the minimum detectable change (MDE, 80% power) and the win rate (ties "
+            "count half). A direction is concluded only where every judge finds it. The implicit-reward column "
+            f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
+            "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "
+            "nats per reply.\n\n"
+            + _table(["reward-model precision", "proxy", *(f"{j} change [95% CI]" for j in judges),
+                      "implicit reward: share [95% CI]", "proxy before → after", "KL", "time (s)",
+                      "peak memory (MiB)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
             f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\nSample replies on held-out prompts:\n\n"

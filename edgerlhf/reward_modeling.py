@@ -10,14 +10,15 @@ training pairs, the final evaluation reads the held-out test pairs. Training is 
   ``chosen - rejected`` by logistic regression (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
 
 The trained bf16 model is also loaded at int8 and int4 without retraining (post-training
-quantization, ``-ptq``). A bf16 ``judge`` is trained on pairs no proxy sees, for stage 4.
+quantization, ``-ptq``). Two judges are trained on pairs no proxy sees, for stage 4: ``judge`` (the
+proxies' recipe at bf16) and ``judge-tfidf`` (TF-IDF of the reply, evidence the proxies do not use).
 Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.core.baselines`) are scored on
 the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar with Holm's
 correction, paired bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
 carries each model's verdict to stage 4. Probes are also cross-fitted over every pair SFT did not train on
 (:func:`crossfit_evaluation`), the evaluation that compares precisions.
 
-Folders: ``models/rm/{bf16,int8,int4,judge}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
+Folders: ``models/rm/{bf16,int8,int4,judge,judge-tfidf}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
 Run without the notebook: ``python -m edgerlhf.reward_modeling --profile quick``.
 """
 from __future__ import annotations
@@ -34,10 +35,10 @@ from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback
 
 from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
-from .core.baselines import baseline_scores, fit_pairwise_logistic
+from .core.baselines import TfidfReward, baseline_scores, fit_pairwise_logistic
 from .core.config import Config, RewardStageConfig
 from .core.crossfit import assess as crossfit_assess
-from .core.crossfit import fold_draws, length_margins, out_of_fold, phi, probe_fitter, tfidf_fitter
+from .core.crossfit import fold_draws, judge_frontier, length_margins, out_of_fold, phi, probe_fitter, tfidf_fitter
 from .core.distributed import is_main_process, main_process_writes
 from .core.files import atomic_write_text, swap_in_dir
 from .core.lm import fit_prompt
@@ -56,6 +57,10 @@ from .core.templates import ensure_chat_template, ensure_pad_token
 from .core.training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
 MIB = 2**20
+#: The second judge's folder under ``models/rm``: TF-IDF of the reply with a Bradley-Terry head (judge's pairs).
+TFIDF_JUDGE = "judge-tfidf"
+#: Judge candidates the cross-fit adds with ``last+mean`` pooling: a bf16 head on one half of the features.
+JUDGE_CANDIDATES = ("bf16 last-token head", "bf16 mean-pooled head")
 
 
 def reward_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
@@ -266,6 +271,54 @@ def evaluate_lora_models(models: dict[str, dict], cfg: Config, ctx, ex: dict[str
                 **evaluate_folder(out_dir / "bf16", precision, ex["test"], ex["validation"], r, ctx.device)}
 
 
+def train_tfidf_judge(folder: Path, ex: dict[str, list[dict]], seed: int) -> tuple[dict, TfidfReward]:
+    """Fit and save the second judge (:data:`TFIDF_JUDGE`) on the judge's training pairs: TF-IDF of the reply
+    and a linear Bradley-Terry head (:class:`edgerlhf.core.baselines.TfidfReward`), evidence the proxies' heads
+    on backbone features do not share. Returns its entry (training results) and the model."""
+    def replies(split, side):
+        return [e[side][0]["content"] for e in ex[split]]
+
+    start = time.perf_counter()
+    model = TfidfReward(seed).fit(replies("judge_train", "chosen"), replies("judge_train", "rejected"))
+    seconds = time.perf_counter() - start
+
+    def write(staging: Path) -> None:
+        staging.mkdir(parents=True)
+        model.save(staging)
+        write_info(staging, layout="tfidf", precision=None, made_by="tf-idf", C=model.C)
+
+    write_model_folder(folder, write)
+    return {"precision": None, "mode": "judge (pairs no proxy saw)", "method": "tf-idf", "dtype": "float64",
+            "folder": str(folder), "C": model.C, "train_pairs": len(ex["judge_train"]), "train_runtime_s": seconds,
+            "parameters": {"trainable": int(model.weight.size), "total": int(model.weight.size),
+                           "trainable_share": 1.0}}, model
+
+
+def evaluate_tfidf_judge(entry: dict, model: TfidfReward, ex: dict[str, list[dict]]) -> None:
+    """The final evaluation of the TF-IDF judge (in place): the saved folder reloaded and checked to score as
+    the fitted model, then accuracy, AUC and calibration (temperature from its validation pairs) on the test pairs.
+
+    Raises:
+        RuntimeError: the saved model scores differently from the fitted one.
+    """
+    saved = TfidfReward.load(entry["folder"])
+
+    def margins(m, split):
+        return (m.score([e["chosen"][0]["content"] for e in ex[split]]),
+                m.score([e["rejected"][0]["content"] for e in ex[split]]))
+
+    start = time.perf_counter()
+    c, rj = margins(saved, "test")
+    seconds = time.perf_counter() - start
+    if not np.allclose(c, margins(model, "test")[0], rtol=0, atol=1e-9):
+        raise RuntimeError(f"{entry['folder']}: the saved TF-IDF judge scores differently from the fitted one")
+    vc, vr = margins(saved, "judge_validation")
+    mib = folder_mib(Path(entry["folder"]))
+    entry.update(seed_accuracies=[float(np.mean(c > rj))], pairs_per_second=len(c) / max(seconds, 1e-9),
+                 weights_mib=mib, folder_mib=mib, memory_footprint_mib=None,
+                 **evaluate_pairs(c, rj, vc - vr), scores_chosen=c.tolist(), scores_rejected=rj.tolist())
+
+
 def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardStageConfig,
                    device, num_layers: int | None = None, layers: list[int] | None = None) -> tuple[dict, dict]:
     """Frozen-backbone features of every pair in ``splits`` at ``precision``, the backbone truncated to its
@@ -460,8 +513,10 @@ def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sf
         sft_pairs: ``{(chosen, rejected)}`` reply texts of the pairs SFT trained on (their features are not
             held out, so they are left out).
     Returns:
-        :func:`edgerlhf.core.crossfit.assess`'s result, with ``"pool"`` (pairs per split, pairs left out) and
-        ``"folds"``, ``"draws"``, ``"wall_time_s"``.
+        :func:`edgerlhf.core.crossfit.assess`'s result, with ``"judge_frontier"``
+        (:func:`edgerlhf.core.crossfit.judge_frontier` of TF-IDF, the judge's recipe - bf16's, so cross-fitted it
+        is bf16 - and, with ``last+mean`` pooling, :data:`JUDGE_CANDIDATES`), ``"pool"`` (pairs per split, pairs
+        left out), ``"folds"``, ``"draws"`` and ``"wall_time_s"``.
     """
     start = time.perf_counter()
     splits = [s for s in ex if s in features["bf16"]]
@@ -477,10 +532,18 @@ def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sf
     for p in r.precisions:
         ptq = {f"{q}-ptq": diff[q] for q in diff if q != "bf16"} if p == "bf16" and r.post_training_quantization else {}
         margins.update(out_of_fold(*probe_fitter(diff[p], {p: diff[p], **ptq}, seed), assignments))
-    order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models last
+    candidates = {}  # judge candidates beyond tf-idf and the judge's own recipe (bf16): one half of the features
+    if r.probe_pooling == "last+mean":
+        width = diff["bf16"].shape[1] // 2
+        for name, cols in ((JUDGE_CANDIDATES[0], slice(None, width)), (JUDGE_CANDIDATES[1], slice(width, None))):
+            candidates[name] = out_of_fold(*probe_fitter(diff["bf16"][:, cols], {name: diff["bf16"][:, cols]}, seed),
+                                           assignments)[name]
+    order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models, then the candidates, last
     margins = {name: margins[name] for name in sorted(margins, key=lambda m: order.index(m) if m in order else 99)}
-    out = crossfit_assess(margins, order[:3], assignments)
-    out.update(pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()),
+    out = crossfit_assess({**margins, **candidates}, order[:3], assignments, candidates=tuple(candidates))
+    proxies = [m for m in margins if m not in order[:3]]
+    out.update(judge_frontier=judge_frontier(out, ["tf-idf", "bf16", *candidates], proxies),
+               pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()),
                      "by_split": {s: len(ex[s]) for s in splits}},
                folds=r.crossfit_folds, draws=r.crossfit_draws, wall_time_s=time.perf_counter() - start)
     return out
@@ -509,9 +572,9 @@ def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]
 
 def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict) -> Path:
     """``models/rm/evaluation.json``: each reward model's held-out verdict, read by stage 4 to label
-    its PPO rows (accuracy and interval, learned or not, agreement with the judge)."""
+    its PPO rows (accuracy and interval, learned or not, agreement with each judge)."""
     keep = ("precision", "mode", "method", "folder", "accuracy", "accuracy_ci95", "n", "learned", "vs_length",
-            "vs_best_baseline", "agreement_with_judge", "phi_with_judge", "dtype")
+            "vs_best_baseline", "judge_agreement", "dtype")
     summary = {"length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
                "baseline_accuracy": assessment["baseline_accuracy"],
                "models": {name: {k: e.get(k) for k in keep} for name, e in models.items()}}
@@ -557,6 +620,10 @@ def run_reward(cfg: Config) -> dict:
             models, search, features, heads = probe_models(cfg, ctx, sft_location, tokenizer, ex)
         else:
             models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
+        second_judge = None
+        if r.judge:
+            ctx.step = f"models: {TFIDF_JUDGE} fit and save"
+            second_judge = train_tfidf_judge(out_dir / TFIDF_JUDGE, ex, r.seeds[0])
         # final evaluation: the held-out test pairs are read here, once every model is saved
         ctx.step = "final evaluation: data"
         ex["test"], counts["test"] = reward_examples(
@@ -580,23 +647,26 @@ def run_reward(cfg: Config) -> dict:
             del features
         else:
             evaluate_lora_models(models, cfg, ctx, ex)
+        if second_judge:
+            ctx.step = f"final evaluation: {TFIDF_JUDGE}"
+            evaluate_tfidf_judge(*second_judge, ex)
+            models[TFIDF_JUDGE] = second_judge[0]
         # paired comparisons on the same test pairs, agreement between models
         ctx.step = "final evaluation: assessment"
         assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
-        for anchor in ("bf16", "judge"):
-            if anchor in models:
-                ref = models[anchor]
-                for entry in models.values():
-                    agree = agreement(
-                        ref["scores_chosen"] + ref["scores_rejected"], entry["scores_chosen"] + entry["scores_rejected"],
-                        np.subtract(ref["scores_chosen"], ref["scores_rejected"]),
-                        np.subtract(entry["scores_chosen"], entry["scores_rejected"]))
-                    entry.update({"spearman": agree["spearman"], "same_ranking": agree["same_ranking"]}
-                                 if anchor == "bf16" else {"agreement_with_judge": agree["same_ranking"],
-                                                           "phi_with_judge": phi(correct(ref["scores_chosen"],
-                                                                                         ref["scores_rejected"]),
-                                                                                 correct(entry["scores_chosen"],
-                                                                                         entry["scores_rejected"]))})
+        judges = [name for name in ("judge", TFIDF_JUDGE) if name in models]
+        for entry in models.values():
+            margin = np.subtract(entry["scores_chosen"], entry["scores_rejected"])
+            if "bf16" in models:
+                ref = models["bf16"]
+                entry.update(agreement(ref["scores_chosen"] + ref["scores_rejected"],
+                                       entry["scores_chosen"] + entry["scores_rejected"],
+                                       np.subtract(ref["scores_chosen"], ref["scores_rejected"]), margin))
+            entry["judge_agreement"] = {  # share of pairs ranked alike, phi of their correctness (test pairs)
+                j: {"agreement": float(np.mean(np.sign(np.subtract(models[j]["scores_chosen"],
+                                                                   models[j]["scores_rejected"])) == np.sign(margin))),
+                    "phi": phi(correct(models[j]["scores_chosen"], models[j]["scores_rejected"]),
+                               correct(entry["scores_chosen"], entry["scores_rejected"]))} for j in judges}
         main_process_writes(write_evaluation, out_dir, models, assessment)
         if search:
             losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
@@ -653,8 +723,9 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
             "vs_bf16_mde_points": 100 * ref["mde"] if ref else None,
             "ece": e["ece"], "ece_temperature_scaled": e["ece_temperature_scaled"],
             "nll": e["nll"], "brier": e["brier"], "spearman_vs_bf16": e.get("spearman"),
-            "same_ranking_vs_bf16": e.get("same_ranking"), "agreement_with_judge": e.get("agreement_with_judge"),
-            "phi_with_judge": e.get("phi_with_judge"),
+            "same_ranking_vs_bf16": e.get("same_ranking"),
+            **{f"{k}_with_{j}": (e.get("judge_agreement") or {}).get(j, {}).get(k) for j in ("judge", TFIDF_JUDGE)
+               for k in ("agreement", "phi")},
             "trainable_parameters": (e.get("parameters") or {}).get("trainable"),
             "weights_mib": e["weights_mib"], "folder_mib": e["folder_mib"],
             "memory_footprint_mib": e["memory_footprint_mib"],

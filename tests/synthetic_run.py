@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgerlhf.ppo_alignment import comparison_table, conclusions
+from edgerlhf.ppo_alignment import comparison_table, conclusions, implicit_reward_check, judge_effect
 from edgerlhf.core import crossfit
 from edgerlhf.core.config import load_config
 from edgerlhf.core.memory import apply_vram_budget
 from edgerlhf.core.metrics import assess, evaluate_pairs
 from edgerlhf.reward_modeling import summary_table
 from edgerlhf.core.stage import StageContext, finish
-from edgerlhf.core.stats import paired_bootstrap, wilson_interval
 
 MEM = {"device": "cpu", "wall_time_s": 2.0, "cpu_peak_rss_mib": 900.0, "cpu_peak_scope": "block",
        "cuda_peak_allocated_mib": None, "cuda_peak_reserved_mib": None}
@@ -45,6 +44,7 @@ def _crossfit() -> dict:
     margins = {"shorter wins": -base[:, ::-1], "longer wins": base[:, ::-1], "tf-idf": base * 0.5 - 0.2,
                "bf16": base, "int8": base + 0.1, "int8-ptq": base - 0.1}
     out = crossfit.assess(margins, ["shorter wins", "longer wins", "tf-idf"], assignments)
+    out["judge_frontier"] = crossfit.judge_frontier(out, ["tf-idf", "bf16"], ["bf16", "int8", "int8-ptq"])
     out.update(pool={"pairs": 40, "left_out_sft_trained": 8, "by_split": {"train": 48}}, folds=4, draws=2,
                wall_time_s=1.0)
     return out
@@ -61,7 +61,7 @@ def _reward_results() -> dict:
         b.update(evaluate_pairs(b["scores_chosen"], b["scores_rejected"]))
     assessment = assess(models, baselines)
     for e in models.values():
-        e["agreement_with_judge"] = 1.0
+        e["judge_agreement"] = {"judge": {"agreement": 1.0, "phi": 0.5}}
     return {"method": "probe", "models": models, "baselines": baselines, "table": summary_table(models, baselines),
             "crossfit": _crossfit(),
             "conclusions": assessment["conclusions"], "length_baseline": assessment["length_baseline"],
@@ -74,25 +74,27 @@ def _experiment(precision: str, data_dir: Path) -> dict:
     before, after = [0.1, 0.2, 0.0, 0.1], [0.3, 0.2, 0.4, 0.3]
     return {"precision": precision, "reward_model": str(data_dir.parent / "models" / "rm" / precision),
             "proxy": precision, "proxy_verdict": {"learned": True},
-            "judge_model": str(data_dir.parent / "models" / "rm" / "judge"),
-            "before": {"judge_mean": 0.1, "proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before},
-            "after": {"judge_mean": 0.3, "proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after},
-            "judge_change": paired_bootstrap(after, before), "judge_change_mde": 0.2,
-            "curve": [{"step": 0, "kl": 0.0, "proxy": 0.2, "judge": 0.1}, {"step": 2, "kl": 0.1, "proxy": 0.5,
-                                                                            "judge": 0.3}],
-            "history": history, "win_rate": 0.75, "win_rate_ci95": wilson_interval(3, 4), "peak_memory": dict(MEM),
-            "wall_time_s": 3.0,
+            "before": {"proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before, "judge-tfidf_scores": after},
+            "after": {"proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after, "judge-tfidf_scores": before},
+            "judges": {"judge": judge_effect(after, before, 0), "judge-tfidf": judge_effect(before, after, 0)},
+            "implicit_reward": implicit_reward_check([0.5, 0.2, -0.1, 0.3], [0.1, 0.1, 0.1, 0.1], 0),
+            "curve": [{"step": 0, "kl": 0.0, "proxy": 0.2, "judge": 0.1, "judge-tfidf": 0.2},
+                      {"step": 2, "kl": 0.1, "proxy": 0.5, "judge": 0.3, "judge-tfidf": 0.1}],
+            "history": history, "peak_memory": dict(MEM), "wall_time_s": 3.0,
             "samples": [{"prompt": "How do I bake bread?", "sft": "Mix flour and water.", "ppo": "Mix, knead, bake."}]}
 
 
 def _ppo_results(data_dir: Path) -> dict:
     """PPO-stage results built by the stage's own table and conclusion functions."""
     experiments = {p: _experiment(p, data_dir) for p in ("bf16", "int8")}
-    judge = {"folder": "models/rm/judge", "accuracy": 0.75, "accuracy_ci95": [0.6, 0.875], "learned": True,
-             "vs_length": {"p_value": 0.01}, "length_baseline": "shorter wins",
-             "agreement_with_proxies": {"bf16": 0.9, "int8": 0.85}}
-    return {"experiments": experiments, "table": comparison_table(experiments), "judge": judge,
-            "conclusions": conclusions(experiments, judge, 0), "n_eval_prompts": 4}
+    judges = {name: {"folder": f"models/rm/{name}", "method": method, "accuracy": 0.75,
+                     "accuracy_ci95": [0.6, 0.875], "learned": True, "vs_length": {"p_value": 0.01},
+                     "length_baseline": "shorter wins",
+                     "agreement_with_proxies": {"bf16": {"agreement": 0.9, "phi": 0.6},
+                                                "int8": {"agreement": 0.85, "phi": 0.5}}}
+              for name, method in (("judge", "probe"), ("judge-tfidf", "tf-idf"))}
+    return {"experiments": experiments, "table": comparison_table(experiments), "judges": judges,
+            "conclusions": conclusions(experiments, judges, 0), "n_eval_prompts": 4, "n_implicit_reward_pairs": 4}
 
 
 def stage_results(root: Path) -> dict[str, dict]:

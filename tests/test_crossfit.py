@@ -98,3 +98,23 @@ def test_cross_fitted_probes_beat_the_baselines_and_are_compared_in_holm_familie
     assert beat["p_holm"] < 0.05 and "better than" in crossfit.describe(beat)
     assert out["agreement"]["bf16"]["bf16"] == {"agreement": 1.0, "phi": pytest.approx(1.0)}
     assert abs(out["agreement"]["bf16"]["shorter wins"]["phi"]) < 0.3
+
+
+def test_judge_candidates_stay_out_of_the_families_and_the_frontier_reads_phi_against_every_proxy():
+    assignments = crossfit.fold_draws(8, folds=2, draws=1, seed=0)
+    truth = np.array([1.0, 1, 1, 1, 1, 1, -1, -1])  # every model's margin sign is right where truth > 0
+    margins = {"shorter wins": np.tile(np.r_[1.0, -1, 1, -1, 1, -1, 1, -1], (1, 1)), "bf16": truth[None],
+               "int4": np.r_[1.0, 1, 1, 1, 1, -1, -1, 1][None], "same errors": truth[None] * 1.0,
+               "other errors": np.r_[1.0, 1, 1, 1, -1, 1, 1, -1][None]}
+    out = crossfit.assess(margins, ["shorter wins"], assignments, candidates=("same errors", "other errors"))
+    assert {c["a"] for c in out["comparisons"]} == {"bf16", "int4"}
+    frontier = crossfit.judge_frontier(out, ["same errors", "other errors"], ["bf16", "int4"], 0.7, 0.4)
+    # correct (margin > 0): bf16 and same errors [1,1,1,1,1,1,0,0], int4 [1,1,1,1,1,0,0,1], other [1,1,1,1,0,1,1,0]
+    assert [f["candidate"] for f in frontier] == ["other errors", "same errors"]
+    other, same = frontier
+    assert same["phi"]["bf16"] == pytest.approx(1.0) and same["meets_target"] is False
+    assert other["accuracy"] == pytest.approx(6 / 8)
+    # other vs int4: n11 = 4, n10 = 2, n01 = 2, n00 = 0: (4*0 - 2*2) / sqrt(6*2*6*2) = -1/3
+    # other vs bf16: n11 = 5, n10 = 1, n01 = 1, n00 = 1: (5*1 - 1*1) / 12 = 1/3
+    assert other["phi"] == pytest.approx({"bf16": 1 / 3, "int4": -1 / 3})
+    assert other["max_phi"] == pytest.approx(1 / 3) and other["meets_target"] is True

@@ -817,3 +817,35 @@ def dataclasses_replace(cfg, **changes):
     import dataclasses
 
     return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------- stage 4's evaluation
+
+def test_a_direction_is_concluded_only_where_every_judge_finds_it():
+    from edgerlhf.ppo_alignment import judges_agree
+
+    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [0.01, 0.2]}) == 1
+    assert judges_agree({"judge": [-0.3, -0.1], "judge-tfidf": [-0.2, -0.01]}) == -1
+    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [-0.1, 0.2]}) == 0  # one interval holds 0
+    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [-0.3, -0.1]}) == 0  # they point apart
+
+
+def test_the_implicit_reward_check_counts_the_pairs_where_the_policy_raised_the_chosen_reply(tiny_gpt2):
+    from edgerlhf.core.lm import completion_logprobs
+    from edgerlhf.core.templates import ensure_chat_template
+    from edgerlhf.ppo_alignment import implicit_reward_check, preference_margins
+
+    # h = policy - SFT margin = [1, 0, -1, 1]: 2 raised, 1 tie (counts half), 1 lowered
+    out = implicit_reward_check([1.0, 0.5, -1.0, 0.0], [0.0, 0.5, 0.0, -1.0], seed=0)
+    assert out["share_chosen_raised"] == pytest.approx(2.5 / 4) and out["ties"] == 1 and out["n"] == 4
+    assert out["sign_test_p"] == pytest.approx(1.0)  # exact two-sided binomial test of 2 of 3 untied pairs
+    assert out["mean_nats"]["mean_difference"] == pytest.approx(0.25)
+    policy, _ = tiny_policy(tiny_gpt2)
+    tok = gpt2_tokenizer_with_pad(tiny_gpt2)
+    ensure_chat_template(tok)
+    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": "yes indeed " * (i + 1),
+             "rejected": "no"} for i in range(3)]
+    margins = preference_margins(policy, tok, rows, batch_size=2)  # batched and reordered by length
+    one_by_one = [float(completion_logprobs(policy, tok, [(r["prompt"], r["chosen"])])[0][0]
+                        - completion_logprobs(policy, tok, [(r["prompt"], r["rejected"])])[0][0]) for r in rows]
+    assert margins.tolist() == pytest.approx(one_by_one, abs=1e-4)

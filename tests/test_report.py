@@ -19,7 +19,9 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
     assert positions == sorted(positions)
     # numbers that exist only in the records
     for expected in ("| malformed_dialogue | 4 |", "900.00 → 850.00", "| bf16 | trained | float32 | 0.750 [",
-                     "0.100 → 0.300", "+0.200 [", "**What can be concluded:**", "- bf16: ", "abc123",
+                     "+0.200 [", "-0.200 [", "| judge-tfidf change [95% CI] |", "implicit reward: share [95% CI]",
+                     "every judge", "- bf16: implicit reward (no judge)", "### Judge candidates",
+                     "| agrees with judge (phi) |", "(phi 0.50)", "**What can be concluded:**", "- bf16: ", "abc123",
                      "tiny-gpt2 (1,234 parameters)", "Mix, knead, bake.", "| sft | cpu | 900 |",
                      "| shorter wins | baseline |", "0.75 [0.30, 0.95]",
                      "### Cross-fitted evaluation", "**What can be concluded (cross-fitted):**",

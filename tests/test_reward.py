@@ -47,7 +47,7 @@ def test_score_is_read_at_the_last_real_token_for_any_padding(tiny_sft):
 def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 2}))
     models = results["models"]
-    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
+    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge", "judge-tfidf"}
     assert models["bf16"]["parameters"]["trainable"] > 1000  # LoRA + head, counted before the merge
     for name, entry in models.items():
         assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["auc_roc"] <= 1 and entry["weights_mib"] > 0
@@ -269,8 +269,13 @@ def test_a_probe_layer_search_saves_every_model_at_the_chosen_block(rm_cfg):
 def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.seeds": [42, 43]}))
     models = results["models"]
-    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge"}
+    assert set(models) == {"bf16", "int8", "int4", "int8-ptq", "int4-ptq", "judge", "judge-tfidf"}
     assert [row["model"] for row in results["table"][:3]] == ["shorter wins", "longer wins", "tf-idf"]
+    tfidf = models.pop("judge-tfidf")  # the second judge: TF-IDF on the judge's pairs, saved without pickle
+    assert tfidf["method"] == "tf-idf" and isinstance(tfidf["learned"], bool) and tfidf["n"] == models["bf16"]["n"]
+    assert sorted(p.name for p in Path(tfidf["folder"]).iterdir()) == ["rm_info.json", "tfidf.json",
+                                                                         "tfidf.safetensors"]
+    assert set(models["bf16"]["judge_agreement"]) == {"judge", "judge-tfidf"}
     for name, entry in models.items():
         assert entry["method"] == "probe" and entry["seeds"] == [42]  # a convex fit: one seed; draws give the sd
         assert isinstance(entry["learned"], bool) and entry["vs_length"]["n"] == entry["n"]
@@ -288,7 +293,9 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     # the cross-fitted evaluation: every kept pair SFT did not train on, every precision on the same folds
     cf = results["crossfit"]
     assert set(cf["models"]) == {"shorter wins", "longer wins", "tf-idf", "bf16", "int8", "int4", "int8-ptq",
-                                 "int4-ptq"}
+                                 "int4-ptq", *reward.JUDGE_CANDIDATES}
+    assert {f["candidate"] for f in cf["judge_frontier"]} == {"tf-idf", "bf16", *reward.JUDGE_CANDIDATES}
+    assert not {c["a"] for c in cf["comparisons"]} & set(reward.JUDGE_CANDIDATES)
     assert cf["pool"]["left_out_sft_trained"] > 0
     assert cf["pool"]["pairs"] + cf["pool"]["left_out_sft_trained"] == sum(cf["pool"]["by_split"].values())
     assert {m["n"] for m in cf["models"].values()} == {cf["pool"]["pairs"]}
@@ -311,7 +318,7 @@ def test_the_held_out_test_pairs_are_read_once_after_every_model_is_saved(rm_cfg
 
     monkeypatch.setattr(reward, "read_prefs", recording)
     results = reward.run_reward(cfg)
-    assert reads == [sorted([*precisions, "judge"])]
+    assert reads == [sorted([*precisions, "judge", "judge-tfidf"])]
     assert results["conclusions"] and all(e["n"] == results["data"]["test"]["kept"] for e in results["models"].values())
 
 

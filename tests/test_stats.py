@@ -1,6 +1,8 @@
 """Paired statistics on hand-computed examples."""
 import math
 
+import json
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,23 @@ def test_length_rules_and_tfidf_baseline():
     rejected = [f"go away about item {i}" for i in range(40)]
     model = TfidfReward(seed=0).fit(chosen, rejected)
     assert np.all(model.score(["thanks for asking about item 99"]) > model.score(["go away about item 99"]))
+
+
+def test_a_saved_tfidf_reward_model_scores_as_the_fitted_one_and_bad_files_are_refused(tmp_path):
+    chosen = [f"thanks for asking about item {i}" for i in range(40)]
+    rejected = [f"go away about item {i}" for i in range(40)]
+    model = TfidfReward(seed=0).fit(chosen, rejected)
+    model.save(tmp_path)
+    replies = ["thanks, go away", "item 7 thanks for asking", "nothing known here"]
+    assert np.array_equal(TfidfReward.load(tmp_path).score(replies), model.score(replies))
+    assert not list(tmp_path.glob("*.pkl"))
+    meta = json.loads((tmp_path / "tfidf.json").read_text())
+    (tmp_path / "tfidf.json").write_text(json.dumps({**meta, "vocabulary": meta["vocabulary"][:-1]}))
+    with pytest.raises(ValueError, match=r"tfidf\.safetensors: 'idf' must be"):
+        TfidfReward.load(tmp_path)
+    (tmp_path / "tfidf.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tfidf\.json: missing"):
+        TfidfReward.load(tmp_path)
 
 
 def test_pairwise_logistic_recovers_a_direction():

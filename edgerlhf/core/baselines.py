@@ -15,11 +15,14 @@ and the ``probe`` reward models of stage 3 (a head on frozen backbone features).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_validate
 from threadpoolctl import threadpool_limits
 
 #: Regularisation strengths tried by cross-validation (inverse L2 strength C of scikit-learn).
@@ -42,7 +45,8 @@ def fit_pairwise_logistic(diff, seed: int = 0, cs=DEFAULT_CS, folds: int = 5, pa
         diff: ``float[N, D]`` (NumPy or SciPy sparse), one row per training pair.
     Returns:
         ``{"weight": float[D] for raw features, "C": chosen C, "cv_log_loss": mean CV log-loss,
-        "cv_curve": [[C, CV log-loss], ...] of the values tried}``.
+        "cv_accuracy": mean CV pairwise accuracy at that C (the same folds), "cv_curve": [[C, CV log-loss], ...]
+        of the values tried}``.
     Raises:
         ValueError: fewer than ``2 * folds`` pairs.
     """
@@ -65,16 +69,19 @@ def fit_pairwise_logistic(diff, seed: int = 0, cs=DEFAULT_CS, folds: int = 5, pa
         return LogisticRegression(C=c, fit_intercept=False, max_iter=5000)
 
     losses: list[float] = []
+    accuracies: list[float] = []
     with threadpool_limits(1):  # matrix-vector products this size run slower when BLAS hands them to threads
         for c in sorted(cs):  # weakest fit first; stop once the loss has risen `patience` times past its minimum
-            losses.append(-cross_val_score(make(c), x, labels, cv=cv, scoring="neg_log_loss").mean())
+            scores = cross_validate(make(c), x, labels, cv=cv, scoring=("neg_log_loss", "accuracy"))
+            losses.append(-scores["test_neg_log_loss"].mean())
+            accuracies.append(scores["test_accuracy"].mean())
             if len(losses) - 1 - int(np.argmin(losses)) >= patience:
                 break
         cs, best = sorted(cs), int(np.argmin(losses))
         model = make(cs[best]).fit(x, labels)
     weight = model.coef_[0] if scale is None else model.coef_[0] / scale
     return {"weight": weight, "C": float(cs[best]), "cv_log_loss": float(losses[best]),
-            "cv_curve": [[float(c), float(loss)] for c, loss in zip(cs, losses)]}
+            "cv_accuracy": float(accuracies[best]), "cv_curve": [[float(c), float(loss)] for c, loss in zip(cs, losses)]}
 
 
 def length_scores(chosen: list[str], rejected: list[str], prefer: str = "shorter") -> tuple[np.ndarray, np.ndarray]:
@@ -91,11 +98,18 @@ def length_scores(chosen: list[str], rejected: list[str], prefer: str = "shorter
 
 class TfidfReward:
     """Bag-of-words reward model: TF-IDF of the reply (1-2-grams, sublinear tf, terms in >= 2 replies)
-    with a linear Bradley-Terry head (:func:`fit_pairwise_logistic`)."""
+    with a linear Bradley-Terry head (:func:`fit_pairwise_logistic`).
+
+    Saved as a folder (:meth:`save`): ``tfidf.json`` (settings, C, the vocabulary in column order) and
+    ``tfidf.safetensors`` (``idf`` and ``weight``, ``float64[V]``); no pickle.
+    """
+
+    SETTINGS = {"ngram_range": [1, 2], "sublinear_tf": True, "min_df": 2}
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-        self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+        self.vectorizer = TfidfVectorizer(ngram_range=tuple(self.SETTINGS["ngram_range"]),
+                                          sublinear_tf=self.SETTINGS["sublinear_tf"], min_df=self.SETTINGS["min_df"])
         self.weight: np.ndarray | None = None
         self.C: float | None = None
 
@@ -116,6 +130,52 @@ class TfidfReward:
         if self.weight is None:
             raise RuntimeError("TfidfReward.score called before fit")
         return np.asarray(self.vectorizer.transform(replies) @ self.weight, float)
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tfidf.json`` and ``tfidf.safetensors`` into ``folder`` (which must exist).
+
+        Raises:
+            RuntimeError: called before :meth:`fit`.
+        """
+        from safetensors.numpy import save_file
+
+        if self.weight is None:
+            raise RuntimeError("TfidfReward.save called before fit")
+        folder = Path(folder)
+        vocabulary = sorted(self.vectorizer.vocabulary_, key=self.vectorizer.vocabulary_.get)
+        (folder / "tfidf.json").write_text(json.dumps(
+            {"settings": self.SETTINGS, "C": self.C, "seed": self.seed, "vocabulary": vocabulary}) + "\n")
+        save_file({"idf": np.ascontiguousarray(self.vectorizer.idf_, np.float64),
+                   "weight": np.ascontiguousarray(self.weight, np.float64)}, str(folder / "tfidf.safetensors"))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TfidfReward":
+        """Read a model :meth:`save` wrote; it scores exactly as the saved one.
+
+        Raises:
+            FileNotFoundError: ``tfidf.json`` or ``tfidf.safetensors`` is missing.
+            ValueError: other settings than :attr:`SETTINGS`, or arrays whose length is not the vocabulary's,
+                or non-finite values (the message names the file).
+        """
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        meta_path, arrays_path = folder / "tfidf.json", folder / "tfidf.safetensors"
+        for path in (meta_path, arrays_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; {folder} is not a saved TF-IDF reward model")
+        meta, arrays = json.loads(meta_path.read_text()), load_file(str(arrays_path))
+        if meta.get("settings") != cls.SETTINGS:
+            raise ValueError(f"{meta_path}: field 'settings' is {meta.get('settings')}, expected {cls.SETTINGS}")
+        n = len(meta["vocabulary"])
+        for name in ("idf", "weight"):
+            if name not in arrays or arrays[name].shape != (n,) or not np.all(np.isfinite(arrays[name])):
+                raise ValueError(f"{arrays_path}: '{name}' must be {n} finite values (one per vocabulary term)")
+        model = cls(int(meta["seed"]))
+        model.vectorizer.set_params(vocabulary={term: i for i, term in enumerate(meta["vocabulary"])})
+        model.vectorizer.idf_ = arrays["idf"]
+        model.weight, model.C = arrays["weight"], float(meta["C"])
+        return model
 
 
 def baseline_scores(train_rows: list[dict], test_rows: list[dict], seed: int = 0) -> dict[str, dict]:

@@ -179,16 +179,17 @@ def length_margins(chosen: list[str], rejected: list[str], draws: int) -> dict[s
 
 
 def assess(margins: dict[str, np.ndarray], baselines: list[str], assignments: np.ndarray, reference: str = "bf16",
-           alpha: float = ALPHA) -> dict:
+           alpha: float = ALPHA, candidates: tuple[str, ...] = ()) -> dict:
     """Cross-fitted quality of every model and its paired comparisons, in families with Holm's correction.
 
     Args:
         margins: ``{name: float[draws, n]}`` out-of-fold margins of reward models and baselines on the
             same pairs and folds (``assignments``, ``int[draws, n]``).
         baselines: the names in ``margins`` that are baselines (the length rules end in ``" wins"``).
+        candidates: names in ``margins`` summarized and in ``agreement`` but in no family (judge candidates).
     Returns:
         ``{"models": {name: summarize(...)}, "length_baseline", "best_baseline", "comparisons": [...],
-        "agreement": {a: {b: {"agreement", "phi"}}}, "conclusions": [sentences]}``. The families, each
+        "agreement": {a: {b: {"agreement", "phi"}}}, "candidates": [...], "conclusions": [sentences]}``. The families, each
         corrected by Holm's method (:func:`edgerlhf.core.stats.holm`): every reward model against the
         better length rule; against the best baseline (when that is not the length rule); and every other
         model against ``reference``. ``agreement`` is the share of pairs two models rank the same way and the
@@ -197,7 +198,7 @@ def assess(margins: dict[str, np.ndarray], baselines: list[str], assignments: np
     from .stats import holm
 
     summary = {name: summarize(m, assignments) for name, m in margins.items()}
-    models = [name for name in margins if name not in baselines]
+    models = [name for name in margins if name not in baselines and name not in candidates]
     length = max((b for b in baselines if b.endswith(" wins")), key=lambda b: summary[b]["accuracy"])
     best = max(baselines, key=lambda b: summary[b]["accuracy"])
     families = {f"vs {length}": [(m, length) for m in models]}
@@ -214,7 +215,23 @@ def assess(margins: dict[str, np.ndarray], baselines: list[str], assignments: np
     agreement = {a: {b: {"agreement": float(np.mean(np.sign(margins[a].mean(0)) == np.sign(margins[b].mean(0)))),
                          "phi": phi(decided[a], decided[b])} for b in margins} for a in margins}
     return {"models": summary, "length_baseline": length, "best_baseline": best, "comparisons": comparisons,
-            "agreement": agreement, "conclusions": [describe(c, alpha) for c in comparisons]}
+            "agreement": agreement, "candidates": list(candidates),
+            "conclusions": [describe(c, alpha) for c in comparisons]}
+
+
+def judge_frontier(crossfit: dict, candidates: list[str], proxies: list[str], accuracy_target: float = 0.65,
+                   phi_target: float = 0.3) -> list[dict]:
+    """Judge candidates on the accuracy-independence frontier, from :func:`assess`'s result: per candidate, its
+    cross-fitted accuracy (and interval) and the phi correlation of its correctness with each proxy (pooled
+    decisions); ``meets_target`` where accuracy >= ``accuracy_target`` and every phi <= ``phi_target`` (a judge
+    whose errors are not the proxies', so it can see a policy exploit them). Rows sorted by the largest phi."""
+    rows = []
+    for name in candidates:
+        m, phis = crossfit["models"][name], {p: crossfit["agreement"][name][p]["phi"] for p in proxies}
+        rows.append({"candidate": name, "accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"],
+                     "phi": phis, "max_phi": max(phis.values()),
+                     "meets_target": m["accuracy"] >= accuracy_target and max(phis.values()) <= phi_target})
+    return sorted(rows, key=lambda row: row["max_phi"])
 
 
 def describe(c: dict, alpha: float = ALPHA) -> str:
@@ -242,12 +259,15 @@ def column_key(family: str) -> str:
 
 
 def table(crossfit: dict, proxies: list[str]) -> list[dict]:
-    """One row per model of the cross-fitted evaluation (:func:`assess`'s result): accuracy and AUC-ROC with
+    """One row per model of the cross-fitted evaluation (:func:`assess`'s result; judge candidates are
+    :func:`judge_frontier`'s): accuracy and AUC-ROC with
     their corrected intervals, the sd of accuracy across fold draws, each family's comparison (points, interval,
     Holm-adjusted p, minimum detectable difference) and the phi correlation of its correctness with each proxy."""
     by = {(c["a"], c["family"]): c for c in crossfit["comparisons"]}
     rows = []
     for name, m in crossfit["models"].items():
+        if name in crossfit.get("candidates", ()):
+            continue
         row = {"model": name, "accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"],
                "accuracy_draw_sd": m["accuracy_draw_sd"], "auc_roc": m["auc_roc"], "auc_roc_ci95": m["auc_roc_ci95"]}
         for family in dict.fromkeys(c["family"] for c in crossfit["comparisons"]):

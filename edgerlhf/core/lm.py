@@ -70,13 +70,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_nll(model, tokenizer, examples: list[tuple[list[dict], str]], batch_size: int = 4) -> dict:
-    """Summed negative log-likelihood (nats) of each reply given its prompt.
+def completion_logprobs(model, tokenizer, examples: list[tuple[list[dict], str]], batch_size: int = 4
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability (nats) of each reply given its prompt, at temperature 1, and its token count.
+    Logits are computed at the reply positions only (``logits_to_keep``).
 
     Args:
-        examples: ``[(messages, reply), ...]``.
+        examples: ``[(messages, reply), ...]``; the reply's tokens are those :func:`encode_prompt_completion` finds.
     Returns:
-        ``{"nll": float total nats, "tokens": int completion tokens, "perplexity": exp(nll/tokens)}``.
+        ``(logprobs DoubleTensor[N], tokens LongTensor[N])`` in the order of ``examples``.
     """
     was_training = model.training
     model.eval()
@@ -84,19 +86,32 @@ def completion_nll(model, tokenizer, examples: list[tuple[list[dict], str]], bat
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_prompt_completion(tokenizer, m, r) for m, r in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together
-    total, count = 0.0, 0
+    logprobs, tokens = torch.zeros(len(encoded), dtype=torch.float64), torch.zeros(len(encoded), dtype=torch.long)
     for start in range(0, len(order), batch_size):
-        batch = [encoded[i] for i in order[start:start + batch_size]]
-        ids, mask = pad_left([ids for ids, _ in batch], pad_id)
+        rows = order[start:start + batch_size]
+        ids, mask = pad_left([encoded[i][0] for i in rows], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        logp = token_logprobs(logits, ids[:, 1:])
-        width = ids.shape[1]
-        for row, (seq, start_tok) in enumerate(batch):
-            first = width - len(seq) + start_tok  # index of the first completion token
-            total -= logp[row, first - 1:].sum().item()  # logits at t predict token t+1
-            count += len(seq) - start_tok
+        replies = max(len(encoded[i][0]) - encoded[i][1] for i in rows)  # left padding: replies end every row
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                       logits_to_keep=replies + 1).logits[:, :-1]  # the logits at t predict token t + 1
+        logp = token_logprobs(logits, ids[:, ids.shape[1] - replies:])
+        for row, i in enumerate(rows):
+            count = len(encoded[i][0]) - encoded[i][1]
+            logprobs[i], tokens[i] = logp[row, replies - count:].sum().item(), count
     model.train(was_training)
+    return logprobs, tokens
+
+
+def completion_nll(model, tokenizer, examples: list[tuple[list[dict], str]], batch_size: int = 4) -> dict:
+    """Summed negative log-likelihood (nats) of each reply given its prompt (:func:`completion_logprobs`).
+
+    Args:
+        examples: ``[(messages, reply), ...]``.
+    Returns:
+        ``{"nll": float total nats, "tokens": int completion tokens, "perplexity": exp(nll/tokens)}``.
+    """
+    logprobs, tokens = completion_logprobs(model, tokenizer, examples, batch_size)
+    total, count = -float(logprobs.sum()), int(tokens.sum())
     return {"nll": total, "tokens": count, "perplexity": math.exp(total / max(count, 1))}
 
 

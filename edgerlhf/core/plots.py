@@ -126,7 +126,7 @@ def ppo_curves_figure(experiments: dict[str, dict], path: str | Path) -> Path:
 
 
 def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> Path:
-    """Change of the proxy (training) and judge reward on held-out prompts since step 0, against KL to the
+    """Change of the proxy (training) and every judge's reward on held-out prompts since step 0, against KL to the
     SFT model (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization"). Changes, not raw
     scores, so experiments whose reward models have different scales share the axis."""
     fig = new_figure((5, 3.5))
@@ -135,10 +135,12 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
         kl = [c["kl"] for c in e["curve"]]
         first = e["curve"][0]
         line = ax.plot(kl, [c["proxy"] - first["proxy"] for c in e["curve"]], "o-", label=f"{name} proxy")[0]
-        ax.plot(kl, [c["judge"] - first["judge"] for c in e["curve"]], "s--", color=line.get_color(),
-                label=f"{name} judge")
+        for judge, style in zip(e["judges"], ("s--", "^:", "d-.")):
+            ax.plot(kl, [c[judge] - first[judge] for c in e["curve"]], style, color=line.get_color(),
+                    label=f"{name} {judge}")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score change since step 0")
+    ax.set(xlabel="KL to SFT on held-out prompts (nats / reply)", ylabel="mean score change since step 0",
+           title="proxy and judges against KL")
     ax.legend(fontsize=7)
     return save(fig, path)
 

@@ -87,7 +87,7 @@ def weights_fingerprint(folder: str | Path) -> str:
 
 #: The file of each layout that holds what training changed (head, adapter or merged weights).
 TRAINED_WEIGHTS = {"head": "head.safetensors", "model": "model/model.safetensors",
-                   "adapter": "adapter/adapter_model.safetensors"}
+                   "adapter": "adapter/adapter_model.safetensors", "tfidf": "tfidf.safetensors"}
 
 
 def weights_digest(folder: str | Path) -> str:
