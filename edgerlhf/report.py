@@ -250,7 +250,7 @@ def section_frontier(frontier: list[dict]) -> str:
             + f"Most accurate: {best['candidate']} ({_n(best['accuracy'])}, largest phi {_n(best['max_phi'], 2)}); "
             f"least correlated with the proxies: {freest['candidate']} ({_n(freest['accuracy'])}, largest phi "
             f"{_n(freest['max_phi'], 2)}). Stage 4 scores every experiment with the saved `judge` (the bf16 row's "
-            "recipe) and `judge-tfidf` (the tf-idf row's) and states a direction only where both find it.")
+            "recipe) and `judge-tfidf` (the tf-idf row's) and states a direction only where both find it."
             + "\n\n" + _table(["candidate", "accuracy [95% CI]", *(f"phi vs {p}" for p in proxies), "largest phi",
                                 "meets target"], rows))
 
