@@ -47,14 +47,12 @@ from .core.ppo import decode_responses, reference_logprobs, rollout
 from .core.ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
 from .core.prefs import read_prefs
 from .core.reproducibility import seed_everything
-from .core.reward_models import backbone_of, load_reward_model, score, weights_digest
+from .core.reward_models import JUDGES, backbone_of, load_reward_model, score, weights_digest
 from .core.stage import begin, cli_config, finish, recorded
 from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
-JUDGE = "judge"
-#: Every judge stage 3 writes (folders under ``models/rm``); the first is required, the others used when present.
-JUDGES = (JUDGE, "judge-tfidf")
+JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_models.JUDGES` are used when present
 
 
 def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):

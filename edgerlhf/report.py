@@ -147,7 +147,7 @@ def section_reward(records: dict, figures: Path) -> str:
     accuracy = plots.accuracy_figure(r["table"], figures / "rm_accuracy.png")
     rel = plots.reliability_figure(models, figures / "rm_reliability.png")
     margins = plots.margin_figure(models, figures / "rm_margins.png")
-    rows, judges = [], [j for j in ("judge", "judge-tfidf") if j in models]
+    rows, judges = [], [name for name in models if name.startswith("judge")]
     for row in r["table"]:
         seeds = "-" if row.get("n_seeds") is None else (
             f"{_n(row['seed_accuracy_mean'])} ± {_n(row['seed_accuracy_sd'])} ({row['n_seeds']})"

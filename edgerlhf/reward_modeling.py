@@ -49,7 +49,7 @@ from .core.models import load_tokenizer
 from .core.plots import accuracy_figure, margin_figure, reliability_figure
 from .core.prefs import read_prefs, sft_pairs
 from .core.reward_models import (
-    HEAD, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
+    HEAD, JUDGES, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
     tokenizer_fingerprint, weights_fingerprint, write_info,
 )
 from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
@@ -58,7 +58,7 @@ from .core.training import checkpoint_to_resume, keep_trainable_dtype, train_wit
 
 MIB = 2**20
 #: The second judge's folder under ``models/rm``: TF-IDF of the reply with a Bradley-Terry head (judge's pairs).
-TFIDF_JUDGE = "judge-tfidf"
+TFIDF_JUDGE = JUDGES[1]
 #: Judge candidates the cross-fit adds with ``last+mean`` pooling: a bf16 head on one half of the features.
 JUDGE_CANDIDATES = ("bf16 last-token head", "bf16 mean-pooled head")
 
@@ -654,7 +654,7 @@ def run_reward(cfg: Config) -> dict:
         # paired comparisons on the same test pairs, agreement between models
         ctx.step = "final evaluation: assessment"
         assessment = assess(models, baselines, reference="bf16" if "bf16" in models else None, seed=r.seeds[0])
-        judges = [name for name in ("judge", TFIDF_JUDGE) if name in models]
+        judges = [name for name in JUDGES if name in models]
         for entry in models.values():
             margin = np.subtract(entry["scores_chosen"], entry["scores_rejected"])
             if "bf16" in models:
@@ -724,7 +724,7 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
             "ece": e["ece"], "ece_temperature_scaled": e["ece_temperature_scaled"],
             "nll": e["nll"], "brier": e["brier"], "spearman_vs_bf16": e.get("spearman"),
             "same_ranking_vs_bf16": e.get("same_ranking"),
-            **{f"{k}_with_{j}": (e.get("judge_agreement") or {}).get(j, {}).get(k) for j in ("judge", TFIDF_JUDGE)
+            **{f"{k}_with_{j}": (e.get("judge_agreement") or {}).get(j, {}).get(k) for j in JUDGES
                for k in ("agreement", "phi")},
             "trainable_parameters": (e.get("parameters") or {}).get("trainable"),
             "weights_mib": e["weights_mib"], "folder_mib": e["folder_mib"],

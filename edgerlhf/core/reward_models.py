@@ -40,6 +40,8 @@ from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
 
 HEAD = "score"
 INFO = "rm_info.json"
+#: Stage 3's judges (folders under ``models/rm``): the proxies' recipe at bf16, and TF-IDF of the reply.
+JUDGES = ("judge", "judge-tfidf")
 #: Attribute of a loaded probe reward model naming the pooling its head reads (:func:`pool_states`).
 POOLING_ATTRIBUTE = "reward_pooling"
 
