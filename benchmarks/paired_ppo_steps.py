@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-python", required=True, help="the python of TRL 0.11.4's venv")
     parser.add_argument("--policy", required=True)
-    parser.add_argument("--prompts", default="data/train_prefs.jsonl")
+    parser.add_argument("--prompts", default="data/prefs/train_prefs.jsonl")
     parser.add_argument("--reply-length", type=int, default=64, help="forced reply length (identical tokens)")
     parser.add_argument("--max-prompt-length", type=int, default=512, help="EdgeRLHF's prompt budget (TRL keeps "
                         "whole prompts: keep every prompt whole here too)")

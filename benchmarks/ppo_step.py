@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reward", default="scripted", help="reward-model folder, or 'scripted' (share of "
                         "distinct words)")
     parser.add_argument("--reward-precision", default=None, help="bf16, int8 or int4 (default: as trained)")
-    parser.add_argument("--prompts", default="data/train_prefs.jsonl", help="prefs JSONL; its first --batch "
+    parser.add_argument("--prompts", default="data/prefs/train_prefs.jsonl", help="prefs JSONL; its first --batch "
                         "prompts are used")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mini-batch", type=int, default=2)

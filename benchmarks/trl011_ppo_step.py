@@ -8,7 +8,7 @@ from ``edgerlhf``::
     /tmp/trl011/bin/pip install torch==2.13.0 trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 \\
         "datasets<3.2" rich  # rich: imported by TRL 0.11.4 but not among its requirements
     /tmp/trl011/bin/python benchmarks/trl011_ppo_step.py --policy models/base/smollm2-135m-instruct \\
-        --prompts data/train_prefs.jsonl
+        --prompts data/prefs/train_prefs.jsonl
 
 The work matches ``ppo_step.py``'s defaults: the first 8 prompts of the prefs file rendered with the chat template,
 batch 8, minibatch 2, no accumulation, 4 PPO epochs, LoRA r16 (alpha 32, no dropout) on all seven projections, up
@@ -72,7 +72,7 @@ def read_prompts(path: str, n: int) -> list[list[dict]]:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="causal LM folder (safetensors)")
-    parser.add_argument("--prompts", default="data/train_prefs.jsonl")
+    parser.add_argument("--prompts", default="data/prefs/train_prefs.jsonl")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mini-batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from .core.config import Config, DataConfig
-from .core.files import atomic_write_text, sha256_file
+from .core.files import atomic_write_text, new_staging, sha256_file, swap_in_dir
+from .core.prefs import CARD
 from .core.hh_rlhf import Pair, check_row, parse_pair, read_rows
 from .core.memory import measure
 from .core.models import load_tokenizer, prepare_base_model
 from .core.paths import resolve
 from .core.plots import new_figure, save
-from .core.stage import StageContext, begin, cli_config, finish, recorded
+from .core.stage import StageContext, begin, cli_main, finish, recorded
 from .core.templates import count_tokens, ensure_chat_template, render_dialogue, render_prompt
 
 DROP_REASONS = (
@@ -199,19 +201,25 @@ def prepare(cfg: Config) -> dict:
     """Run stage 1 end to end and write its record; returns the stage's results dict."""
     ctx: StageContext = begin(cfg)
     with measure(ctx.device) as m:
+        ctx.step = "tokenizer"
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
         tokenizer = load_tokenizer(base)
         template = ensure_chat_template(tokenizer)
+        ctx.step = "read source"
         source = resolve_source(cfg.data, ctx.root)
         got = collect(iter_source(source, cfg.data), tokenizer, cfg.data.max_length)
+        ctx.step = "split"
         check_counts(got, cfg.data.n_train, cfg.data.n_test, source["location"])
         train_idx, test_idx = split_by_prompt(len(got.pairs), cfg.data.n_train, cfg.data.n_test, cfg.run.seed)
         train, test = [got.pairs[i] for i in train_idx], [got.pairs[i] for i in test_idx]
         check_no_leakage(train, test)
         out_dir = ctx.path(cfg.data.out_dir)
+        # the three files are one unit: written to a staging folder, swapped in together once complete
+        ctx.step = f"write: staging set beside {out_dir}"
+        staging = new_staging(out_dir, ctx.run_dir.name)
         texts = {"train_prefs.jsonl": to_jsonl(train), "test_prefs.jsonl": to_jsonl(test)}
         for name, text in texts.items():
-            atomic_write_text(out_dir / name, text)
+            atomic_write_text(staging / name, text)
         split_lengths = {
             split: {k: length_stats([got.lengths[i][k] for i in idx]) for k in ("prompt", "chosen", "rejected")}
             for split, idx in (("train", train_idx), ("test", test_idx))
@@ -230,13 +238,17 @@ def prepare(cfg: Config) -> dict:
             "requested": {"train": cfg.data.n_train, "test": cfg.data.n_test},
             "counts": {"train": len(train), "test": len(test)},
             "token_lengths": split_lengths,
-            "files": {name: sha256_file(out_dir / name) for name in texts},
+            "files": {name: sha256_file(staging / name) for name in texts},
         }
-        atomic_write_text(out_dir / "data_card.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(staging / CARD, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        ctx.step = "write: figure"
         figure = length_figure(
             {k: [got.lengths[i][k] for i in train_idx + test_idx] for k in ("prompt", "chosen", "rejected")},
             ctx.run_dir / "figures" / "data_lengths.png",
         )
+        ctx.step = "write: swap in"
+        swap_in_dir(staging, out_dir)
+    ctx.step = "record"
     results = {**card, "out_dir": str(out_dir), "figure": str(figure)}
     results["record"] = str(
         finish(ctx, "data", results, m, model_config={"base_model": cfg.model.name, "location": base},
@@ -245,11 +257,13 @@ def prepare(cfg: Config) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.data_preparation [--profile P] [--config F] [--set K=V ...]``."""
-    results = prepare(cli_config("Stage 1: prepare HH-RLHF preference pairs.", argv))
-    print(json.dumps({k: results[k] for k in ("rows_read", "dropped", "counts", "record")}, indent=2))
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.data_preparation [--profile P] [--config F] [--set K=V ...]``;
+    returns the exit status (:func:`edgerlhf.core.stage.cli_main`)."""
+    return cli_main("edgerlhf.data_preparation", "Stage 1: prepare HH-RLHF preference pairs.", prepare,
+                    lambda results: json.dumps({k: results[k] for k in ("rows_read", "dropped", "counts", "record")},
+                                               indent=2), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
+from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .core.config import Config, PPOStageConfig
-from .core.files import swap_in_dir
+from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
 from .core.lm import completion_logprobs, fit_prompt
 from .core.logs import tensorboard_writer
@@ -45,10 +47,11 @@ from .core.models import load_causal_lm, load_tokenizer
 from .core.plots import overoptimisation_figure, ppo_curves_figure
 from .core.ppo import decode_responses, reference_logprobs, rollout
 from .core.ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
-from .core.prefs import read_prefs
+from .core.prefs import TEST, TRAIN, check_data_set, read_prefs
+from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
 from .core.reward_models import JUDGES, backbone_of, load_reward_model, score, weights_digest
-from .core.stage import begin, cli_config, finish, recorded
+from .core.stage import begin, cli_main, finish, recorded
 from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
@@ -282,7 +285,12 @@ def implicit_reward_check(policy_margins, sft_margins, seed: int) -> dict:
 
 def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
     """EXP at one reward-model precision: train PPO, evaluate the held-out prompts after training against
-    the shared SFT replies, with every judge, and the implicit-reward check; returns its results."""
+    the shared SFT replies, with every judge, and the implicit-reward check; returns its results.
+
+    Raises:
+        ValueError: the trained policy adapter or value head holds NaN or inf; the experiment's last good model
+            folder is kept as it was.
+    """
     p = cfg.ppo
     rm_dir = ctx.path(cfg.reward.output_dir)
     rm_folder = rm_dir / (precision if p.reward_mode == "trained" else "bf16")
@@ -334,8 +342,15 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         ctx.step = f"experiment {precision}: implicit-reward check"
         implicit = implicit_reward_check(preference_margins(policy, tokenizer, shared["labelled"], p.score_batch_size),
                                          shared["sft_margins"], cfg.run.seed)
-        staging = out_dir / f".staging-{precision}"
-        shutil.rmtree(staging, ignore_errors=True)
+        ctx.step = f"experiment {precision}: saving"  # a diverged policy fails here: the last good model stays
+        kept = f"{precision}; {out_dir / precision} is kept as it was"
+        try:
+            require_finite(get_peft_model_state_dict(policy), f"PPO policy adapter ({kept})")
+            require_finite(value_head.state_dict(), f"PPO value head ({kept})")
+        except ValueError:  # diverged: its checkpoints would only resume the divergence and block the next run
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            raise
+        staging = new_staging(out_dir / precision, ctx.run_dir.name)
         policy.save_pretrained(staging / "adapter")
         save_file(value_head.state_dict(), staging / "value_head.safetensors")
         (staging / "ppo_info.json").write_text(json.dumps(
@@ -497,11 +512,20 @@ def run_alignment(cfg: Config) -> dict:
     if not (rm_dir / JUDGE).exists():
         raise FileNotFoundError(f"{rm_dir / JUDGE}: no judge reward model; run 03_Reward_Modeling with reward.judge=true")
     verdicts = rm_verdicts(rm_dir)
+    data_dir = ctx.path(cfg.data.out_dir)
+    # provenance: the data, the SFT model and the reward-model set belong together, and each model is the one judged
+    ctx.step = "provenance"
+    data_hashes = check_data_set(data_dir)
+    inputs = {f"{name}_sha256": sha for name, sha in data_hashes.items()}
+    inputs.update(sft_identity(Path(sft_location).parent, data_hashes))
+    check_reward_inputs(rm_dir / "evaluation.json", verdicts.get("inputs"),
+                        {k: inputs[k] for k in (f"{TRAIN}_sha256", f"{TEST}_sha256", "sft_weights_sha256")})
+    inputs["reward_models_sha256"] = check_reward_set(rm_dir, verdicts)
+    ctx.step = "checkpoints"
     for precision in p.experiments:  # an unfinished run, or a resume under changed settings: refuse before loading
         checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / precision, p.resume,
                              run_signature(p, cfg.run.seed))
-    data_dir = ctx.path(cfg.data.out_dir)
-    test_rows = read_prefs(data_dir / "test_prefs.jsonl")
+    test_rows = read_prefs(data_dir / TEST)
     eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
         # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
@@ -518,7 +542,7 @@ def run_alignment(cfg: Config) -> dict:
         judges = load_judges(rm_dir, cfg)
         for name, judge in judges.items():
             before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
-        shared = {"train": read_prefs(data_dir / "train_prefs.jsonl"), "eval_queries": eval_queries,
+        shared = {"train": read_prefs(data_dir / TRAIN), "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}
@@ -547,16 +571,17 @@ def run_alignment(cfg: Config) -> dict:
             "steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
             "response_length", "init_kl_coef", "adaptive_kl", "target_kl", "gamma", "lam", "cliprange",
             "cliprange_value", "vf_coef", "max_grad_norm", "temperature")},
-        data={"train_file": str(data_dir / "train_prefs.jsonl"), "test_file": str(data_dir / "test_prefs.jsonl")},
+        data={"train_file": str(data_dir / TRAIN), "test_file": str(data_dir / TEST), **inputs},
     ))
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.ppo_alignment [--profile P] [--config F] [--set K=V ...]``."""
-    results = run_alignment(cli_config("Stage 4: PPO against bf16/int8/int4 reward models.", argv))
-    print("\n".join(results["conclusions"]))
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.ppo_alignment [--profile P] [--config F] [--set K=V ...]``;
+    returns the exit status (:func:`edgerlhf.core.stage.cli_main`)."""
+    return cli_main("edgerlhf.ppo_alignment", "Stage 4: PPO against bf16/int8/int4 reward models.", run_alignment,
+                    lambda results: "\n".join(results["conclusions"]), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

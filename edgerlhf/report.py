@@ -5,6 +5,8 @@
 Every number in the report is read from ``RUN_DIR/records/*.json`` (and the runner's
 ``manifest.json`` for notebook wall times); nothing is typed in. Figures are redrawn from
 the records into ``RUN_DIR/report_figures/`` so the report folder can be copied as a whole.
+A stage whose newest record failed is reported as failed (its step and error), and a field a
+section needs that a record lacks is named in the report ("not recorded"), never a crash.
 """
 from __future__ import annotations
 
@@ -15,17 +17,69 @@ from pathlib import Path
 
 from .core import crossfit, plots
 from .core.files import atomic_write_text
-from .core.records import STAGE_ORDER, current_run, memory_rows, newest_records
+from .core.records import STAGE_ORDER, current_run, memory_rows, newest_records, record_paths
 
 STAGES = dict(zip(STAGE_ORDER, ("00_Setup", "01_Data_Preparation", "02_SFT_Finetuning", "03_Reward_Modeling",
                                 "04_PPO_Alignment")))  # stage -> its notebook
 MIB_PER_GIB = 1024
+NOT_RECORDED = "not recorded"
 ORIGIN_NOTE = {"gguf": "; dequantized from a Q4_1 GGUF file, so even its full-precision weights carry 4-bit "
                        "rounding: the int4 comparison measures re-quantization of an already 4-bit model"}
 
 
 class MissingRecordError(FileNotFoundError):
     """A stage's record is absent from the run folder; the message names the file and the notebook."""
+
+
+class MissingField(KeyError):
+    """A field a report section reads is absent from a record; the message names the record file and the field."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Fields(dict):
+    """A record, or a dict inside one, whose missing key raises :class:`MissingField` with its file and path."""
+
+    def __init__(self, items: dict, file: str, path: str):
+        super().__init__(items)
+        self.file, self.path = file, path
+
+    def __missing__(self, key):
+        raise MissingField(f"`{self.file}` does not record `{self.path + '.' if self.path else ''}{key}`")
+
+
+def _fields(value, file: str, path: str = ""):
+    """``value`` (a record read from ``file``, or a part of it at ``path``) with every dict a :class:`_Fields`."""
+    if isinstance(value, dict):
+        return _Fields({k: _fields(v, file, f"{path}.{k}" if path else k) for k, v in value.items()}, file, path)
+    if isinstance(value, list):
+        return [_fields(v, file, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _record_files(run_dir: Path) -> dict[str, list[Path]]:
+    """Every record file of each stage in ``run_dir/records``, oldest first (the last one is the newest)."""
+    files: dict[str, list[Path]] = {}
+    for path in record_paths([run_dir]):
+        files.setdefault(path.stem.partition(".")[0], []).append(path)
+    return files
+
+
+def _section(title: str, build, record: dict | None = None, files: list[Path] = ()) -> str:
+    """A report section: ``build()``; or, where the stage's newest ``record`` (from ``files``) did not end ``ok``,
+    its status, step and error; or, where a field the section reads is not recorded, which one."""
+    if record is not None and record.get("status") != "ok":
+        r = record.get("results") or {}
+        earlier = ", ".join(f"`{f.name}`" for f in files[:-1])
+        return (f"## {title}\n\n**{record.get('status') or 'status not recorded'}**: the newest record of this stage, "
+                f"`records/{files[-1].name}` ({record.get('date') or 'date not recorded'}), ended at step "
+                f"`{r.get('step') or NOT_RECORDED}` with: {r.get('error') or 'error not recorded'}. No results are "
+                "shown for it." + (f" Earlier records of this stage in this run: {earlier}." if earlier else ""))
+    try:
+        return build()
+    except MissingField as exc:  # said in the report, not hidden: the section names the field it lacks
+        return f"## {title}\n\nNot shown: {exc} (a record written by another version of the stage?)."
 
 
 def latest_records(run_dir: str | Path) -> dict[str, dict]:
@@ -76,26 +130,36 @@ def _clip(text: str, n: int = 240) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _get(d: dict, key: str, fmt=str) -> str:
+    """``fmt(d[key])`` for a table cell, or ``not recorded`` where ``d`` has no ``key``."""
+    return fmt(d[key]) if key in d else NOT_RECORDED
+
+
 def section_run(records: dict, manifest: dict | None) -> str:
     setup = records["setup"]
-    hw, sw = setup["hardware"], setup["software"]
-    device = hw["gpu_name"] or f"CPU only ({hw['cpu']}, {hw['cpu_count']} cores)"
-    rows = [["run", setup["run_id"]], ["profile", setup["profile"]], ["seed", setup["seed"]],
+    hw, sw = setup.get("hardware") or {}, setup.get("software") or {}
+    base = (setup.get("results") or {}).get("base_model") or {}
+    device = hw.get("gpu_name") or (f"CPU only ({_get(hw, 'cpu')}, {_get(hw, 'cpu_count')} cores)" if hw
+                                    else NOT_RECORDED)
+    source = _get(base, "source")
+    if base.get("location") not in (None, base.get("source")):
+        source += f" (`{base['location']}`)"
+    rows = [["run", _get(setup, "run_id")], ["profile", _get(setup, "profile")], ["seed", _get(setup, "seed")],
             ["git commit", (manifest or {}).get("git_commit") or "-"], ["device", device],
-            ["VRAM (MiB)", _n(hw["vram_total_mib"])], ["RAM (MiB)", _n(hw["ram_total_mib"])],
-            ["bf16 supported", _n(hw["bf16_supported"])], ["platform", hw["platform"]],
-            ["base model", (f"{setup['results']['base_model']['name']} "
-                           f"({_n(setup['results']['base_model']['parameters'])} parameters)"
-                           + ORIGIN_NOTE.get(setup["results"]["base_model"].get("init"), ""))]]
-    rows += [[name, version or "not installed"] for name, version in sw.items()]
+            ["VRAM (MiB)", _get(hw, "vram_total_mib", _n)], ["RAM (MiB)", _get(hw, "ram_total_mib", _n)],
+            ["bf16 supported", _get(hw, "bf16_supported", _n)], ["platform", _get(hw, "platform")],
+            ["base model", _get(base, "name") + ORIGIN_NOTE.get(base.get("init"), "")], ["base model source", source],
+            ["base model architecture", _get(base, "architecture")],
+            ["base model parameters", _get(base, "parameters", _n)], ["base model dtype", _get(base, "dtype")]]
+    rows += [[name, version or "not installed"] for name, version in sw.items()] or [["software", NOT_RECORDED]]
     return "## Hardware and software\n\n" + _table(["", "value"], rows)
 
 
 def section_time(records: dict, manifest: dict | None) -> str:
     notebook_s = {n["notebook"][:2]: n.get("seconds") for n in (manifest or {}).get("notebooks", [])}
-    rows = [[f"{STAGES[s]}", _n(records[s]["wall_time_s"], 1), _n(notebook_s.get(STAGES[s][:2]), 1)]
+    rows = [[STAGES[s], _get(records[s], "wall_time_s", lambda x: _n(x, 1)), _n(notebook_s.get(STAGES[s][:2]), 1)]
             for s in STAGES]
-    total = [sum(r["wall_time_s"] or 0 for r in records.values()), sum(v or 0 for v in notebook_s.values())]
+    total = [sum(r.get("wall_time_s") or 0 for r in records.values()), sum(v or 0 for v in notebook_s.values())]
     rows.append(["**total**", _n(total[0], 1), _n(total[1], 1) if notebook_s else "-"])
     return ("## Wall time\n\nStage time is measured inside the stage (record `wall_time_s`); notebook time "
             "includes kernel start and plotting (runner manifest).\n\n"
@@ -318,43 +382,119 @@ def section_memory(records: dict, figures: Path) -> str:
             f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.core.memory.estimate`):\n\n{planned}")
 
 
+def provenance_links(records: dict) -> list[dict]:
+    """The chain of inputs between the stages' records, by sha256: ``[{"link", "expected", "found", "holds"}]``,
+    ``holds`` None where a record does not carry the hash (written before provenance was recorded)."""
+    def get(stage: str, *path: str):
+        value = records.get(stage)
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    train, test = "train_prefs.jsonl", "test_prefs.jsonl"
+    data = {name: get("data", "results", "files", name) for name in (train, test)}
+    rm_digests = get("reward", "data", "reward_models_sha256")
+    links = [("SFT trained on stage 1's training file", data[train], get("sft", "data", "train_sha256")),
+             ("reward models trained on stage 1's training file", data[train],
+              get("reward", "data", f"{train}_sha256")),
+             ("reward models evaluated on stage 1's test file", data[test], get("reward", "data", f"{test}_sha256")),
+             ("reward models built on this SFT model", get("sft", "results", "weights_sha256"),
+              get("reward", "data", "sft_weights_sha256")),
+             ("PPO on stage 1's files", data, {name: get("ppo", "data", f"{name}_sha256") for name in (train, test)}),
+             ("PPO's policy is this SFT model", get("sft", "results", "weights_sha256"),
+              get("ppo", "data", "sft_weights_sha256")),
+             ("PPO's reward models are the ones stage 3 evaluated", rm_digests,
+              get("ppo", "data", "reward_models_sha256"))]
+
+    def known(v):
+        return v is not None and not (isinstance(v, dict) and (not v or None in v.values()))
+    return [{"link": name, "expected": a, "found": b, "holds": (a == b) if known(a) and known(b) else None}
+            for name, a, b in links]
+
+
+def section_provenance(records: dict) -> str:
+    """Whether the stages of this run read each other's outputs (:func:`provenance_links`), in words and a table."""
+    links = provenance_links(records)
+    broken = [x["link"] for x in links if x["holds"] is False]
+    unknown = [x["link"] for x in links if x["holds"] is None]
+
+    def short(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{k}: {short(x)}" for k, x in v.items()) or NOT_RECORDED
+        return f"`{v[:12]}`" if isinstance(v, str) else NOT_RECORDED
+    words = ("**Inconsistent**, these links do not hold: " + "; ".join(broken) + ". A later stage read other files "
+             "than the earlier stages of this run made." if broken else
+             "Every link holds: each stage read the files the stage before it made in this run."
+             if not unknown else f"The links that can be checked hold; {len(unknown)} cannot be checked (a record "
+             "without the hash): " + "; ".join(unknown) + ".")
+    rows = [[x["link"], short(x["expected"]), short(x["found"]),
+             {True: "yes", False: "**no**", None: NOT_RECORDED}[x["holds"]]] for x in links]
+    return ("## Provenance\n\nThe sha256 of what each stage read, from its record, against what the earlier stage "
+            "wrote (first 12 hex digits). " + words + "\n\n" + _table(["link", "made", "read", "holds"], rows))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/REPORT.md`` and ``run_dir/report_figures/*.png`` from the records; returns the report path.
 
+    A stage whose newest record did not end ``ok`` gets its status, step and error instead of its results; a
+    field that a record lacks is named in the report (``not recorded``) instead of raising.
+
     Raises:
         MissingRecordError: a stage's record is missing (the message names the file and the notebook).
-        ValueError: a record is not valid JSON.
+        ValueError: a record or ``manifest.json`` is not valid JSON (the message names the file).
+        OSError: the report or a figure cannot be written.
     """
     run_dir = Path(run_dir)
-    records = latest_records(run_dir)
+    files = _record_files(run_dir)
+    records = {stage: _fields(record, f"records/{files[stage][-1].name}")
+               for stage, record in latest_records(run_dir).items()}
     manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    try:
+        manifest = _fields(json.loads(manifest_path.read_text()), "manifest.json") if manifest_path.exists() else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
     figures = run_dir / "report_figures"
-    parts = [(f"# EdgeRLHF run report: {records['setup']['run_id']}\n\nBuilt by `python -m edgerlhf.report` from the "
-             f"records in `records/`; every number below is read from them."),
-             section_run(records, manifest), section_time(records, manifest), section_data(records),
-             section_sft(records, figures), section_reward(records, figures), section_ppo(records, figures),
-             section_memory(records, figures)]
+
+    def stage_section(stage: str, title: str, build) -> str:
+        return _section(title, build, records[stage], files[stage])
+
+    parts = [(f"# EdgeRLHF run report: {records['setup'].get('run_id') or run_dir.name}\n\nBuilt by "
+              "`python -m edgerlhf.report` from the records in `records/`; every number below is read from them."),
+             stage_section("setup", "Hardware and software", lambda: section_run(records, manifest)),
+             _section("Wall time", lambda: section_time(records, manifest)),
+             stage_section("data", "Data", lambda: section_data(records)),
+             stage_section("sft", "Supervised fine-tuning", lambda: section_sft(records, figures)),
+             stage_section("reward", "Reward models", lambda: section_reward(records, figures)),
+             stage_section("ppo", "PPO alignment", lambda: section_ppo(records, figures)),
+             _section("Provenance", lambda: section_provenance(records)),
+             _section("Memory", lambda: section_memory(records, figures))]
     return atomic_write_text(run_dir / "REPORT.md", "\n\n".join(parts) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``python -m edgerlhf.report [RUN_DIR]`` (default: the current run, the one the
-    notebooks last ran in); returns 0, or 1 with a message on error."""
+    notebooks last ran in); returns 0, or 1 with a one-line message that says what was being done
+    (``edgerlhf.report: building the report of RUN_DIR: ...``) on a missing record, invalid JSON or an
+    unwritable folder. Any other error propagates with that same context added as a note."""
     parser = argparse.ArgumentParser(description="Build RUN_DIR/REPORT.md from a run's records.")
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="a run folder, e.g. results/runs/<run_id> (default: the current run, "
                              "results/current_run.json)")
     args = parser.parse_args(argv)
+    doing = "finding the current run (results/current_run.json)"
     try:
         run_dir = args.run_dir or current_run("results")
         if run_dir is None:
             raise ValueError("no RUN_DIR given and no current run (results/current_run.json): run the notebooks "
                              "first, or name a run folder")
+        doing = f"building the report of {run_dir}"
         path = build_report(run_dir)
-    except (MissingRecordError, ValueError) as exc:
-        print(f"edgerlhf.report: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # MissingRecordError is an OSError
+        print(f"edgerlhf.report: {doing}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # an unexpected error keeps its traceback, which then says what was being done
+        exc.add_note(f"edgerlhf.report: {doing}")
+        raise
     print(f"edgerlhf.report: wrote {path}")
     return 0
 

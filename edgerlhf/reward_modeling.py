@@ -15,7 +15,8 @@ proxies' recipe at bf16) and ``judge-tfidf`` (TF-IDF of the reply, evidence the 
 Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.core.baselines`) are scored on
 the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar with Holm's
 correction, paired bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
-carries each model's verdict to stage 4. Probes are also cross-fitted over every pair SFT did not train on
+carries each model's verdict and weight digest to stage 4. The models and ``evaluation.json`` are written to one
+staging set and swapped in as ``models/rm`` at the end, so an interrupted run leaves the previous set whole. Probes are also cross-fitted over every pair SFT did not train on
 (:func:`crossfit_evaluation`), the evaluation that compares precisions.
 
 Folders: ``models/rm/{bf16,int8,int4,judge,judge-tfidf}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -34,25 +36,26 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback
 
-from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config
+from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config, require_finite
 from .core.baselines import TfidfReward, baseline_scores, fit_pairwise_logistic
 from .core.config import Config, RewardStageConfig
 from .core.crossfit import assess as crossfit_assess
 from .core.crossfit import fold_draws, judge_frontier, length_margins, out_of_fold, phi, probe_fitter, tfidf_fitter
-from .core.distributed import is_main_process, main_process_writes
-from .core.files import atomic_write_text, swap_in_dir
+from .core.distributed import main_process_writes
+from .core.files import atomic_write_text, new_staging, swap_in_dir
 from .core.lm import fit_prompt
 from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
 from .core.metrics import agreement, assess, correct, evaluate_pairs
 from .core.models import load_tokenizer
 from .core.plots import accuracy_figure, margin_figure, reliability_figure
-from .core.prefs import read_prefs, sft_pairs
+from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, sft_pairs
+from .core.provenance import sft_identity
 from .core.reward_models import (
     HEAD, JUDGES, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
-    tokenizer_fingerprint, weights_fingerprint, write_info,
+    tokenizer_fingerprint, weights_digest, weights_fingerprint, write_info,
 )
-from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
+from .core.stage import begin, choose_micro_batch, cli_main, finish, recorded
 from .core.templates import ensure_chat_template, ensure_pad_token
 from .core.training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
@@ -134,24 +137,25 @@ def dtype_that_ran(precision: str, device) -> str:
 
 
 def write_model_folder(folder: Path, write) -> None:
-    """Make ``folder`` anew: ``write(staging)`` fills an empty sibling ``.staging-<name>`` that then replaces
-    ``folder`` (the old model stays until the new one is complete); on the main process only
-    (:func:`edgerlhf.core.distributed.main_process_writes`), the others wait for it."""
-    def run():
-        staging = folder.parent / f".staging-{folder.name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        write(staging)
-        swap_in_dir(staging, folder)
-    main_process_writes(run)
+    """Fill the new ``folder``, inside stage 3's staging set (:func:`run_reward`), with ``write(folder)``; on the
+    main process only (:func:`edgerlhf.core.distributed.main_process_writes`), the others wait for it."""
+    main_process_writes(write, folder)
 
 
 def save_trained(trainer, tokenizer, sft_location: str, precision: str, staging: Path, device) -> None:
-    """Write a LoRA-trained reward model: bf16 merged into ``model/``; int8/int4 as ``adapter/`` on the SFT backbone."""
+    """Write a LoRA-trained reward model: bf16 merged into ``model/``; int8/int4 as ``adapter/`` on the SFT backbone.
+
+    Raises:
+        ValueError: a weight (merged, or of the adapter model) holds NaN or inf; nothing is written.
+    """
+    what = f"reward model {staging.name} ({precision}, lora)"
+    merged = trainer.model.merge_and_unload() if precision == "bf16" else None
+    require_finite((merged if merged is not None else trainer.model).state_dict(), what)
     tokenizer.save_pretrained(staging / "tokenizer")
     info = {"precision": precision, "made_by": "lora", "dtype": dtype_that_ran(precision, device),
             "tokenizer_sha256": tokenizer_fingerprint(staging / "tokenizer")}
-    if precision == "bf16":
-        trainer.model.merge_and_unload().save_pretrained(staging / "model", safe_serialization=True)
+    if merged is not None:
+        merged.save_pretrained(staging / "model", safe_serialization=True)
         write_info(staging, layout="model", **info)
     else:
         trainer.model.save_pretrained(staging / "adapter")
@@ -192,11 +196,11 @@ def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: 
 
 
 def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, tokenizer, train, validation,
-              seed: int) -> dict:
-    """Train a LoRA reward model at ``precision`` into ``models/rm/<name>``; returns training results."""
+              seed: int, out_dir: Path) -> dict:
+    """Train a LoRA reward model at ``precision`` into ``out_dir/<name>`` (the staging set); its checkpoints go
+    to ``reward.output_dir/checkpoints/<name>``, where a later run resumes from them. Returns training results."""
     r = cfg.reward
-    out_dir = ctx.path(r.output_dir)
-    checkpoints = out_dir / "checkpoints" / name
+    checkpoints = ctx.path(r.output_dir) / "checkpoints" / name
     last = checkpoint_to_resume(checkpoints, r.resume, "reward.resume")
     with measure(ctx.device) as m:
         model = build_reward_model(sft_location, precision, r, tokenizer.pad_token_id, ctx.device)
@@ -219,12 +223,13 @@ def train_one(name: str, precision: str, cfg: Config, ctx, sft_location: str, to
     return results
 
 
-def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]]) -> dict[str, dict]:
+def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]],
+                out_dir: Path) -> dict[str, dict]:
     """``reward.method = "lora"``: train and save every precision (every seed) and the judge. Extra seeds are
     saved in hidden folders ``.<name>-seed<seed>`` that :func:`evaluate_lora_models` removes once evaluated.
 
     Returns ``{name: entry}`` with the training results; ``entry["seed_folders"]`` lists ``(seed, folder)``."""
-    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    r = cfg.reward
     jobs = [(p, p, "trained", "train", "validation") for p in r.precisions]
     if r.judge:
         jobs.append(("judge", "bf16", "judge (pairs no proxy saw)", "judge_train", "judge_validation"))
@@ -236,7 +241,7 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
             ctx.step = f"models: {name} seed {seed} training"
             folder_name = name if i == 0 else f".{name}-seed{seed}"
             trained = train_one(folder_name, precision, cfg, ctx, sft_location, tokenizer, ex[train_split],
-                                ex[val_split], seed)
+                                ex[val_split], seed, out_dir)
             folders.append((seed, str(out_dir / folder_name)))
             if i == 0:
                 models[name] = {"precision": precision, "mode": mode, "method": "lora", "folder": str(out_dir / name),
@@ -246,11 +251,11 @@ def lora_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, li
     return models
 
 
-def evaluate_lora_models(models: dict[str, dict], cfg: Config, ctx, ex: dict[str, list[dict]]) -> None:
+def evaluate_lora_models(models: dict[str, dict], cfg: Config, ctx, ex: dict[str, list[dict]], out_dir: Path) -> None:
     """The final evaluation of :func:`lora_models`' models (in place): every seed's folder scored on the test pairs
     (accuracy per seed; the first seed's model is the one kept), extra seeds' folders then removed; and the
     post-training-quantized bf16 model (``-ptq``)."""
-    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    r = cfg.reward
     for name, entry in models.items():
         accuracies, folders, validation = [], entry.pop("seed_folders"), ex[entry.pop("validation_split")]
         for i, (seed, folder) in enumerate(folders):
@@ -381,10 +386,15 @@ def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, 
     """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, D]`` float32, ``D`` the
     width of ``pooling``'s features) on the SFT backbone named and hashed in ``rm_info.json`` (quantized on
     load like during training), truncated to its first ``num_layers`` blocks when given
-    (``reward.probe_layer``)."""
+    (``reward.probe_layer``).
+
+    Raises:
+        ValueError: the head holds NaN or inf; nothing is written.
+    """
+    head = {f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()}
+    require_finite(head, f"probe reward model {staging.name} ({precision})")
     tokenizer.save_pretrained(staging / "tokenizer")
-    save_file({f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()},
-              staging / "head.safetensors")
+    save_file(head, staging / "head.safetensors")
     write_info(staging, layout="head", precision=precision, made_by="probe", dtype=dtype_that_ran(precision, device),
                backbone=sft_location, backbone_sha256=weights_fingerprint(sft_location),
                tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"],
@@ -414,8 +424,8 @@ def check_saved_probe(folder: Path, precision: str, rows: list[dict], expected: 
     return cost
 
 
-def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
-                 ex: dict[str, list[dict]]) -> tuple[dict[str, dict], dict | None, dict[str, dict], dict[str, dict]]:
+def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]],
+                 out_dir: Path) -> tuple[dict[str, dict], dict | None, dict[str, dict], dict[str, dict]]:
     """``reward.method = "probe"``, before any test pair is read: per precision (bf16 first), one feature pass
     over every training split (the cross-fitted evaluation reads them all), then its head fitted
     (``reward.seeds[0]``: a convex fit, whose training variance the cross-fitted evaluation's fold draws
@@ -423,13 +433,14 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer,
     pairs; post-training quantization = the bf16 head on int8/int4 features (the same arithmetic as loading the
     bf16 folder quantized). With ``reward.probe_layer_search`` the first pass reads every candidate block and the
     block chosen on its training pairs is used from then on. :func:`evaluate_probes` scores them on the test pairs.
+    Models are saved under ``out_dir`` (the staging set).
 
     Returns:
         ``(models, search, features, heads)``: an entry per reward model (training results), the layer search's
         result (None without one), ``{precision: {split: (features_chosen, features_rejected)}}`` at the chosen
         block, and ``{name: fit}`` of every head fitted (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
     """
-    r, out_dir = cfg.reward, ctx.path(cfg.reward.output_dir)
+    r = cfg.reward
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
     layer, search = r.probe_layer, None
 
@@ -570,15 +581,41 @@ def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]
     return out
 
 
-def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict) -> Path:
-    """``models/rm/evaluation.json``: each reward model's held-out verdict, read by stage 4 to label
-    its PPO rows (accuracy and interval, learned or not, agreement with each judge)."""
+def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict, inputs: dict[str, str],
+                     digests: dict[str, str]) -> Path:
+    """``evaluation.json`` in the staging set ``out_dir``: each reward model's held-out verdict and the digest of
+    its trained weights (``digests``, by folder name: :func:`edgerlhf.core.reward_models.weights_digest`), and the
+    sha256 of the ``inputs`` (data files, SFT weights) the set was made from. Stage 4 reads it to label its PPO
+    rows and refuses a model whose digest differs (:func:`edgerlhf.core.provenance.check_reward_set`)."""
     keep = ("precision", "mode", "method", "folder", "accuracy", "accuracy_ci95", "n", "learned", "vs_length",
             "vs_best_baseline", "judge_agreement", "dtype")
     summary = {"length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
-               "baseline_accuracy": assessment["baseline_accuracy"],
-               "models": {name: {k: e.get(k) for k in keep} for name, e in models.items()}}
+               "baseline_accuracy": assessment["baseline_accuracy"], "inputs": inputs,
+               "models": {name: {**{k: e.get(k) for k in keep}, "weights_sha256": digests[Path(e["folder"]).name]}
+                          for name, e in models.items()}}
     return atomic_write_text(out_dir / "evaluation.json", json.dumps(summary, indent=2) + "\n")
+
+
+def relocate(tree, old: Path, new: Path):
+    """Rename, in place, every string in the dict/list ``tree`` that is a path under ``old`` to the same path
+    under ``new`` (the staging set's folders, named as they will be once swapped in); returns ``tree``."""
+    def move(value):
+        if isinstance(value, str) and (value == str(old) or value.startswith(str(old) + "/")):
+            return str(new) + value[len(str(old)):]
+        return relocate(value, old, new) if isinstance(value, (dict, list)) else value
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in list(items):
+        tree[key] = move(value)
+    return tree
+
+
+def swap_set(staging: Path, final_dir: Path) -> None:
+    """Swap the complete staging set in as ``final_dir`` (:func:`edgerlhf.core.files.swap_in_dir`); LoRA training
+    checkpoints kept under ``final_dir/checkpoints`` (``reward.keep_checkpoints``) move into the new set first."""
+    checkpoints = final_dir / "checkpoints"
+    if checkpoints.exists():
+        checkpoints.rename(staging / "checkpoints")
+    swap_in_dir(staging, final_dir)
 
 
 @recorded("reward")
@@ -591,15 +628,19 @@ def run_reward(cfg: Config) -> dict:
     """
     r = cfg.reward
     ctx = begin(cfg, distributed=True)
-    data_dir, out_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
+    data_dir, final_dir = ctx.path(cfg.data.out_dir), ctx.path(r.output_dir)
     with measure(ctx.device) as stage_m:
         # data: disjoint proxy / judge shares of the training pairs (the held-out test pairs come at the end)
         ctx.step = "data"
-        train_rows = read_prefs(data_dir / "train_prefs.jsonl")
+        inputs = {f"{name}_sha256": sha for name, sha in check_data_set(data_dir).items()}
+        train_rows = read_prefs(data_dir / TRAIN)
         splits = split_pairs(train_rows, r)
         # tokenizer (the SFT model's, with its chat template and pad token)
         ctx.step = "tokenizer"
         sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
+        inputs.update(sft_identity(Path(sft_location).parent))  # stage 4 checks it saw these data
+        # every model and evaluation.json go to one staging set, swapped in as reward.output_dir at the end
+        out_dir = main_process_writes(new_staging, final_dir, ctx.run_dir.name)
         micro_batch = None
         if r.method == "lora":  # on CUDA, the micro-batch the planner fits (probes train no network)
             cfg, micro_batch = choose_micro_batch(ctx, "reward", sft_location)
@@ -617,9 +658,9 @@ def run_reward(cfg: Config) -> dict:
         # models: train and save every precision (every seed), the judge; every choice is made on training pairs
         ctx.step = "models"
         if r.method == "probe":
-            models, search, features, heads = probe_models(cfg, ctx, sft_location, tokenizer, ex)
+            models, search, features, heads = probe_models(cfg, ctx, sft_location, tokenizer, ex, out_dir)
         else:
-            models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex), None
+            models, search = lora_models(cfg, ctx, sft_location, tokenizer, ex, out_dir), None
         second_judge = None
         if r.judge:
             ctx.step = f"models: {TFIDF_JUDGE} fit and save"
@@ -627,7 +668,7 @@ def run_reward(cfg: Config) -> dict:
         # final evaluation: the held-out test pairs are read here, once every model is saved
         ctx.step = "final evaluation: data"
         ex["test"], counts["test"] = reward_examples(
-            read_prefs(data_dir / "test_prefs.jsonl")[: r.max_eval_samples], tokenizer, r.max_length)
+            read_prefs(data_dir / TEST)[: r.max_eval_samples], tokenizer, r.max_length)
         if not ex["test"]:
             raise ValueError(f"no test pairs left after fitting to reward.max_length={r.max_length}: {counts}")
         ctx.step = "final evaluation: baselines"  # trained on the proxies' training pairs
@@ -646,7 +687,7 @@ def run_reward(cfg: Config) -> dict:
                                                r, r.seeds[0])
             del features
         else:
-            evaluate_lora_models(models, cfg, ctx, ex)
+            evaluate_lora_models(models, cfg, ctx, ex, out_dir)
         if second_judge:
             ctx.step = f"final evaluation: {TFIDF_JUDGE}"
             evaluate_tfidf_judge(*second_judge, ex)
@@ -667,7 +708,10 @@ def run_reward(cfg: Config) -> dict:
                                                                    models[j]["scores_rejected"])) == np.sign(margin))),
                     "phi": phi(correct(models[j]["scores_chosen"], models[j]["scores_rejected"]),
                                correct(entry["scores_chosen"], entry["scores_rejected"]))} for j in judges}
-        main_process_writes(write_evaluation, out_dir, models, assessment)
+        relocate(models, out_dir, final_dir)  # folders are named where they will be once swapped in
+        digests = main_process_writes(lambda: {Path(e["folder"]).name: weights_digest(out_dir / Path(e["folder"]).name)
+                                               for e in models.values()})
+        main_process_writes(write_evaluation, out_dir, models, assessment, inputs, digests)
         if search:
             losses = ", ".join(f"{c['layer']}: {c['cv_log_loss']:.4f}" for c in search["candidates"])
             assessment["conclusions"].insert(0, (
@@ -680,6 +724,8 @@ def run_reward(cfg: Config) -> dict:
         "margins": str(margin_figure(models, ctx.run_dir / "figures" / "rm_margins.png")),
         "accuracy": str(accuracy_figure(table, ctx.run_dir / "figures" / "rm_accuracy.png")),
     })
+    ctx.step = "swap in the reward-model set"
+    main_process_writes(swap_set, out_dir, final_dir)
     results = {"method": r.method, "probe_pooling": r.probe_pooling if r.method == "probe" else None,
                "models": models, "baselines": baselines, "table": table, "conclusions": assessment["conclusions"],
                "length_baseline": assessment["length_baseline"], "best_baseline": assessment["best_baseline"],
@@ -693,7 +739,8 @@ def run_reward(cfg: Config) -> dict:
         training_config={k: getattr(r, k) for k in (
             "method", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
             "num_train_epochs", "max_length", "gradient_checkpointing", "judge_fraction")},
-        data={"train_file": str(data_dir / "train_prefs.jsonl"), "test_file": str(data_dir / "test_prefs.jsonl")},
+        data={"train_file": str(data_dir / TRAIN), "test_file": str(data_dir / TEST), **inputs,
+              "reward_models_sha256": digests},
     ))
     return results
 
@@ -738,12 +785,12 @@ def summary_table(models: dict[str, dict], baselines: dict[str, dict]) -> list[d
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.reward_modeling [--profile P] [--config F] [--set K=V ...]``."""
-    results = run_reward(cli_config("Stage 3: reward models at bf16, int8 and int4.", argv))
-    if is_main_process():
-        print("\n".join(results["conclusions"]))
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.reward_modeling [--profile P] [--config F] [--set K=V ...]``;
+    returns the exit status (:func:`edgerlhf.core.stage.cli_main`)."""
+    return cli_main("edgerlhf.reward_modeling", "Stage 3: reward models at bf16, int8 and int4.", run_reward,
+                    lambda results: "\n".join(results["conclusions"]), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ from pathlib import Path
 from .core.config import DEFAULT_PROFILE, PROFILES, SET_HELP, load_config, parse_cli_sets
 from .core.files import atomic_write_text
 from .core.paths import REPO_ROOT, resolve
-from .core.records import create_run_dir, point_current_run
+from .core.lock import ProjectBusyError, ProjectLock, pid_alive
+from .core.records import create_run_dir, point_current_run, read_manifest
 
 NOTEBOOKS = [
     "00_Setup.ipynb",
@@ -38,6 +40,10 @@ NOTEBOOKS = [
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+class ReportFailed(RuntimeError):
+    """Every notebook ran but ``REPORT.md`` could not be built; the message names the run and the error."""
 
 
 def select(only: str | None) -> list[str]:
@@ -70,30 +76,20 @@ def write_manifest(run_dir: Path, manifest: dict) -> None:
     atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
-def pid_alive(pid: int) -> bool:
-    """True when a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 def mark_abandoned(results_dir: Path) -> list[Path]:
     """Mark as failed every manifest under ``results_dir/runs`` that still says ``running`` although its
     runner (``pid`` on this ``host``) no longer exists: a runner killed by SIGKILL or the OOM killer cannot
-    write its own ending. Returns the manifests changed."""
+    write its own ending. A damaged manifest is skipped with a warning naming it
+    (:func:`edgerlhf.core.records.read_manifest`). Returns the manifests changed."""
     changed = []
     for path in sorted((results_dir / "runs").glob("*/manifest.json")):
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_manifest(path.parent)
         if manifest.get("status") != "running" or manifest.get("host") != socket.gethostname():
             continue
-        if manifest.get("pid") is None or pid_alive(manifest["pid"]):
+        if pid_alive(manifest.get("pid")):
             continue
         manifest["status"] = "failed"
-        manifest["error"] = f"interrupted: runner process {manifest['pid']} ended without writing its status"
+        manifest["error"] = f"interrupted: runner process {manifest.get('pid')} ended without writing its status"
         for entry in manifest.get("notebooks", []):
             if entry.get("status") == "running":
                 entry.update(status="failed", error="interrupted")
@@ -125,13 +121,13 @@ def run_notebooks(
 
     Raises:
         NotebookFailed: a notebook raised or its kernel died; earlier notebooks' outputs are kept.
+        ReportFailed: every notebook ran, but the report could not be built.
+        ProjectBusyError: another run holds the project folder (:class:`edgerlhf.core.lock.ProjectLock`); nothing
+            is written.
         FileExistsError: ``run_dir`` exists and is not empty (a finished or running run is never written into).
         FileNotFoundError: ``config_file`` does not exist. ValueError, KeyError, TypeError: it, the profile or
             an override is invalid (checked before anything is written, by :func:`edgerlhf.core.config.load_config`).
     """
-    import papermill as pm
-    from tqdm.auto import tqdm
-
     root = resolve(root)
     selected = select(only)
     if config_file is not None:
@@ -140,23 +136,54 @@ def run_notebooks(
             raise FileNotFoundError(f"--config {config_file}: no such file")
     # bad input fails here, before any folder; profile None: the config file's, else the default profile
     profile = load_config(profile, config_file, overrides=overrides or {}).profile
+    lock = ProjectLock(root / "results", f"edgerlhf.run --profile {profile}")
+    lock.acquire()  # one run at a time: a second refuses here, having written nothing
+    try:
+        if lock.abandoned:  # a stage run on its own was killed holding the lock: record its failure
+            from .core.stage import record_abandoned
+
+            record_abandoned(root / "results", lock.abandoned)
+        return _run(lock, selected, profile, overrides, root, run_dir, progress, config_file)
+    finally:
+        lock.release()
+
+
+def _run(lock: ProjectLock, selected: list[str], profile: str, overrides: dict | None, root: Path,
+         run_dir: str | Path | None, progress: bool, config_file: Path | None) -> Path:
+    """:func:`run_notebooks` once the project lock is held."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
     if run_dir:
         run_dir = resolve(run_dir, root)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"--run-dir {run_dir} exists and is not empty; a run folder is never written "
                                   "into twice (choose a new folder, or leave --run-dir out)")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = create_run_dir(root / "results", profile)
-    point_current_run(root / "results", run_dir)  # notebooks opened by hand afterwards join this run
     mark_abandoned(root / "results")
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     manifest = {
-        "run_id": run_dir.name, "profile": profile, "overrides": overrides or {}, "root": str(root),
+        "run_id": None, "profile": profile, "overrides": overrides or {}, "root": str(root),
         "started": _now(), "git_commit": git_commit(), "python": sys.executable, "pid": os.getpid(),
         "host": socket.gethostname(), "status": "running", "notebooks": [],
     }
-    write_manifest(run_dir, manifest)
+    if run_dir:
+        existed = run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        existed, run_dir = False, create_run_dir(root / "results", profile)
+    try:  # a run that cannot start leaves no folder behind and does not become the current run
+        manifest["run_id"] = run_dir.name
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        write_manifest(run_dir, manifest)
+    except BaseException as exc:
+        if existed:
+            shutil.rmtree(run_dir / "notebooks", ignore_errors=True)
+        else:
+            shutil.rmtree(run_dir)
+        if isinstance(exc, OSError):  # say what was being done
+            raise type(exc)(exc.errno, f"could not start the run in {run_dir} (removed again): {exc.strerror}") from exc
+        raise
+    lock.update(run_dir.name)
+    point_current_run(root / "results", run_dir)  # notebooks opened by hand afterwards join this run
     parameters = {"profile": profile, "root": str(root), "run_dir": str(run_dir), "overrides": overrides or {},
                   "config_file": str(config_file) if config_file else None}
     for name in tqdm(selected, desc="notebooks", unit="nb", disable=not progress):
@@ -189,7 +216,11 @@ def run_notebooks(
     if selected == NOTEBOOKS:  # a whole run: its report, from the records just written
         from .report import build_report
 
-        build_report(run_dir)
+        try:
+            build_report(run_dir)
+        except (OSError, ValueError) as exc:  # said with what was being done, then raised
+            raise ReportFailed(f"all notebooks ran, but building the report of {run_dir} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
     return run_dir
 
 
@@ -226,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir = run_notebooks(args.profile, args.only, parse_cli_sets(args.set), args.root, args.run_dir,
                                 progress=not args.no_progress, config_file=args.config)
-    except (NotebookFailed, FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+    except (NotebookFailed, ReportFailed, ProjectBusyError, OSError, KeyError, TypeError, ValueError) as exc:
         print(f"edgerlhf.run: {exc}", file=sys.stderr)
         return 1
     print(f"edgerlhf.run: done; results in {run_dir}" + (f"; report: {run_dir / 'REPORT.md'}"

@@ -9,13 +9,14 @@ import importlib
 import importlib.metadata
 import json
 import shutil
+import sys
 
 from .core.config import Config, load_config
 from .core.hardware import hardware_report, recommend
 from .core.memory import measure
 from .core.models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
 from .core.planner import plan
-from .core.stage import begin, cli_config, finish, recorded
+from .core.stage import begin, cli_main, finish, recorded
 
 #: (import name, distribution name) of every library the pipeline uses.
 REQUIRED = [
@@ -49,9 +50,14 @@ def check_packages() -> list[dict]:
 def run_setup(cfg: Config) -> dict:
     """Run stage 0 and write its record; returns ``{"packages", "hardware", "recommendation", "base_model", ...}``.
 
+    ``base_model`` holds, for any model (registry entry, local folder or Hub id), its ``name``, ``location``,
+    ``source``, ``architecture``, ``dtype`` and ``parameters`` (:func:`edgerlhf.core.models.describe_base`).
+
     Raises:
         RuntimeError: a required library does not import (message lists them and the fix).
         ModelUnavailableError: the base model cannot be prepared (message says how to fix it).
+        ValueError: the base model's marker file is damaged, or its architecture is not a causal LM that
+            ``transformers`` knows (:func:`edgerlhf.core.models.describe_base`).
     """
     packages = check_packages()
     broken = [p for p in packages if not p["ok"]]
@@ -70,8 +76,10 @@ def run_setup(cfg: Config) -> dict:
         recommendation = recommend(hardware)
         # planned for a GPU in bf16, the setting the 8 GiB budget is about: this profile, and the research plan's
         full = load_config("full")
+        base_config = model_config(cfg.model.name, base)
+        base_model = {"name": cfg.model.name, "location": base, **describe_base(cfg.model.name, base, base_config)}
         memory_plan = [{"profile": cfg.profile, **row} for row in plan(
-            cfg, model_config(cfg.model.name, base), "bf16", cfg.run.vram_budget_gib)]
+            cfg, base_config, "bf16", cfg.run.vram_budget_gib)]
         memory_plan += [{"profile": "full", **row} for row in plan(
             full, model_config(full.model.name, full.model.name), "bf16", full.run.vram_budget_gib)]
     results = {
@@ -79,7 +87,7 @@ def run_setup(cfg: Config) -> dict:
         "hardware": hardware,
         "recommendation": recommendation,
         "memory_plan": memory_plan,
-        "base_model": {"name": cfg.model.name, "location": base, **describe_base(base)},
+        "base_model": base_model,
         "disk_free_mib": round(shutil.disk_usage(ctx.root).free / 2**20),
         "embedded_install": EMBEDDED_INSTALL,
         "run_dir": str(ctx.run_dir),
@@ -88,11 +96,13 @@ def run_setup(cfg: Config) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.setup [--profile P] [--set K=V ...]``."""
-    results = run_setup(cli_config("Stage 0: check the environment and prepare the base model.", argv))
-    print(json.dumps({k: results[k] for k in ("hardware", "recommendation", "base_model", "record")}, indent=2))
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.setup [--profile P] [--set K=V ...]``; returns the exit status
+    (:func:`edgerlhf.core.stage.cli_main`)."""
+    keys = ("hardware", "recommendation", "base_model", "record")
+    return cli_main("edgerlhf.setup", "Stage 0: check the environment and prepare the base model.", run_setup,
+                    lambda results: json.dumps({k: results[k] for k in keys}, indent=2), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,15 +7,18 @@ Outputs in ``sft.output_dir`` (default ``models/sft``)::
     checkpoints/checkpoint-<step>/   while training (removed after success unless keep_checkpoints)
     model/merged/                    full weights with any adapter merged, + tokenizer: what stages 3-4 load
     model/adapter/                   the LoRA adapter (lora, qlora, distill)
-    model/sft_info.json              strategy, dtype, base model, metrics
+    model/sft_info.json              strategy, dtype, base model, metrics, weights digest, training file sha256
 
-``model/`` is replaced only after a run succeeds, so a failed run leaves the last good model.
+``model/`` is replaced only after a run succeeds with finite losses and weights, so a failed or diverged run leaves
+the last good model.
 Run without the notebook: ``python -m edgerlhf.sft_finetuning --profile quick`` (or under ``accelerate launch -m``).
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -24,18 +27,19 @@ from transformers import EarlyStoppingCallback
 
 from .core.adapters import (
     compute_dtype, count_parameters, freeze_first_blocks, lora_config, nf4_in_compute_dtype, quantization_config,
+    require_finite,
 )
 from .core.config import Config, SFTStageConfig
-from .core.distributed import is_main_process, main_process_writes
-from .core.files import atomic_write_text, swap_in_dir
+from .core.distributed import main_process_writes
+from .core.files import atomic_write_text, folder_digest, new_staging, swap_in_dir
 from .core.generation import generate
 from .core.lm import completion_nll, fit_prompt
 from .core.logs import trainer_callbacks
 from .core.memory import free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer, prepare_base_model
 from .core.plots import loss_figure
-from .core.prefs import read_prefs, sft_pairs
-from .core.stage import begin, choose_micro_batch, cli_config, finish, recorded
+from .core.prefs import TRAIN, check_data_set, read_prefs, sft_pairs
+from .core.stage import begin, choose_micro_batch, cli_main, finish, recorded
 from .core.templates import ensure_chat_template, ensure_pad_token
 from .core.training import checkpoint_to_resume, train_with_backoff, trainer_arguments
 
@@ -125,8 +129,7 @@ def merged_model(trained, cfg: SFTStageConfig, base_location: str, adapter_dir: 
 
 
 def start_staging(staging: Path, model, adapter_dir: Path | None) -> None:
-    """Empty the staging folder and save the trained adapter into ``adapter_dir`` (None: no adapter)."""
-    shutil.rmtree(staging, ignore_errors=True)
+    """Save the trained adapter into ``adapter_dir`` (None: no adapter) in the new, empty ``staging`` folder."""
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir)
 
@@ -146,6 +149,24 @@ def finish_model(staging: Path, model_dir: Path, info: dict, checkpoints: Path |
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
+def require_finite_losses(log_history: list[dict], train_loss: float | None, model_dir: Path,
+                          checkpoints: Path) -> None:
+    """Refuse a run whose final training loss (the Trainer's mean over the run) or last eval loss is NaN or inf:
+    it diverged, and its model must not replace the one in ``model_dir``. Its ``checkpoints`` are removed first:
+    resuming would continue the divergence, and they would block the next run (``sft.resume``).
+
+    Raises:
+        ValueError: naming the non-finite losses and ``model_dir`` (kept as it was).
+    """
+    last_eval = next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None)
+    bad = {k: v for k, v in (("train_loss", train_loss), ("eval_loss", last_eval))
+           if v is not None and not math.isfinite(v)}
+    if bad:
+        main_process_writes(shutil.rmtree, checkpoints, ignore_errors=True)
+        raise ValueError(f"SFT diverged: final {bad} (try a lower sft.learning_rate); {model_dir} is kept as it was, "
+                         f"and the run's checkpoints ({checkpoints}) were removed: a diverged run is not resumed")
+
+
 def samples_table(prompts: list[list[dict]], before: list[str], after: list[str]) -> list[dict]:
     """Rows ``{"prompt": last user turn, "before": reply, "after": reply}`` for the notebook."""
     return [{"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
@@ -156,7 +177,8 @@ def run_sft(cfg: Config) -> dict:
     """Run stage 2 end to end and write its record; returns the stage's results.
 
     Raises:
-        ValueError: unknown strategy, target module or overlong mode; empty data after fitting.
+        ValueError: unknown strategy, target module or overlong mode; empty data after fitting; a run that
+            diverged (a non-finite final loss, weight or perplexity), which leaves ``model/`` as it was.
         FileExistsError: checkpoints of an interrupted run exist and ``sft.resume`` is False.
         DataFormatError / FileNotFoundError: bad or missing preference files.
     """
@@ -170,8 +192,8 @@ def run_sft(cfg: Config) -> dict:
     with measure(ctx.device) as m:
         # data
         ctx.step = "data"
-        train_rows, eval_rows = sft_pairs(read_prefs(data_dir / "train_prefs.jsonl"), s.max_train_samples,
-                                          s.max_eval_samples)
+        data_sha256 = {TRAIN: check_data_set(data_dir, (TRAIN,))[TRAIN]}
+        train_rows, eval_rows = sft_pairs(read_prefs(data_dir / TRAIN), s.max_train_samples, s.max_eval_samples)
         # tokenizer
         ctx.step = "tokenizer"
         base = prepare_base_model(cfg.model.name, ctx.path(cfg.model.models_dir))
@@ -205,18 +227,27 @@ def run_sft(cfg: Config) -> dict:
             lambda args: make_trainer(model, tokenizer, s, args, train, evaluation, teacher,
                                       trainer_callbacks(cfg.run.report_to, ctx.run_dir, "sft")),
             training_arguments(s, checkpoints, ctx.device, cfg.run.seed), last, cfg.run.max_oom_backoffs)
+        # a diverged run fails here: nothing of it is swapped in (model/ stays the last good model)
+        ctx.step = "check losses"
+        require_finite_losses(trainer.state.log_history, output.training_loss, out_dir / "model", checkpoints)
         # save (into a staging folder, swapped in only when complete)
         ctx.step = "save"
-        staging = out_dir / ".staging"
+        staging = main_process_writes(new_staging, out_dir / "model", ctx.run_dir.name)
         adapter_dir = staging / "adapter" if isinstance(trainer.model, PeftModel) else None
         main_process_writes(start_staging, staging, trainer.model, adapter_dir)
         final = merged_model(trainer.model, s, base, adapter_dir, ctx.device)
         trainer.accelerator.free_memory()  # accelerate keeps references to prepared models and optimizers
         free_memory()
+        ctx.step = "check weights"
+        require_finite(final.state_dict(), f"SFT model ({s.strategy}, merged; {out_dir / 'model'} is kept as it was)")
+        ctx.step = "save"
         main_process_writes(save_merged, final, tokenizer, staging / "merged")
         # evaluate the merged model: what stages 3 and 4 load
         ctx.step = "evaluate"
         after = completion_nll(final, tokenizer, pairs)
+        if not math.isfinite(after["perplexity"]):
+            raise ValueError(f"SFT model: perplexity after training is {after['perplexity']} on the validation "
+                             f"pairs; {out_dir / 'model'} is kept as it was")
         samples_after = generate(final, tokenizer, sample_prompts, max_new_tokens=s.sample_max_new_tokens)
         results = {
             "strategy": s.strategy, "dtype": str(compute_dtype(ctx.device)).replace("torch.", ""),
@@ -233,6 +264,8 @@ def run_sft(cfg: Config) -> dict:
             "log_history": trainer.state.log_history, "oom_backoffs": backoffs, "micro_batch_choice": micro_batch,
             "samples": samples_table(sample_prompts, samples_before, samples_after),
         }
+        results["data_sha256"] = data_sha256
+        results["weights_sha256"] = main_process_writes(folder_digest, staging / "merged")
         info = {k: v for k, v in results.items() if k not in ("log_history", "samples")} | {"base_model": base}
         main_process_writes(finish_model, staging, out_dir / "model", info,
                             None if s.keep_checkpoints else checkpoints)
@@ -246,18 +279,18 @@ def run_sft(cfg: Config) -> dict:
         training_config={k: getattr(s, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
             "max_length", "warmup_ratio", "lr_scheduler_type")},
-        data={"train_file": str(data_dir / "train_prefs.jsonl")},
+        data={"train_file": str(data_dir / TRAIN), "train_sha256": data_sha256[TRAIN]},
     ))
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m edgerlhf.sft_finetuning [--profile P] [--config F] [--set K=V ...]``."""
-    results = run_sft(cli_config("Stage 2: supervised fine-tuning.", argv))
-    if is_main_process():
-        print(json.dumps({k: results[k] for k in ("strategy", "perplexity_before", "perplexity_after",
-                                                  "tokens_per_second", "model_dir", "record")}, indent=2))
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m edgerlhf.sft_finetuning [--profile P] [--config F] [--set K=V ...]``;
+    returns the exit status (:func:`edgerlhf.core.stage.cli_main`)."""
+    keys = ("strategy", "perplexity_before", "perplexity_after", "tokens_per_second", "model_dir", "record")
+    return cli_main("edgerlhf.sft_finetuning", "Stage 2: supervised fine-tuning.", run_sft,
+                    lambda results: json.dumps({k: results[k] for k in keys}, indent=2), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

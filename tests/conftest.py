@@ -49,7 +49,7 @@ def tiny_data(tmp_path_factory, models_dir) -> Path:
 
     root = tmp_path_factory.mktemp("tinyroot")
     prepare(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir)}))
-    return root / "data"
+    return root / "data" / "prefs"
 
 
 @pytest.fixture
@@ -74,3 +74,16 @@ def tiny_sft(tmp_path_factory, models_dir, tiny_data) -> Path:
     run_sft(load_config("tiny", overrides={"run.root": str(root), "model.models_dir": str(models_dir),
                                            "data.out_dir": str(tiny_data), "sft.max_steps": 1}))
     return root / "models" / "sft"
+
+
+def write_card(folder: Path) -> Path:
+    """A minimal ``data_card.json`` listing the sha256 of the preference files in ``folder``, as stage 1 writes it
+    (later stages refuse a data folder whose files its card does not list)."""
+    import json
+
+    from edgerlhf.core.files import sha256_file
+
+    files = {p.name: sha256_file(p) for p in sorted(Path(folder).glob("*_prefs.jsonl"))}
+    path = Path(folder) / "data_card.json"
+    path.write_text(json.dumps({"files": files}) + "\n")
+    return path

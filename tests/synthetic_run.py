@@ -119,7 +119,7 @@ def stage_results(root: Path) -> dict[str, dict]:
                 "global_step": 4, "tokens_seen": 800, "tokens_per_second": 400.0, "perplexity_before": 900.0,
                 "perplexity_after": 850.0, "eval_tokens": 120,
                 "log_history": [{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.7}, {"step": 4, "eval_loss": 6.8}],
-                "samples": [{"prompt": "Hi", "before": "hello hello", "after": "Hello!"}]},
+                "samples": [{"prompt": "Hi", "before": "hello hello", "after": "Hello!"}], "weights_sha256": SFT_SHA},
         "reward": _reward_results(),
         "ppo": _ppo_results(data_dir),
     }
@@ -136,5 +136,18 @@ def write_synthetic_run(root: Path, results: dict[str, dict] | None = None, skip
     results = copy.deepcopy(results) if results is not None else stage_results(root)
     for stage, res in results.items():
         if stage not in skip:
-            finish(ctx, stage, res, dict(MEM))
+            finish(ctx, stage, res, dict(MEM), data=provenance(stage, results["data"]["files"]))
     return run_dir
+
+
+#: The synthetic SFT model's and reward models' weight digests (what the stages record beside their outputs).
+SFT_SHA, RM_SHA = "5f" * 32, {"bf16": "b1" * 32, "int8": "18" * 32, "int4": "14" * 32, "judge": "1d" * 32}
+
+
+def provenance(stage: str, files: dict[str, str]) -> dict:
+    """The ``data`` field of a stage's record: the sha256 of what it read, as the real stages write it."""
+    train, test = files["train_prefs.jsonl"], files["test_prefs.jsonl"]
+    read = {"train_prefs.jsonl_sha256": train, "test_prefs.jsonl_sha256": test, "sft_weights_sha256": SFT_SHA,
+            "sft_train_sha256": train}
+    return {"sft": {"train_sha256": train}, "reward": {**read, "reward_models_sha256": RM_SHA},
+            "ppo": {**read, "reward_models_sha256": RM_SHA}}.get(stage, {})

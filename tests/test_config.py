@@ -172,3 +172,86 @@ def test_config_classes_do_not_shadow_trls():
     names = [type(getattr(Config(), f.name)).__name__ for f in dataclasses.fields(Config) if f.name != "profile"]
     assert "SFTStageConfig" in names and "PPOStageConfig" in names
     assert not [n for n in names + ["Config"] if hasattr(trl, n)]
+
+
+def float_fields() -> list[str]:
+    """Every field annotated ``float`` or ``Optional[float]``, found from the dataclasses (not from LIMITS)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        if section.name == "profile":
+            continue
+        hints = typing.get_type_hints(section.default_factory)
+        keys += [f"{section.name}.{name}" for name, hint in hints.items() if float in (hint, *typing.get_args(hint))]
+    return keys
+
+
+def test_the_float_fields_are_found_in_every_section():
+    keys = float_fields()
+    assert {"run.vram_budget_gib", "sft.learning_rate", "reward.center_rewards_coefficient", "ppo.gamma",
+            "ppo.missing_eos_penalty", "ppo.approx_kl_stop"} <= set(keys)
+    assert len(keys) >= 25
+
+
+@pytest.mark.parametrize("key", float_fields())
+def test_every_float_field_refuses_nan_and_inf_from_every_layer(key, tmp_path):
+    import re
+
+    from edgerlhf.core.config import validate
+
+    name = re.escape(key)
+    with pytest.raises(ValueError, match=rf"{name}=nan \(command-line flag\) must be a finite number"):
+        load_config("tiny", cli=parse_cli_sets([f"{key}=.nan"]))
+    with pytest.raises(ValueError, match=rf"{name}=-inf \(parameter\) must be a finite number"):
+        load_config("tiny", overrides={key: float("-inf")})
+    section, field = key.split(".")
+    path = tmp_path / "c.json"
+    path.write_text(f'{{"{section}": {{"{field}": Infinity}}}}')  # Python's JSON reader accepts NaN / Infinity
+    with pytest.raises(ValueError, match=rf"{name}=inf \(config file .*c.json\) must be a finite number"):
+        load_config("tiny", path)
+    cfg = load_config("tiny")
+    setattr(getattr(cfg, section), field, float("nan"))  # a Config changed in code, checked by validate (begin)
+    with pytest.raises(ValueError, match=rf"{name}=nan \(default\) must be a finite number"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("sft.learning_rate=.inf", r"sft.learning_rate=inf \(command-line flag\) must be a finite number"),
+    ("sft.warmup_ratio=.nan", r"sft.warmup_ratio=nan \(command-line flag\) must be a finite number"),
+    ("ppo.gamma=.nan", r"ppo.gamma=nan \(command-line flag\) must be a finite number"),
+    ("sft.learning_rate=inf", r"sft.learning_rate=inf .* must be a finite number"),  # YAML reads a str
+    ("ppo.lam=NaN", r"ppo.lam=nan .* must be a finite number"),
+    ("reward.learning_rate=-Infinity", r"reward.learning_rate=-inf .* must be a finite number"),
+    ("sft.max_grad_norm=1e999", r"sft.max_grad_norm=inf .* must be a finite number"),  # overflows to inf
+    ("run.seed=-1", r"run.seed=-1 \(command-line flag\) must be in \[0, 4294967295\]"),
+    ("run.seed=4294967296", r"run.seed=4294967296 .* must be in \[0, 4294967295\]"),
+    ("reward.seeds=[42, -1]", r"reward.seeds=\[42, -1\] must be a non-empty list of int in \[0, 4294967295\]"),
+    ("ppo.top_p=1.5", r"ppo.top_p=1.5 .* must be in \(0.0, 1.0\]"),
+    ("ppo.missing_eos_penalty=-1", r"ppo.missing_eos_penalty=-1.0 .* must be >= 0.0"),
+    ("reward.center_rewards_coefficient=-0.01", r"reward.center_rewards_coefficient=-0.01 .* must be >= 0.0"),
+])
+def test_non_finite_and_out_of_range_values_are_refused_in_one_line(item, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_config("tiny", cli=parse_cli_sets([item]))
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_changed_in_code_is_type_checked_and_the_seed_range_is_numpys():
+    import numpy as np
+
+    from edgerlhf.core.config import SEED_RANGE, validate
+
+    cfg = load_config("tiny")
+    cfg.run.seed = 1.5
+    with pytest.raises(ValueError, match=r"run.seed=1.5 \(default\) must be of type int"):
+        validate(cfg)
+    state = np.random.get_state()
+    try:
+        np.random.seed(SEED_RANGE[1])  # the largest seed accepted is one NumPy accepts
+        for outside in (SEED_RANGE[0] - 1, SEED_RANGE[1] + 1):
+            with pytest.raises(ValueError):
+                np.random.seed(outside)
+    finally:
+        np.random.set_state(state)

@@ -69,7 +69,7 @@ def tiny_cfg(tmp_path, models_dir, **over):
 
 def test_prepare_writes_identical_files_twice(tmp_path, models_dir, hh_file):
     first = prepare(tiny_cfg(tmp_path, models_dir))
-    data = tmp_path / "data"
+    data = tmp_path / "data" / "prefs"
     snapshot = {p.name: p.read_bytes() for p in data.iterdir()}
     assert set(snapshot) == {"train_prefs.jsonl", "test_prefs.jsonl", "data_card.json"}
     second = prepare(tiny_cfg(tmp_path, models_dir))
@@ -91,12 +91,12 @@ def test_prepare_writes_identical_files_twice(tmp_path, models_dir, hh_file):
 def test_prepare_reports_bad_input_and_keeps_old_files(tmp_path, models_dir):
     cfg = tiny_cfg(tmp_path, models_dir)
     prepare(cfg)
-    before = (tmp_path / "data" / "train_prefs.jsonl").read_bytes()
+    before = (tmp_path / "data" / "prefs" / "train_prefs.jsonl").read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"chosen": dialogue("q", "a"), "rejected": dialogue("q", "b")}) + "\n{\"chosen\": 1}\n")
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'chosen' must be a string"):
         prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(bad)}))
-    assert (tmp_path / "data" / "train_prefs.jsonl").read_bytes() == before
+    assert (tmp_path / "data" / "prefs" / "train_prefs.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("content, over", [
@@ -108,14 +108,14 @@ def test_prepare_reports_bad_input_and_keeps_old_files(tmp_path, models_dir):
 def test_too_little_data_fails_before_writing(tmp_path, models_dir, content, over):
     cfg = tiny_cfg(tmp_path, models_dir)
     prepare(cfg)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "prefs").iterdir()}
     small = tmp_path / "small.jsonl"
     rows = [json.dumps({"chosen": dialogue(f"q{i}", "a"), "rejected": dialogue(f"q{i}", "b")}) for i in range(3)]
     small.write_text(content if content is not None else "\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"small.jsonl: \d+ row\(s\) read, \d+ usable pair\(s\).*existing data files "
                                          r"are kept"):
         prepare(tiny_cfg(tmp_path, models_dir, **{"data.path": str(small), **over}))
-    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "prefs").iterdir()} == before
 
 
 def test_the_files_load_as_trl_conversational_preference_data(tmp_path, models_dir):
@@ -126,7 +126,7 @@ def test_the_files_load_as_trl_conversational_preference_data(tmp_path, models_d
     from edgerlhf.core.prefs import read_prefs
 
     prepare(tiny_cfg(tmp_path, models_dir))
-    path = tmp_path / "data" / "train_prefs.jsonl"
+    path = tmp_path / "data" / "prefs" / "train_prefs.jsonl"
     example = load_dataset("json", data_files=str(path), split="train")[0]
     assert is_conversational(example)
     tokenizer = load_tokenizer(prepare_base_model("tiny-llama", models_dir))

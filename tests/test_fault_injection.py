@@ -76,7 +76,8 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not (b / "models/sft/model").exists()
     sft_left = Path(get_last_checkpoint(str(b / "models/sft/checkpoints"))).name  # checkpoint-2 or later
     finish(start(b, "02", "sft.resume=true"))
-    kill_when(start(b, "03"), b, "models/rm/bf16/head.safetensors")  # between two reward models
+    kill_when(start(b, "03"), b, "models/.rm.staging-*/bf16/head.safetensors")  # between two reward models
+    assert not (b / "models/rm").exists()  # the set is swapped in whole, or not at all
     finish(start(b, "03"))
     kill_when(start(b, "04"), b, "models/ppo/checkpoints/bf16/checkpoint-2/state.pt")
     kill_when(start(b, "04", "ppo.resume=true"), b, "models/ppo/checkpoints/int8/checkpoint-1/state.pt")

@@ -45,7 +45,7 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
         assert "<html" in html and ("data:image/png;base64" in html or entry["notebook"] == "00_Setup.ipynb")
     table = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]["table"]
     assert [row["reward_precision"] for row in table] == ["bf16", "int8", "int4"]
-    assert (tmp_path / "a" / "data" / "train_prefs.jsonl").exists()
+    assert (tmp_path / "a" / "data" / "prefs" / "train_prefs.jsonl").exists()
     # a whole run ends with its report, built from the run's real records
     report = (run_dir / "REPORT.md").read_text()
     assert "## PPO alignment" in report and "| int4 |" in report and "## Memory against" in report

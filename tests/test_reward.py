@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from conftest import write_card
 from edgerlhf import reward_modeling as reward
 from edgerlhf.core import crossfit
 from edgerlhf.core.lm import encode_prompt_completion
@@ -112,6 +113,7 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
     data.mkdir()
     for name, rows in (("train_prefs.jsonl", toy_rows(64, 0)), ("test_prefs.jsonl", toy_rows(32, 1000))):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_card(data)
     cfg = rm_cfg(**{"data.out_dir": str(data), "reward.precisions": ["bf16"], "reward.max_train_samples": None,
                     "reward.max_eval_samples": None, "reward.num_train_epochs": 4.0, "reward.learning_rate": 3e-3,
                     "reward.eval_steps": 100, "reward.post_training_quantization": False, "reward.judge": False})
@@ -119,7 +121,9 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
     assert results["models"]["bf16"]["accuracy"] >= 0.9
 
 
-def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batch(models_dir):
+@pytest.fixture
+def tiny_llama_scorer(models_dir):
+    """A tiny random Llama backbone in eval mode and its tokenizer (chat template, pad token), for ``score``."""
     from edgerlhf.core.models import load_tokenizer, prepare_base_model
     from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
@@ -130,6 +134,11 @@ def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batc
     model, _ = load_backbone(location, "bf16", "cpu")
     model.config.pad_token_id = tok.pad_token_id
     model.eval()
+    return model, tok
+
+
+def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batch(tiny_llama_scorer):
+    model, tok = tiny_llama_scorer
     history = [{"role": "user", "content": "old " * 30}, {"role": "assistant", "content": "ok " * 30}]
     prompts = [[{"role": "user", "content": "hi"}], history + [{"role": "user", "content": "new"}],
                [{"role": "user", "content": "huge " * 200}]]
@@ -313,7 +322,8 @@ def test_the_held_out_test_pairs_are_read_once_after_every_model_is_saved(rm_cfg
 
     def recording(path):
         if Path(path).name == "test_prefs.jsonl":  # which models are saved when the test pairs are opened
-            reads.append(sorted(p.name for p in out_dir.glob("*") if (p / "rm_info.json").exists()))
+            staged = out_dir.parent.glob(f".{out_dir.name}.staging-*/*")  # the set is swapped in at the end
+            reads.append(sorted(p.name for p in staged if (p / "rm_info.json").exists()))
         return real(path)
 
     monkeypatch.setattr(reward, "read_prefs", recording)
@@ -384,3 +394,125 @@ def test_reward_inputs_are_the_rendered_dialogue_fitted_from_the_left(gpt2_token
     assert starts[0] == encode_prompt_completion(gpt2_tokenizer, short, "yes")[1]
     assert starts[2] == start - (len(full) - 48)
     assert out[2][starts[2]:] == full[start:]  # the cut moved the reply's start, not its tokens
+
+
+def saved_probe(tiny_sft, folder: Path, weight=None) -> Path:
+    """A probe reward model saved by stage 3's own writer on the session's SFT model (no training needed)."""
+    import numpy as np
+
+    from edgerlhf.core.models import load_tokenizer
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
+
+    backbone = str(tiny_sft / "model" / "merged")
+    tok = load_tokenizer(backbone)
+    ensure_chat_template(tok)  # as stage 3 does before saving: the template is saved with the tokenizer
+    ensure_pad_token(tok)
+    hidden = json.loads((tiny_sft / "model" / "merged" / "config.json").read_text())["n_embd"]
+    weight = np.linspace(-1, 1, hidden) if weight is None else weight
+    reward.save_probe(folder, weight, tok, backbone, "bf16", "cpu", {"C": 1.0, "cv_log_loss": 0.6})
+    return folder
+
+
+def test_damaged_or_non_finite_reward_model_files_are_refused_naming_the_file(tiny_sft, tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    good = saved_probe(tiny_sft, tmp_path / "good")
+    load_reward_model(good)  # the folder as saved loads
+
+    def copy(name):
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    head = copy("truncated") / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-8])
+    with pytest.raises(RewardModelError, match=r"truncated.head.safetensors: missing, truncated or damaged"):
+        load_reward_model(head.parent)
+    info = copy("garbage-info") / "rm_info.json"
+    info.write_bytes(b"\x00\xffnot json{")
+    with pytest.raises(RewardModelError, match=r"garbage-info.rm_info.json: damaged"):
+        load_reward_model(info.parent)
+    info.write_text('["layout", "head"]')
+    with pytest.raises(RewardModelError, match=r"garbage-info.rm_info.json: must be a JSON object"):
+        load_reward_model(info.parent)
+    info.write_text(json.dumps({**json.loads((good / "rm_info.json").read_text()), "backbone_sha256": None}))
+    with pytest.raises(RewardModelError, match=r"rm_info.json: field\(s\) \['backbone_sha256'\] missing"):
+        load_reward_model(info.parent)
+    nan_head = copy("nan-head") / "head.safetensors"
+    weight = torch.linspace(-1, 1, load_reward_model(good)[0].score.weight.shape[1])[None]
+    weight[0, 3] = float("nan")
+    save_file({"score.weight": weight}, nan_head)
+    with pytest.raises(RewardModelError, match=r"nan-head.head.safetensors: 1 of 1 tensors hold NaN or inf "
+                                               r"\(score.weight\)"):
+        load_reward_model(nan_head.parent)
+    # a non-finite head is never written in the first place
+    with pytest.raises(ValueError, match=r"probe reward model never \(bf16\): 1 of 1 tensors hold NaN or inf"):
+        saved_probe(tiny_sft, tmp_path / "never", np.full(weight.shape[1], np.inf))
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_truncated_merged_model_file_is_named_on_load(tiny_sft, tmp_path):
+    from edgerlhf.core.models import load_tokenizer
+    from edgerlhf.core.reward_models import tokenizer_fingerprint, write_info
+
+    folder = tmp_path / "rm"  # a merged-model layout (stage 3's bf16 LoRA model) around the SFT weights
+    shutil.copytree(tiny_sft / "model" / "merged", folder / "model")
+    load_tokenizer(str(folder / "model")).save_pretrained(folder / "tokenizer")
+    write_info(folder, layout="model", precision="bf16", tokenizer_sha256=tokenizer_fingerprint(folder / "tokenizer"))
+    weights = folder / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(RewardModelError, match=r"rm.model.model.safetensors: missing, truncated or damaged"):
+        load_reward_model(folder)
+
+
+def test_the_whole_tokenizer_folder_is_fingerprinted(tiny_sft, tmp_path):
+    from edgerlhf.core.reward_models import tokenizer_fingerprint
+
+    good = saved_probe(tiny_sft, tmp_path / "good")
+    template = good / "tokenizer" / "chat_template.jinja"
+    assert template.exists() and json.loads((good / "rm_info.json").read_text())["tokenizer_sha256"] == \
+        tokenizer_fingerprint(good / "tokenizer")
+    for name, change in (("template", lambda t: (t / "chat_template.jinja").write_text(
+                              template.read_text().replace("Human:", "Person:"))),
+                         ("added", lambda t: (t / "extra.txt").write_text("x")),
+                         ("removed", lambda t: (t / "chat_template.jinja").unlink())):
+        folder = Path(shutil.copytree(good, tmp_path / name))
+        change(folder / "tokenizer")
+        with pytest.raises(RewardModelError, match="tokenizer differs from the one the reward model was trained with"):
+            load_reward_model(folder)
+
+
+def test_score_refuses_malformed_inputs_saying_what_was_expected(tiny_llama_scorer):
+    from edgerlhf.core.reward_models import encode_pairs, pair_features
+
+    model, tok = tiny_llama_scorer
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert torch.isfinite(score(model, tok, [prompt], ["hello"], batch_size=1, max_length=64)).all()
+    allowed = r"\['system', 'user', 'assistant'\]"
+    for role in ("wizard", "User"):
+        bad = [{"role": role, "content": "hi"}]
+        with pytest.raises(ValueError, match=rf"prompt 0, message 0: role '{role}' is not one of {allowed}"):
+            score(model, tok, [bad], ["hello"])
+        with pytest.raises(ValueError, match=rf"role '{role}' is not one of {allowed}"):
+            pair_features(model, tok, [bad], ["a"], ["b"], max_length=64)
+        with pytest.raises(ValueError, match=rf"role '{role}' is not one of {allowed}"):
+            encode_pairs(tok, [bad], ["a"], 64)
+    with pytest.raises(ValueError, match="max_length=0 must be >= 1"):
+        score(model, tok, [prompt], ["hello"], max_length=0)
+    with pytest.raises(ValueError, match="max_length=0 must be >= 1"):
+        encode_pairs(tok, [prompt], ["hello"], 0)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        score(model, tok, [prompt], ["hello"], batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        pair_features(model, tok, [prompt], ["a"], ["b"], batch_size=0, max_length=64)
+    with pytest.raises(TypeError, match=r"max_length must be an int >= 1, got 64.0"):
+        score(model, tok, [prompt], ["hello"], max_length=64.0)
+    with pytest.raises(TypeError, match=r"prompt 0 must be a list of \{'role', 'content'\} messages, got str"):
+        score(model, tok, ["hi"], ["hello"])
+    with pytest.raises(TypeError, match=r"prompts must be a list of prompts"):
+        score(model, tok, "hi", ["hello"])
+    with pytest.raises(TypeError, match=r"prompt 0, message 1 must be a dict \{'role': str, 'content': str\}"):
+        score(model, tok, [[prompt[0], "hi"]], ["hello"])
+    with pytest.raises(ValueError, match="2 prompts but 1 replies: one reply per prompt expected"):
+        score(model, tok, [prompt, prompt], ["hello"])
+    with pytest.raises(ValueError, match="2 prompts but 1 replies"):
+        encode_pairs(tok, [prompt, prompt], ["hello"], 64)

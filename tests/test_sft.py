@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_card
 from edgerlhf import sft_finetuning as sft
 from edgerlhf.core.hh_rlhf import DataFormatError
 from edgerlhf.core.lm import encode_prompt_completion
@@ -140,6 +141,7 @@ def test_bad_inputs_fail_clearly_and_keep_the_last_model(tiny_cfg, tmp_path):
     empty.mkdir()
     (empty / "train_prefs.jsonl").write_text("\n")
     (empty / "test_prefs.jsonl").write_text("\n")
+    write_card(empty)
     with pytest.raises(DataFormatError, match="train_prefs.jsonl: the file has no rows"):
         sft.run_sft(tiny_cfg(**{"data.out_dir": str(empty)}))
 
@@ -148,6 +150,7 @@ def test_sft_never_reads_the_held_out_test_pairs(tiny_cfg, tiny_data, tmp_path):
     data = tmp_path / "train_only"
     data.mkdir()
     shutil.copy(tiny_data / "train_prefs.jsonl", data)  # no test_prefs.jsonl: SFT validates on the training file
+    write_card(data)
     results = sft.run_sft(tiny_cfg(**{"data.out_dir": str(data), "sft.max_steps": 1}))
     rows = read_prefs(data / "train_prefs.jsonl")
     train, validation = sft_pairs(rows, 16, 8)  # the tiny profile's sft.max_train_samples / max_eval_samples
@@ -209,3 +212,28 @@ def test_out_of_memory_backs_off_and_resumes_with_the_same_effective_batch(tiny_
     weights = merged_weights(results)
     diff = max((weights[k] - straight[k]).abs().max().item() for k in straight)
     assert diff < 1e-5, diff
+
+
+def test_a_diverged_run_fails_and_leaves_the_last_good_model_byte_identical(tiny_cfg, tmp_path):
+    from edgerlhf.core.files import sha256_file
+    from edgerlhf.core.records import newest_records
+
+    good = sft.run_sft(tiny_cfg(**{"sft.max_steps": 1}))
+    model_dir = sft.Path(good["model_dir"])
+
+    def digests():
+        return {str(p.relative_to(model_dir)): sha256_file(p) for p in sorted(model_dir.rglob("*")) if p.is_file()}
+
+    before = digests()
+    assert "merged/model.safetensors" in before
+    run_dir = tmp_path / "diverged-run"
+    # finite, so the config accepts it; Adam's first steps are ~lr in size, so the weights overflow
+    with pytest.raises(ValueError, match=r"SFT (diverged|model).*NaN or inf|SFT diverged") as error:
+        sft.run_sft(tiny_cfg(**{"sft.max_steps": 2, "sft.learning_rate": 1e30, "run.run_dir": str(run_dir)}))
+    assert str(model_dir) in str(error.value)  # says which model was kept
+    assert digests() == before
+    record = newest_records(run_dir)["sft"]
+    assert record["status"] == "failed" and record["results"]["step"] in ("check losses", "check weights")
+    if record["results"]["step"] == "check losses":  # a diverged run is not offered for resuming
+        assert not (model_dir.parent / "checkpoints").exists()
+        sft.run_sft(tiny_cfg(**{"sft.max_steps": 1}))  # the next run is not blocked by its checkpoints

@@ -169,3 +169,22 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int | float]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "trainable_share": trainable / max(total, 1)}
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str, error: type[ValueError] = ValueError) -> None:
+    """Refuse weights that hold NaN or +-inf, before anything built from them is saved or used.
+
+    Only floating-point tensors are checked (quantized int8/NF4 storage holds integers, always finite).
+
+    Args:
+        tensors: named tensors, e.g. a ``state_dict()`` or a loaded safetensors file.
+        what: the model or file they belong to, named in the error.
+        error: the ``ValueError`` subclass to raise (a loader raises its own, e.g. ``RewardModelError``).
+    Raises:
+        ValueError: (``error``) naming ``what``, how many tensors are non-finite and the first ten of their names.
+    """
+    bad = [name for name, t in tensors.items()
+           if torch.is_floating_point(t) and not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise error(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or inf ({shown})")

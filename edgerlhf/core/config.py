@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -26,6 +27,11 @@ from .files import atomic_write_text
 
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: What Python's ``float()`` reads as a non-finite number (``nan``, ``inf``, ``-Infinity``): read so, then refused
+#: by :func:`validate` with the key named, like YAML's ``.nan`` / ``.inf``.
+_NONFINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+#: Seeds must fit NumPy's legacy seeding (``numpy.random.seed``, called by transformers' ``set_seed``): [0, 2**32 - 1].
+SEED_RANGE = (0, 2**32 - 1)
 #: The profile every entry point starts from when none is named (the runner, the stage modules,
 #: :func:`load_config`): it runs offline on a CPU with the embedded model.
 DEFAULT_PROFILE = "quick"
@@ -116,7 +122,8 @@ class DataConfig:
     max_length: int = _f(
         512, "Maximum tokens of rendered prompt + longer reply (int); longer rows are dropped. Research plan: 512."
     )
-    out_dir: str = _f("data", "Output folder for `train_prefs.jsonl`, `test_prefs.jsonl`, `data_card.json` (str).")
+    out_dir: str = _f("data/prefs", "Folder of stage 1's set, `train_prefs.jsonl`, `test_prefs.jsonl` and "
+                                    "`data_card.json`, replaced as one unit (str).")
 
 
 _GROUP_HELP = (
@@ -514,8 +521,8 @@ def set_value(cfg: Config, key: str, value: Any, origin: str = "override") -> No
         raise KeyError(f"{origin}: unknown config field {key!r}; valid fields of this section: {valid}")
     hint = hints[name]
     wants_float = hint is float or float in typing.get_args(hint)
-    if wants_float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; it is a float to any reader
+    if wants_float and isinstance(value, str) and any(r.fullmatch(value.strip()) for r in (_FLOAT, _NONFINITE)):
+        value = float(value)  # YAML 1.1 reads `1e-4` (no dot) or `nan` as a string; validate() refuses non-finite
     if not _allowed(hints[name], value):
         raise TypeError(f"{origin}: field {key!r} expects {hints[name]}, got {value!r} ({type(value).__name__})")
     if wants_float and isinstance(value, int) and not isinstance(value, bool):
@@ -525,8 +532,10 @@ def set_value(cfg: Config, key: str, value: Any, origin: str = "override") -> No
 
 _POSITIVE = (1, None)
 #: Allowed values of the numeric and enumerated fields: ``(low, high)`` bounds (inclusive, None: open),
-#: ``("above", x)`` (strictly greater) or a tuple of choices. Checked by :func:`validate` after every layer.
+#: ``("above", x)`` (strictly greater) or ``("above", x, high)`` (and at most ``high``), or a tuple of choices.
+#: Checked by :func:`validate` after every layer, which also refuses NaN and +-inf in every float field.
 LIMITS: dict[str, Any] = {
+    "run.seed": SEED_RANGE,
     "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0), "run.micro_batch_headroom": (0.0, 0.9),
     "run.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "run.report_to": ("none", "tensorboard"),
     "data.n_train": _POSITIVE, "data.n_test": _POSITIVE, "data.max_length": (8, None),
@@ -551,13 +560,15 @@ LIMITS: dict[str, Any] = {
     "reward.save_total_limit": _POSITIVE, "reward.early_stopping_patience": _POSITIVE,
     "reward.score_batch_size": _POSITIVE, "reward.crossfit_folds": (2, None), "reward.crossfit_draws": _POSITIVE,
     "reward.feature_batch_size": _POSITIVE, "reward.probe_layer": _POSITIVE,
+    "reward.center_rewards_coefficient": (0.0, None),  # a penalty weight (Eisenstein et al. 2023): >= 0
+    "ppo.missing_eos_penalty": (0.0, None),  # subtracted from the score: a negative one would reward no EOS
     "ppo.reward_mode": ("trained", "ptq"), "ppo.steps": _POSITIVE, "ppo.batch_size": _POSITIVE,
     "ppo.mini_batch_size": _POSITIVE, "ppo.gradient_accumulation_steps": _POSITIVE,
     "ppo.generation_batch_size": _POSITIVE, "ppo.rows_per_pass": _POSITIVE,
     "ppo.ppo_epochs": _POSITIVE, "ppo.learning_rate": ("above", 0.0),
     "ppo.value_learning_rate": ("above", 0.0), "ppo.response_length": _POSITIVE, "ppo.min_response_length": (0, None),
     "ppo.max_prompt_length": (8, None), "ppo.temperature": ("above", 0.0), "ppo.top_k": (0, None),
-    "ppo.top_p": ("above", 0.0), "ppo.reward_norm_samples": (0, None), "ppo.init_kl_coef": (0.0, None),
+    "ppo.top_p": ("above", 0.0, 1.0), "ppo.reward_norm_samples": (0, None), "ppo.init_kl_coef": (0.0, None),
     "ppo.target_kl": ("above", 0.0), "ppo.kl_horizon": _POSITIVE, "ppo.kl_estimator": ("k1", "k3"),
     "ppo.gamma": (0.0, 1.0), "ppo.lam": (0.0, 1.0), "ppo.cliprange": ("above", 0.0),
     "ppo.cliprange_value": ("above", 0.0), "ppo.vf_coef": (0.0, None), "ppo.max_grad_norm": ("above", 0.0),
@@ -573,7 +584,10 @@ def _violation(value: Any, rule: Any) -> str | None:
     if value is None:
         return None
     if rule and rule[0] == "above":
-        return None if value > rule[1] else f"must be > {rule[1]}"
+        high = rule[2] if len(rule) > 2 else None
+        if value > rule[1] and (high is None or value <= high):
+            return None
+        return f"must be > {rule[1]}" if high is None else f"must be in ({rule[1]}, {high}]"
     if all(isinstance(r, (int, float)) or r is None for r in rule):
         low, high = rule
         if (low is not None and value < low) or (high is not None and value > high):
@@ -582,9 +596,25 @@ def _violation(value: Any, rule: Any) -> str | None:
     return None if value in rule else f"must be one of {list(rule)}"
 
 
-def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
-    """Check every field against :data:`LIMITS` and the cross-field rules; returns ``cfg``.
+def _fields(cfg: Config):
+    """``(dotted key, annotation, value)`` of every field of every section of ``cfg``."""
+    for section in dataclasses.fields(Config):
+        if section.name == "profile":
+            continue
+        obj = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            yield f"{section.name}.{f.name}", hints[f.name], getattr(obj, f.name)
 
+
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
+    """Check every field's type and finiteness, every field against :data:`LIMITS` and the cross-field rules;
+    returns ``cfg``.
+
+    Every field of every section must fit its annotation (also for a Config built or changed in code), and no
+    float field may be NaN or +-inf (NaN passes any comparison-based range check). ``run.seed`` and every
+    ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
+    (0, 1].
     Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
     ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` is a non-empty list of
     int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.response_length <=
@@ -593,15 +623,27 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     is named in the message.
 
     Raises:
-        ValueError: one message listing every offending key with its value and the allowed range.
+        ValueError: one message listing every offending key with its value, origin and the allowed range.
     """
-    problems = []
+    origins = origins or {}
+    problems, non_finite = [], set()
+    for key, hint, value in _fields(cfg):
+        if not _allowed(hint, value):
+            problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) must be of type "
+                            f"{getattr(hint, '__name__', hint)}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) must be a finite number")
+            non_finite.add(key)
+    if len(problems) > len(non_finite):  # a wrong type: the rules below compare values of the declared types
+        raise ValueError(f"config (profile {cfg.profile!r}): " + "; ".join(problems))
     for key, rule in LIMITS.items():
+        if key in non_finite:
+            continue
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         why = _violation(value, rule)
         if why:
-            problems.append(f"{key}={value!r} ({(origins or {}).get(key, 'default')}) {why}")
+            problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) {why}")
     for key in ("sft.max_steps", "reward.max_steps"):
         value = getattr(getattr(cfg, key.split(".")[0]), "max_steps")
         if value != -1 and value < 1:
@@ -614,8 +656,9 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in search):
         problems.append(f"reward.probe_layer_search={search!r} must be a list of int >= 1 (transformer blocks)")
     seeds = cfg.reward.seeds
-    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
-        problems.append(f"reward.seeds={seeds!r} must be a non-empty list of int")
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or _violation(s, SEED_RANGE) for s in seeds):
+        problems.append(f"reward.seeds={seeds!r} must be a non-empty list of int in [{SEED_RANGE[0]}, "
+                        f"{SEED_RANGE[1]}]")
     p = cfg.ppo
     if p.max_prompt_length + p.response_length > cfg.reward.max_length:
         problems.append(f"ppo.max_prompt_length + ppo.response_length = {p.max_prompt_length} + "
@@ -715,7 +758,9 @@ SET_HELP = ("override any config field, e.g. data.n_train=100 or 'reward.precisi
 def parse_cli_sets(items: list[str]) -> dict[str, Any]:
     """Parse ``["data.n_train=100", "model.name=x"]`` (``--set`` flags) into typed overrides.
 
-    Values are read as YAML scalars/lists (``100`` -> int, ``null`` -> None, ``[a, b]`` -> list).
+    Values are read as YAML scalars/lists (``100`` -> int, ``null`` -> None, ``[a, b]`` -> list, ``.nan`` /
+    ``.inf`` -> float; ``nan`` / ``inf`` stay strings that a float field reads as floats). Non-finite values are
+    refused later, by :func:`validate`.
 
     Raises:
         ValueError: an item without ``=``.

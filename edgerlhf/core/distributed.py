@@ -17,8 +17,12 @@ from accelerate import PartialState
 
 
 def process_state() -> PartialState:
-    """accelerate's process state (a singleton; it joins the process group ``accelerate launch`` set up)."""
-    return PartialState()
+    """accelerate's process state (a singleton; it joins the process group ``accelerate launch`` set up). Without
+    CUDA it is asked for CPU processes (gloo): a plain ``PartialState()`` there sees one process until a trainer
+    sets the group up, so each process would think it writes alone."""
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def process_info() -> dict:

@@ -70,6 +70,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folder_digest(folder: str | os.PathLike, pattern: str = "*.safetensors") -> str:
+    """Hex SHA-256 over the files of ``folder`` (recursively) whose names match ``pattern``: each file's path
+    relative to ``folder`` and its :func:`sha256_file`, in sorted order. Identifies a model's weights, sharded
+    or not.
+
+    Raises:
+        FileNotFoundError: no file matches (the message names the folder and the pattern).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob(pattern) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {pattern} file to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -92,6 +110,20 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def new_staging(target: str | os.PathLike, run_id: str) -> Path:
+    """An empty staging folder ``.<name>.staging-<run_id>`` beside ``target``, private to the run ``run_id``; fill
+    it, then :func:`swap_in_dir` it in as ``target``. Staging folders of ``target`` left by other runs (a killed
+    run's) are removed first: call it only under the project lock (:mod:`edgerlhf.core.lock`), which makes every
+    other run a dead one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.staging-*"):
+        shutil.rmtree(stale)
+    staging = target.parent / f".{target.name}.staging-{run_id}"
+    staging.mkdir()
+    return staging
 
 
 def swap_in_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:

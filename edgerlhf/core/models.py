@@ -198,14 +198,39 @@ def model_config(name: str, location: str):
     from transformers import AutoConfig
 
     if name == "distilgpt2":
-        return GPT2Config(n_layer=6)
+        return GPT2Config(n_layer=6, dtype="float32")
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=False)
     except OSError as exc:
         raise _hub_error(location, exc) from exc
 
 
-def describe_base(location: str) -> dict:
-    """Provenance of a prepared base model (contents of its marker file), or ``{"source": location}``."""
+def describe_base(name: str, location: str, config) -> dict:
+    """What a record says about base model ``name`` prepared at ``location``, for any model.
+
+    Returns the contents of its marker file (registry entries built here: ``init``...) and, for every model,
+    ``source`` (``registry``, ``local folder`` or ``Hub``), ``architecture`` (the config's ``model_type``),
+    ``dtype`` (the checkpoint's, as its config declares; None when it declares none) and ``parameters``
+    (counted on an empty ``meta``-device copy built from ``config``, so no weights are loaded).
+
+    Args:
+        name: the configured ``model.name``.
+        location: what :func:`prepare_base_model` returned for it.
+        config: its ``transformers`` config (:func:`model_config`).
+    Raises:
+        ValueError: the marker file is not valid JSON (the message names it), or ``transformers`` has no
+            causal-LM class for the config's architecture.
+    """
     marker = Path(location) / MARKER
-    return json.loads(marker.read_text()) if marker.exists() else {"source": location}
+    provenance = {}
+    if marker.exists():
+        try:
+            provenance = json.loads(marker.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{marker}: not valid JSON ({exc}); delete {marker.parent} to rebuild it") from exc
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    dtype = getattr(config, "dtype", None)
+    source = "registry" if name in REGISTRY else "local folder" if Path(location).is_dir() else "Hub"
+    return {**provenance, "source": source, "architecture": config.model_type,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "parameters": parameters}

@@ -8,9 +8,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import sha256_file
 from .hh_rlhf import DataFormatError
 
 ROLES = ("system", "user", "assistant")
+#: Stage 1's files, written and swapped in as one unit: the two splits and the card that lists their sha256.
+TRAIN, TEST, CARD = "train_prefs.jsonl", "test_prefs.jsonl", "data_card.json"
+
+
+def check_data_set(data_dir: str | Path, splits: tuple[str, ...] = (TRAIN, TEST)) -> dict[str, str]:
+    """Check that ``splits`` in ``data_dir`` are the files its ``data_card.json`` lists (same sha256), so a stage
+    never reads a mixture of two data-stage runs; returns ``{file name: sha256}`` for the run record.
+
+    Raises:
+        FileNotFoundError: the card or a file is missing (the message says to run stage 1).
+        ValueError: the card is damaged, or a file's sha256 differs from the card's (both named).
+    """
+    data_dir = Path(data_dir)
+    card_path = data_dir / CARD
+    if not card_path.exists():
+        raise FileNotFoundError(f"{card_path}: no such file; run 01_Data_Preparation "
+                                "(python -m edgerlhf.data_preparation) first")
+    try:
+        listed = json.loads(card_path.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{card_path}: not a data card with a 'files' field ({exc}); run 01_Data_Preparation "
+                         "again") from None
+    out = {}
+    for name in splits:
+        path = data_dir / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file; run 01_Data_Preparation first")
+        out[name] = sha256_file(path)
+        if listed.get(name) != out[name]:
+            raise ValueError(f"{path} (sha256 {out[name][:12]}…) is not the file {card_path} lists "
+                             f"({str(listed.get(name))[:12]}…): the data files are not one set; run "
+                             "01_Data_Preparation again")
+    return out
 
 
 def _check_prompt(prompt: object, where: str) -> list[dict[str, str]]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import platform
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .distributed import process_info
 from .files import atomic_write_text
 from .hardware import hardware_report
+from .lock import pid_alive
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,6 +97,38 @@ def current_run(results_dir: str | Path) -> Path | None:
         raise ValueError(f"{path} points to {run_dir}, which does not exist; run 00_Setup.ipynb to start a new "
                          "run, or set run.run_dir")
     return run_dir
+
+
+def read_manifest(run_dir: str | Path) -> dict | None:
+    """``run_dir/manifest.json`` (written by the papermill runner), or None when the run has none.
+
+    A damaged manifest is reported with a warning naming the file and read as ``{"status": "damaged"}``, so one
+    bad file in an old run never stops a later one.
+    """
+    path = Path(run_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        logging.getLogger(__name__).warning("%s: damaged run manifest, skipped (%s)", path, exc)
+        return {"status": "damaged"}
+    if not isinstance(manifest, dict):
+        logging.getLogger(__name__).warning("%s: damaged run manifest (not an object), skipped", path)
+        return {"status": "damaged"}
+    return manifest
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` must not be written into again: it has a ``REPORT.md``, or a runner's manifest that
+    no longer says ``running`` (ok, failed, or damaged) or whose runner (``pid`` on this ``host``) is dead."""
+    manifest = read_manifest(run_dir)
+    if (Path(run_dir) / "REPORT.md").exists():
+        return True
+    if manifest is None:
+        return False
+    dead = manifest.get("host") == socket.gethostname() and not pid_alive(manifest.get("pid"))
+    return manifest.get("status") != "running" or dead
 
 
 def make_record(

@@ -27,15 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config
-from .config import PROBE_POOLINGS
-from .files import sha256_file
+from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .config import PRECISIONS, PROBE_POOLINGS
+from .files import folder_digest, sha256_file
 from .logs import progress
 from .lm import common_prefix, encode_prompt_completion, fit_prompt, pad_left, position_ids
 from .models import load_tokenizer
+from .prefs import ROLES
 from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
 
 HEAD = "score"
@@ -78,8 +80,18 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
 
 
 def tokenizer_fingerprint(folder: str | Path) -> str:
-    """SHA-256 of a saved tokenizer's ``tokenizer.json`` (to detect a mismatched tokenizer)."""
-    return sha256_file(Path(folder) / "tokenizer.json")
+    """SHA-256 of a whole saved tokenizer folder (to detect a mismatched tokenizer or chat template): the
+    :func:`edgerlhf.core.files.folder_digest` of every file under ``folder`` (``tokenizer.json``,
+    ``tokenizer_config.json``, ``chat_template.jinja``...), so an edited, added or removed file changes it. Stage 3
+    records it in ``rm_info.json`` and :func:`load_reward_model` compares it.
+
+    Raises:
+        RewardModelError: ``folder`` is not a folder or holds no file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        raise RewardModelError(f"{folder}: no tokenizer files (missing or empty folder)")
+    return folder_digest(folder, "*")
 
 
 def weights_fingerprint(folder: str | Path) -> str:
@@ -110,12 +122,53 @@ def read_info(path: str | Path) -> dict:
     """Read a reward-model folder's ``rm_info.json``.
 
     Raises:
-        RewardModelError: the folder has no ``rm_info.json``.
+        RewardModelError: the folder has no ``rm_info.json``, or it is not a JSON object whose ``layout`` is one
+            of :data:`TRAINED_WEIGHTS` (the message names the file).
     """
     info_path = Path(path) / INFO
     if not info_path.exists():
         raise RewardModelError(f"{path} is not a reward-model folder: {INFO} is missing")
-    return json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RewardModelError(f"{info_path}: damaged, not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(info, dict) or info.get("layout") not in TRAINED_WEIGHTS:
+        raise RewardModelError(f"{info_path}: must be a JSON object with 'layout' one of {list(TRAINED_WEIGHTS)}, "
+                               f"got {str(info)[:80]!r}")
+    return info
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a reward model's safetensors file, every floating-point one checked finite.
+
+    Raises:
+        RewardModelError: the file is missing, truncated or damaged, or a tensor holds NaN or inf (names the file).
+    """
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise RewardModelError(f"{path}: missing, truncated or damaged safetensors file ({exc})") from exc
+    require_finite(tensors, str(path), error=RewardModelError)
+    return tensors
+
+
+def _check_info(path: Path, info: dict) -> None:
+    """What :func:`load_reward_model` reads of ``rm_info.json`` is there and of the right kind.
+
+    Raises:
+        RewardModelError: a field missing or of the wrong kind (names the file and the field).
+    """
+    layout = info["layout"]
+    if layout not in ("model", "adapter", "head"):
+        raise RewardModelError(f"{path / INFO}: layout {layout!r} is not a neural reward model (model, adapter "
+                               "or head); a TF-IDF judge is loaded by edgerlhf.core.baselines")
+    if info.get("precision") not in PRECISIONS:
+        raise RewardModelError(f"{path / INFO}: 'precision' must be one of {list(PRECISIONS)}, "
+                               f"got {info.get('precision')!r}")
+    needed = ["tokenizer_sha256"] + ([] if layout == "model" else ["backbone", "backbone_sha256"])
+    missing = [key for key in needed if not isinstance(info.get(key), str)]
+    if missing:
+        raise RewardModelError(f"{path / INFO}: field(s) {missing} missing or not a string")
 
 
 def state_dict_mib(model: torch.nn.Module) -> float:
@@ -135,35 +188,49 @@ def load_reward_model(path: str | Path, precision: str | None = None, device: to
             post-training quantization. One trained under int8/int4 loads only at that precision.
         device: where the model runs (the reward model may live on the CPU while the policy is on a GPU).
     Raises:
-        RewardModelError: missing head or adapter, a tokenizer or backbone that differs from the one
-            the model was trained with, or a precision the folder cannot provide.
+        RewardModelError: missing head or adapter, a tokenizer folder (any file of it, the chat template
+            included) or backbone that differs from the one the model was trained with, a precision the folder
+            cannot provide, a damaged ``rm_info.json`` or safetensors file, or trained weights (head, adapter or
+            merged model) holding NaN or inf; the message names the file.
     """
     path = Path(path)
     info = read_info(path)
+    _check_info(path, info)
     precision = precision or info["precision"]
     fixed = info["layout"] == "adapter" or (info["layout"] == "head" and info["precision"] != "bf16")
     if fixed and precision != info["precision"]:
         raise RewardModelError(f"{path} was trained under {info['precision']} quantization ({info['layout']} layout) "
                                f"and cannot be loaded at {precision}; only a bf16-trained model is quantized on load")
+    if tokenizer_fingerprint(path / "tokenizer") != info["tokenizer_sha256"]:  # checked before anything reads it
+        raise RewardModelError(f"{path / 'tokenizer'}: tokenizer differs from the one the reward model was trained "
+                               "with (a file of the folder, the chat template included, was changed, added or "
+                               "removed; a model saved before the whole folder was fingerprinted needs stage 3 again)")
     tokenizer = load_tokenizer(str(path / "tokenizer"))
-    if tokenizer_fingerprint(path / "tokenizer") != info["tokenizer_sha256"]:
-        raise RewardModelError(f"{path / 'tokenizer'}: tokenizer differs from the one the reward model was trained with")
     ensure_chat_template(tokenizer)
     ensure_pad_token(tokenizer)
     if info["layout"] == "model":
+        files = sorted((path / "model").glob("*.safetensors"))
+        if not files:
+            raise RewardModelError(f"{path / 'model'} has no weights (*.safetensors)")
+        for file in files:  # readable and finite before transformers loads them, one file at a time
+            read_weights(file)
         model, missing = load_backbone(str(path / "model"), precision, device)
         if f"{HEAD}.weight" in missing:
             raise RewardModelError(f"{path / 'model'} has no trained {HEAD!r} head (score.weight missing)")
     else:
         backbone = info["backbone"]
-        if not Path(backbone).exists() or weights_fingerprint(backbone) != info["backbone_sha256"]:
+        if not (Path(backbone) / "model.safetensors").exists() or weights_fingerprint(backbone) != info[
+                "backbone_sha256"]:
             raise RewardModelError(f"{path}: its backbone {backbone} is missing or changed since training; "
                                    "retrain the reward model (stage 3)")
         model, _ = load_backbone(backbone, precision, device, info.get("num_layers"))
         if info["layout"] == "head":
             if not (path / "head.safetensors").exists():
                 raise RewardModelError(f"{path} has no head weights (head.safetensors)")
-            weight = load_file(path / "head.safetensors")[f"{HEAD}.weight"]
+            head_file = read_weights(path / "head.safetensors")
+            if f"{HEAD}.weight" not in head_file:
+                raise RewardModelError(f"{path / 'head.safetensors'} holds no {HEAD}.weight (has {sorted(head_file)})")
+            weight = head_file[f"{HEAD}.weight"]
             pooling = info.get("pooling", "last")
             if pooling != "last":  # the head reads pooled states (score() pools them): one float32 row of width D
                 setattr(model, HEAD, torch.nn.Linear(weight.shape[1], 1, bias=False, device=device,
@@ -180,12 +247,51 @@ def load_reward_model(path: str | Path, precision: str | None = None, device: to
 
             if not (path / "adapter" / "adapter_model.safetensors").exists():
                 raise RewardModelError(f"{path / 'adapter'} has no adapter weights")
+            read_weights(path / "adapter" / "adapter_model.safetensors")
             model = PeftModel.from_pretrained(model, str(path / "adapter"))
             if not hasattr(model.base_model.model, HEAD) or not hasattr(getattr(model.base_model.model, HEAD),
                                                                          "modules_to_save"):
                 raise RewardModelError(f"{path / 'adapter'} does not contain the trained {HEAD!r} head")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def check_prompts(prompts: list[list[dict]]) -> None:
+    """Check that ``prompts`` is a list of chat prompts, each a list of ``{"role", "content"}`` messages whose role
+    is one the chat templates render (:data:`edgerlhf.core.prefs.ROLES`, lower case) and whose content is a str.
+
+    Raises:
+        TypeError: ``prompts`` or a prompt is not a list (a prompt given as a str, say), or a message is not a dict
+            with a str ``content``.
+        ValueError: an unknown role (``"wizard"``, ``"User"``); the message lists the allowed ones.
+    """
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of prompts, each a list of {{'role', 'content'}} messages, got "
+                        f"{type(prompts).__name__}")
+    for i, messages in enumerate(prompts):
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"prompt {i} must be a list of {{'role', 'content'}} messages, got "
+                            f"{type(messages).__name__} {messages!r:.60}")
+        for j, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise TypeError(f"prompt {i}, message {j} must be a dict {{'role': str, 'content': str}}, got "
+                                f"{message!r:.80}")
+            if message.get("role") not in ROLES:
+                raise ValueError(f"prompt {i}, message {j}: role {message.get('role')!r} is not one of {list(ROLES)} "
+                                 "(the roles the chat templates render, lower case)")
+
+
+def check_count(**values: int) -> None:
+    """Check that each named value (``max_length=...``, ``batch_size=...``) is an int >= 1.
+
+    Raises:
+        TypeError: a value that is not an int. ValueError: a value < 1 (0 would silently mean "no limit").
+    """
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
 
 
 def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_length: int,
@@ -205,8 +311,13 @@ def encode_pairs(tokenizer, prompts: list[list[dict]], replies: list[str], max_l
         ``(token_lists, starts, counts)``: ``starts`` is a list of int, or None without ``reply_starts``;
         ``counts = {"turns_dropped": items whose prompt lost turns, "tokens_cut": items cut at the token level}``.
     Raises:
-        TypeError: a reply that is not a ``str`` (names the item).
+        TypeError: a reply that is not a ``str`` (names the item), or a malformed prompt (:func:`check_prompts`).
+        ValueError: ``max_length < 1``, an unknown role, or different numbers of prompts and replies.
     """
+    check_prompts(prompts)
+    check_count(max_length=max_length)
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies: one reply per prompt expected")
     out, starts, counts = [], [], {"turns_dropped": 0, "tokens_cut": 0}
     for i, (messages, reply) in enumerate(zip(prompts, replies)):
         if not isinstance(reply, str):
@@ -288,17 +399,25 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
     :func:`pool_states`, then the head in float32.
 
     Args:
-        prompts: ``N`` prompts, each a list of ``{"role", "content"}`` messages.
+        prompts: ``N`` prompts, each a list of ``{"role", "content"}`` messages, roles ``system``, ``user`` or
+            ``assistant`` (:func:`check_prompts`).
         replies: ``N`` reply strings.
-        max_length: tokens of prompt + reply (int).
+        batch_size: items per forward pass (int >= 1).
+        max_length: tokens of prompt + reply (int >= 1).
     Returns:
         ``FloatTensor[N]`` (float32, on the CPU).
     Raises:
-        ValueError: different numbers of prompts and replies; ``max_length`` beyond the model's positions.
-        TypeError: a reply that is not a ``str``.
+        ValueError: different numbers of prompts and replies; an unknown role; ``batch_size`` or ``max_length``
+            below 1, or ``max_length`` beyond the model's positions.
+        TypeError: prompts that are not lists of message dicts (a prompt given as a str), replies that are not a
+            list of ``str``, or a ``batch_size`` / ``max_length`` that is not an int.
     """
+    check_prompts(prompts)
+    if not isinstance(replies, (list, tuple)):
+        raise TypeError(f"replies must be a list of str, got {type(replies).__name__}")
     if len(prompts) != len(replies):
-        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies: one reply per prompt expected")
+    check_count(batch_size=batch_size, max_length=max_length)
     limit = position_limit(model)
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length={max_length} (reward.max_length) exceeds the reward model's {limit} positions")
@@ -368,8 +487,12 @@ def encode_pair_suffixes(tokenizer, prompts: list[list[dict]], chosen: list[str]
     Returns:
         ``([PairTokens, ...], n_truncated)``.
     Raises:
-        ValueError: a pair that does not fit even with only its last user turn.
+        ValueError: a pair that does not fit even with only its last user turn; ``max_length < 1``; an unknown
+            role (:func:`check_prompts`).
+        TypeError: a malformed prompt (:func:`check_prompts`).
     """
+    check_prompts(prompts)
+    check_count(max_length=max_length)
     pad = tokenizer.pad_token_id
     out, truncated = [], 0
     for i, (messages, c, r) in enumerate(zip(prompts, chosen, rejected)):
@@ -455,10 +578,15 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
         hidden size, twice that for ``last+mean``), or ``FloatTensor[N, len(layers), D]`` with ``layers``.
     Raises:
         ValueError: lengths differ, a pair cannot fit ``max_length``, a layer is not a block of the model,
-            or an unknown pooling.
+            an unknown pooling or role, or ``batch_size`` / ``max_length`` below 1.
+        TypeError: a malformed prompt (:func:`check_prompts`), or a ``batch_size`` / ``max_length`` that is not
+            an int.
     """
+    check_prompts(prompts)
     if not len(prompts) == len(chosen) == len(rejected):
-        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected replies")
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected replies: "
+                         "one of each per prompt expected")
+    check_count(batch_size=batch_size, max_length=max_length)
     if pooling not in PROBE_POOLINGS:
         raise ValueError(f"pooling must be one of {list(PROBE_POOLINGS)}, got {pooling!r}")
     backbone = backbone_of(model)
