@@ -43,8 +43,8 @@ progress "stages rc=$?"
 
 progress "ppo_step start"
 "$PY" benchmarks/ppo_step.py --policy models/sft/model/merged --reward models/rm/bf16 --reward-device cpu \
-  --prompts data/prefs/train_prefs.jsonl --batch 32 --mini-batch 2 --accumulation 4 --ppo-epochs 4 \
-  --response-length 64 --steps 2 --tag=-gpu >"$OUT_DIR/ppo_step.log" 2>&1
+  --prompts data/prefs/train_prefs.jsonl --batch 32 --micro-batch 2 --accumulation 4 --ppo-epochs 4 \
+  --max-new-tokens 64 --steps 2 --tag=-gpu >"$OUT_DIR/ppo_step.log" 2>&1
 progress "ppo_step rc=$?"
 
 progress "gpu_tests start"

@@ -6,7 +6,7 @@ accumulation, 4 PPO epochs, LoRA r16 on all seven projections, up to 64 new toke
 scripted reward, the embedded base in float32)::
 
     python benchmarks/ppo_step.py --policy models/base/smollm2-135m-instruct --reward scripted \\
-        --batch 8 --mini-batch 2 --accumulation 1 --ppo-epochs 4 --response-length 64 --temperature 1.0
+        --batch 8 --micro-batch 2 --accumulation 1 --ppo-epochs 4 --max-new-tokens 64 --temperature 1.0
 
     python benchmarks/ppo_step.py --policy models/sft/model/merged --reward models/rm/bf16   # a reward model
 
@@ -32,13 +32,13 @@ from edgerlhf.ppo_alignment import encode_queries, load_policy, reward_scorer
 from edgerlhf.core.config import PPOStageConfig
 from edgerlhf.core.hardware import hardware_report, resolve_device
 from edgerlhf.core.memory import MIB, apply_vram_budget, free_memory, measure, returning_freed_memory
-from edgerlhf.core import ppo
+from edgerlhf.core import ppo, rollout
 from edgerlhf.core.ppo import KLController, micro_batch_backward, ppo_step
-from edgerlhf.core.ppo_loop import make_optimizer
+from edgerlhf.core.ppo_trainer import make_optimizer
 from edgerlhf.core.prefs import read_prefs
 from edgerlhf.core.records import software_versions
 from edgerlhf.core.reproducibility import seed_everything
-from edgerlhf.core.reward_models import load_reward_model, state_dict_mib
+from edgerlhf.core.reward_scoring import load_reward_model, state_dict_mib
 from turns import Turns  # benchmarks/turns.py (this script's folder is on sys.path)
 
 PARTS = ("time_generation_s", "time_scoring_s", "time_forward_s", "time_update_s", "time_step_s")
@@ -57,11 +57,11 @@ def count_tokens(model):
     (``input_ids.numel()``), ``real`` the positions whose attention mask is 1. (The committed ``*-forced64-amd.json``,
     ``-amd-prefix*``, ``-amd-paired`` and ``-amd-paired2`` counted the ones of the 4-D mask of decoding steps
     into a static cache as generation's real tokens, 98,865 for 1,777: their ``generation.real`` is wrong.)
-    The old log-probs' pass over the reply tokens (:func:`edgerlhf.core.ppo.reply_logprobs`) counts as
+    The old log-probs' pass over the reply tokens (:func:`edgerlhf.core.rollout.reply_logprobs`) counts as
     ``no_grad_forward``, though it uses a cache."""
     counts = {p: {"calls": 0, "padded": 0, "real": 0} for p in PASSES}
     in_reply_pass = [False]
-    reply_logprobs = ppo.reply_logprobs
+    reply_logprobs = rollout.reply_logprobs
 
     def counted_reply_logprobs(*args, **kwargs):  # a no-grad pass, though it runs with the prompt's cache
         in_reply_pass[0] = True
@@ -85,14 +85,15 @@ def count_tokens(model):
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with patch.object(ppo, "reply_logprobs", counted_reply_logprobs):
+        with patch.object(rollout, "reply_logprobs", counted_reply_logprobs):
             yield counts
     finally:
         handle.remove()
 
 
-#: The phases of :func:`edgerlhf.core.ppo.ppo_step` whose peak memory is measured apart, and the function
-#: (in :mod:`edgerlhf.core.ppo`) each one is.
+#: The phases of :func:`edgerlhf.core.ppo.ppo_step` whose peak memory is measured apart, and the function each one
+#: is, by its name in :mod:`edgerlhf.core.ppo` (``rollout`` and ``reference_logprobs`` come from
+#: :mod:`edgerlhf.core.rollout`; ``ppo_step`` calls them by these names).
 PHASES = {"rollout": "rollout", "reference_pass": "reference_logprobs", "update": "ppo_update"}
 
 
@@ -130,11 +131,11 @@ def steal_seconds() -> float | None:
 
 
 def one_micro_batch(policy, value_head, batch, cfg) -> dict:
-    """Peak memory of the forward + backward of one micro-batch, the widest ``cfg.mini_batch_size`` rows of
+    """Peak memory of the forward + backward of one micro-batch, the widest ``cfg.micro_batch_size`` rows of
     ``batch``, measured from a trimmed heap (:func:`edgerlhf.core.memory.free_memory`), as the update runs it
     (:func:`edgerlhf.core.ppo.micro_batch_backward`: ``ppo.rows_per_pass`` rows at a time, padding-free, inside
     :func:`edgerlhf.core.memory.returning_freed_memory`)."""
-    widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.mini_batch_size]
+    widest = (batch.query_mask.sum(1) + batch.response_mask.sum(1)).argsort(descending=True)[: cfg.micro_batch_size]
     free_memory()
     with returning_freed_memory(), measure() as m:
         micro_batch_backward(policy, value_head, batch, widest.cpu(), cfg, 1.0)
@@ -152,10 +153,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompts", default="data/prefs/train_prefs.jsonl", help="prefs JSONL; its first --batch "
                         "prompts are used")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--mini-batch", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--response-length", type=int, default=64, help="maximum new tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum new tokens per reply")
     parser.add_argument("--reply-length", type=int, default=None, help="force exactly this many new tokens "
                         "(EOS suppressed); default: stop at EOS")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -180,12 +181,12 @@ def main(argv: list[str] | None = None) -> Path:
     seed_everything(0)
     device = resolve_device(args.device)
     budget = apply_vram_budget(args.vram_budget_gib, device)
-    cfg = PPOStageConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
+    cfg = PPOStageConfig(batch_size=args.batch, micro_batch_size=args.micro_batch,
                     gradient_accumulation_steps=args.accumulation, ppo_epochs=args.ppo_epochs,
-                    response_length=args.response_length, temperature=args.temperature, top_k=0, top_p=1.0,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=1.0,
                     lora_r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.lora_targets,
                     policy_precision=args.policy_precision, max_prompt_length=args.max_prompt_length,
-                    min_response_length=args.reply_length or 0,
+                    min_new_tokens=args.reply_length or 0,
                     logprobs_from_generation=args.logprobs_from_generation)
     rss_before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with measure(device) as load:

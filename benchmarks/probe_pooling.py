@@ -4,7 +4,7 @@ judged on the training pairs only.
     python benchmarks/probe_pooling.py --data data --precision bf16      # after stages 01 and 02 of a run
 
 One feature pass of the SFT backbone (``models/sft/model/merged``) over every *training* pair
-(:func:`edgerlhf.core.reward_models.pair_features` with ``pooling="last+mean"``, which holds ``last`` and ``mean``
+(:func:`edgerlhf.core.probe.pair_features` with ``pooling="last+mean"``, which holds ``last`` and ``mean``
 side by side) reads every block in ``--layers``; then, for each pooling (``last``, ``mean``,
 ``last+mean``) and block, a linear Bradley-Terry head (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`) is
 cross-validated on the proxies' and the judge's shares of the training pairs exactly as stage 3 splits them
@@ -31,7 +31,8 @@ from edgerlhf.core.hardware import hardware_report
 from edgerlhf.core.models import load_tokenizer
 from edgerlhf.core.prefs import read_prefs
 from edgerlhf.reward_modeling import split_pairs
-from edgerlhf.core.reward_models import load_backbone, pair_features
+from edgerlhf.core.probe import pair_features
+from edgerlhf.core.reward_scoring import load_backbone
 from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
 

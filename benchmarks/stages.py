@@ -7,7 +7,7 @@ Writes ``results/benchmarks/stages-<run_id>.json`` and a bar chart beside it. Fi
 the stage records: the measured peak is the CUDA peak allocated on a GPU; on a CPU it is the
 stage's peak resident memory above what the process held when the stage began
 (``cpu_peak_increase_mib``: the tensors the stage itself allocated, plus allocator slack).
-The estimate is :func:`edgerlhf.core.memory.estimate` for the dtype that really ran (float32 on a
+The estimate is :func:`edgerlhf.core.planner.estimate` for the dtype that really ran (float32 on a
 CPU). Throughput: SFT and reward training in tokens per second, reward scoring in pairs per
 second, and the PPO step split into generation, scoring, forward passes and update (seconds).
 Not a test; CI does not run it.
@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from edgerlhf.core.config import flatten, load_config
 from edgerlhf.core.files import atomic_write_text
-from edgerlhf.core.memory import estimate
+from edgerlhf.core.planner import estimate
 from edgerlhf.core.models import model_config
 from edgerlhf.core.plots import save
 from edgerlhf.report import latest_records

@@ -11,14 +11,15 @@ from ``edgerlhf``::
         --prompts data/prefs/train_prefs.jsonl
 
 The work matches ``ppo_step.py``'s defaults: the first 8 prompts of the prefs file rendered with the chat template,
-batch 8, minibatch 2, no accumulation, 4 PPO epochs, LoRA r16 (alpha 32, no dropout) on all seven projections, up
-to 64 new tokens sampled at temperature 1 with top-k and top-p off, generation of the whole batch at once, the
-scripted reward (share of distinct words), EdgeRLHF's default policy learning rate, KL controller and PPO
-coefficients, in float32. TRL 0.11.4 has one Adam (eps 1e-8) for the policy and the value head at 1.41e-5, where
-EdgeRLHF's AdamW gives the value head 1e-4 and uses eps 1e-5 (``edgerlhf.core.ppo_loop.make_optimizer``): the
-losses differ, the work timed does not. Time is split as TRL reports it (``time/ppo/forward_pass`` is its no-grad
-pass for log-probs, values and reference log-probs; ``time/ppo/optimize_step`` its update); peak RSS is the
-kernel's VmHWM inside each step, reset before it, as ``edgerlhf.core.memory.measure`` does.
+batch 8, micro-batch 2 (``--micro-batch``, TRL 0.11's ``mini_batch_size``), no accumulation, 4 PPO epochs, LoRA r16
+(alpha 32, no dropout) on all seven projections, up to 64 new tokens (``--max-new-tokens``) sampled at temperature 1
+with top-k and top-p off, generation of the whole batch at once, the scripted reward (share of distinct words),
+EdgeRLHF's default policy learning rate, KL controller and PPO coefficients, in float32. TRL 0.11.4 has one Adam
+(eps 1e-8) for the policy and the value head at 1.41e-5, where EdgeRLHF's AdamW gives the value head 1e-4 and uses
+eps 1e-5 (``edgerlhf.core.ppo_trainer.make_optimizer``): the losses differ, the work timed does not. Time is split as
+TRL reports it (``time/ppo/forward_pass`` is its no-grad pass for log-probs, values and reference log-probs;
+``time/ppo/optimize_step`` its update); peak RSS is the kernel's VmHWM inside each step, reset before it, as
+``edgerlhf.core.memory.measure`` does.
 """
 from __future__ import annotations
 
@@ -74,10 +75,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--policy", required=True, help="causal LM folder (safetensors)")
     parser.add_argument("--prompts", default="data/prefs/train_prefs.jsonl")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--mini-batch", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2, help="TRL 0.11's mini_batch_size")
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--response-length", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--reply-length", type=int, default=None, help="force exactly this many new tokens "
                         "(min_new_tokens = max_new_tokens: EOS suppressed until then), as ppo_step.py's flag")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
         tokenizer.chat_template = template.read_text()
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.pad_token = tokenizer.unk_token  # as edgerlhf.core.templates.ppo_pad_token (SmolLM2)
-    config = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch,
+    config = PPOConfig(batch_size=args.batch, mini_batch_size=args.micro_batch,
                        gradient_accumulation_steps=args.accumulation, ppo_epochs=args.ppo_epochs,
                        learning_rate=1.41e-5, init_kl_coef=0.1, adap_kl_ctrl=True, target=6.0, horizon=10000,
                        gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, max_grad_norm=0.5,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
     queries = [torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True))
                for p in prompts]
     generation = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": args.temperature,
-                  "max_new_tokens": args.reply_length or args.response_length, "pad_token_id": tokenizer.pad_token_id,
+                  "max_new_tokens": args.reply_length or args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                   "eos_token_id": tokenizer.eos_token_id}
     if args.reply_length:
         generation["min_new_tokens"] = args.reply_length

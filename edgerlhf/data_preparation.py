@@ -1,4 +1,5 @@
-"""Stage 1: preference data. Source -> parse -> filter -> de-duplicate -> split by prompt -> write.
+"""Stage 1 (01_Data_Preparation): preference data. Source -> parse -> filter -> de-duplicate -> split by prompt ->
+write.
 
 Outputs (in ``data.out_dir``): ``train_prefs.jsonl`` and ``test_prefs.jsonl`` with rows
 ``{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message], "source_line": int}``

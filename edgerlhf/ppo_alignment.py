@@ -1,7 +1,7 @@
-"""Stage 4: PPO alignment against the BF16, INT8 and INT4 reward models (EXP-1/2/3).
+"""Stage 4 (04_PPO_Alignment): PPO alignment against the BF16, INT8 and INT4 reward models (EXP-1/2/3).
 
 For each reward-model precision: the same SFT policy, seed and training prompts ->
-PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_loop`) -> save -> evaluate on held-out prompts.
+PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_trainer`) -> save -> evaluate on held-out prompts.
 
 Evaluation, the same for every experiment so rows compare:
 
@@ -42,20 +42,20 @@ from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
 from .core.lm import completion_logprobs, fit_prompt
 from .core.logs import tensorboard_writer
-from .core.memory import free_memory, measure
+from .core.memory import MIB, free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
 from .core.plots import overoptimisation_figure, ppo_curves_figure
-from .core.ppo import decode_responses, reference_logprobs, rollout
-from .core.ppo_loop import build_policy, checkpoint_to_resume, run_signature, train
+from .core.rollout import decode_responses, reference_logprobs, rollout
+from .core.ppo_trainer import build_policy, checkpoint_to_resume, run_signature, train
 from .core.prefs import TEST, TRAIN, check_data_set, read_prefs
 from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
-from .core.reward_models import JUDGES, backbone_of, load_reward_model, score, weights_digest
+from .core.reward_scoring import JUDGES, backbone_of, load_reward_model, score, weights_digest
 from .core.stage import begin, cli_main, finish, recorded
 from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
-JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_models.JUDGES` are used when present
+JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_scoring.JUDGES` are used when present
 
 
 def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
@@ -100,7 +100,7 @@ def share_frozen_weights(reward_model, policy) -> float:
         if torch.equal(param, other):
             param.data = other.data
             shared += param.numel() * param.element_size()
-    return shared / 2**20
+    return shared / MIB
 
 
 def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
@@ -136,7 +136,7 @@ def reward_scorer(model, tokenizer, cfg: PPOStageConfig, max_length: int, gain: 
                   counts: dict | None = None):
     """``scorer(prompts, replies) -> FloatTensor[B]``: the reward model's score times ``gain`` plus ``bias``;
     over-long items are fitted from the left and counted into ``counts``
-    (see :func:`edgerlhf.core.reward_models.score`)."""
+    (see :func:`edgerlhf.core.reward_scoring.score`)."""
     def scorer(prompts, replies):
         return gain * score(model, tokenizer, prompts, replies, cfg.score_batch_size, max_length, counts) + bias
     return scorer
@@ -165,8 +165,8 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
     with isolated_rng(seed, device):
         for start in range(0, len(queries), cfg.batch_size):
             ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
-                         tokenizer.eos_token_id, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-                         min_new_tokens=cfg.min_response_length, value_head=value_head)
+                         tokenizer.eos_token_id, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                         min_new_tokens=cfg.min_new_tokens, value_head=value_head)
             if value_head is not None:
                 ref = reference_logprobs(policy, ro, cfg.temperature)
                 kls += ((ro["logprobs"] - ref) * ro["response_mask"]).sum(dim=1).tolist()
@@ -568,8 +568,8 @@ def run_alignment(cfg: Config) -> dict:
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
                       "reward_mode": p.reward_mode, "judges": [str(j["folder"]) for j in judges.values()]},
         training_config={k: getattr(p, k) for k in (
-            "steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
-            "response_length", "init_kl_coef", "adaptive_kl", "target_kl", "gamma", "lam", "cliprange",
+            "steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
+            "max_new_tokens", "init_kl_coef", "adaptive_kl", "adaptive_kl_target", "gamma", "lam", "cliprange",
             "cliprange_value", "vf_coef", "max_grad_norm", "temperature")},
         data={"train_file": str(data_dir / TRAIN), "test_file": str(data_dir / TEST), **inputs},
     ))

@@ -1,4 +1,5 @@
-"""Build ``RUN_DIR/REPORT.md`` and its figures from a run's records alone.
+"""After a whole run (the runner, or `python -m edgerlhf.report`): build ``RUN_DIR/REPORT.md`` and its figures from a
+run's records alone.
 
     python -m edgerlhf.report results/runs/<run_id>
 
@@ -342,7 +343,7 @@ def section_ppo(records: dict, figures: Path) -> str:
         described.append(f"- `{name}` ({j['method']}): held-out accuracy {_n(j['accuracy'])} [{_n(lo)}, {_n(hi)}], "
                          f"{'beats' if j['learned'] else '**does not beat**'} the length baseline; agreement with "
                          f"each proxy on the test pairs (phi of their correctness): {agree}")
-    return (f"## PPO alignment\n\n**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
+    return ("## PPO alignment\n\n**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
             + "\n".join(described) + "\n\n"
             f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
             "sampled once and shared; a judge's change = its score of the PPO reply − of the SFT reply, per prompt, "
@@ -379,7 +380,7 @@ def section_memory(records: dict, figures: Path) -> str:
             "Python process and every model the stage holds." if all(r["cuda_peak_allocated_mib"] is None for r in rows)
             else "CUDA figures are measured under the per-process cap.")
     return (f"## Memory against the {_n(budget, 0)} GiB budget\n\n{note}\n\n{table}\n\n![memory]({fig.parent.name}/"
-            f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.core.memory.estimate`):\n\n{planned}")
+            f"{fig.name})\n\nPlanner estimates recorded by 00_Setup (`edgerlhf.core.planner.estimate`):\n\n{planned}")
 
 
 def provenance_links(records: dict) -> list[dict]:

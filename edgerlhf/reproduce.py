@@ -1,4 +1,5 @@
-"""Check that a run reproduces: re-execute the notebooks twice, or compare two run folders.
+"""The reproducibility check (README, CI): check that a run reproduces: re-execute the notebooks twice, or compare two
+run folders.
 
     python -m edgerlhf.reproduce --profile tiny              # run 00 -> 04 twice, then compare
     python -m edgerlhf.reproduce RUN_A RUN_B                 # compare two existing run folders

@@ -1,4 +1,4 @@
-"""Stage 3: reward models at BF16, INT8 and INT4, the quantization study, and the judge.
+"""Stage 3 (03_Reward_Modeling): reward models at BF16, INT8 and INT4, the quantization study, and the judge.
 
 For each precision in ``reward.precisions``: data -> tokenizer -> model (SFT backbone at that
 precision + a one-output head) -> train -> save; then, once every model is saved and every choice made on
@@ -6,8 +6,8 @@ training pairs, the final evaluation reads the held-out test pairs. Training is 
 
 * ``lora`` - TRL ``RewardTrainer`` (Bradley-Terry loss), LoRA on the backbone, head trained in full;
 * ``probe`` - the backbone frozen at the precision; its final-layer state at the last token of
-  each reply is computed once (:func:`edgerlhf.core.reward_models.pair_features`) and the head is fitted on
-  ``chosen - rejected`` by logistic regression (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
+  each reply is computed once and the head is fitted on ``chosen - rejected`` by logistic regression
+  (:mod:`edgerlhf.core.probe`: features, fit, folder, check, cross-fitted evaluation).
 
 The trained bf16 model is also loaded at int8 and int4 without retraining (post-training
 quantization, ``-ptq``). Two judges are trained on pairs no proxy sees, for stage 4: ``judge`` (the
@@ -16,10 +16,11 @@ Every model and the baselines (length rules, TF-IDF; :mod:`edgerlhf.core.baselin
 the same held-out pairs and compared paired (:func:`edgerlhf.core.metrics.assess`): McNemar with Holm's
 correction, paired bootstrap, minimum detectable difference, and a verdict in words. ``models/rm/evaluation.json``
 carries each model's verdict and weight digest to stage 4. The models and ``evaluation.json`` are written to one
-staging set and swapped in as ``models/rm`` at the end, so an interrupted run leaves the previous set whole. Probes are also cross-fitted over every pair SFT did not train on
-(:func:`crossfit_evaluation`), the evaluation that compares precisions.
+staging set and swapped in as ``models/rm`` at the end, so an interrupted run leaves the previous set whole.
+Probes are also cross-fitted over every pair SFT did not train on (:func:`edgerlhf.core.probe.crossfit_evaluation`),
+the evaluation that compares precisions.
 
-Folders: ``models/rm/{bf16,int8,int4,judge,judge-tfidf}``; see :mod:`edgerlhf.core.reward_models` for their layouts.
+Folders: ``models/rm/{bf16,int8,int4,judge,judge-tfidf}``; see :mod:`edgerlhf.core.reward_scoring` for their layouts.
 Run without the notebook: ``python -m edgerlhf.reward_modeling --profile quick``.
 """
 from __future__ import annotations
@@ -33,14 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
-from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback
 
 from .core.adapters import PRECISIONS, compute_dtype, count_parameters, lora_config, require_finite
-from .core.baselines import TfidfReward, baseline_scores, fit_pairwise_logistic
+from .core.baselines import TfidfReward, baseline_scores
 from .core.config import Config, RewardStageConfig
-from .core.crossfit import assess as crossfit_assess
-from .core.crossfit import fold_draws, judge_frontier, length_margins, out_of_fold, phi, probe_fitter, tfidf_fitter
+from .core.crossfit import phi
 from .core.distributed import main_process_writes
 from .core.files import atomic_write_text, new_staging, swap_in_dir
 from .core.lm import fit_prompt
@@ -50,20 +49,20 @@ from .core.metrics import agreement, assess, correct, evaluate_pairs
 from .core.models import load_tokenizer
 from .core.plots import accuracy_figure, margin_figure, reliability_figure
 from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, sft_pairs
+from .core.probe import (
+    check_saved_probe, choose_probe_layer, crossfit_evaluation, fit_head, probe_features, probe_scores, save_probe,
+)
 from .core.provenance import sft_identity
-from .core.reward_models import (
-    HEAD, JUDGES, backbone_of, blocks_and_norm, load_backbone, load_reward_model, pair_features, score, state_dict_mib,
-    tokenizer_fingerprint, weights_digest, weights_fingerprint, write_info,
+from .core.reward_scoring import (
+    HEAD, JUDGES, dtype_that_ran, folder_mib, load_backbone, loading_cost, score, tokenizer_fingerprint, weights_digest,
+    weights_fingerprint, write_info,
 )
 from .core.stage import begin, choose_micro_batch, cli_main, finish, recorded
 from .core.templates import ensure_chat_template, ensure_pad_token
 from .core.training import checkpoint_to_resume, keep_trainable_dtype, train_with_backoff, trainer_arguments
 
-MIB = 2**20
 #: The second judge's folder under ``models/rm``: TF-IDF of the reply with a Bradley-Terry head (judge's pairs).
 TFIDF_JUDGE = JUDGES[1]
-#: Judge candidates the cross-fit adds with ``last+mean`` pooling: a bf16 head on one half of the features.
-JUDGE_CANDIDATES = ("bf16 last-token head", "bf16 mean-pooled head")
 
 
 def reward_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
@@ -121,21 +120,6 @@ def make_trainer(model, tokenizer, cfg: RewardStageConfig, args: dict, train: li
     return trainer
 
 
-def folder_mib(path: Path) -> float:
-    """Size of all files under ``path`` in MiB."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MIB
-
-
-def dtype_that_ran(precision: str, device) -> str:
-    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32; LLM.int8
-    quantizes activations to int8 by way of float16 (outlier columns in float16); NF4 weights are dequantized to
-    the compute dtype (:func:`edgerlhf.core.adapters.nf4_in_compute_dtype`)."""
-    compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
-    return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
-                                     f"{compute} elsewhere",
-            "int4": f"nf4 (double quant), {compute} compute"}[precision]
-
-
 def write_model_folder(folder: Path, write) -> None:
     """Fill the new ``folder``, inside stage 3's staging set (:func:`run_reward`), with ``write(folder)``; on the
     main process only (:func:`edgerlhf.core.distributed.main_process_writes`), the others wait for it."""
@@ -161,16 +145,6 @@ def save_trained(trainer, tokenizer, sft_location: str, precision: str, staging:
         trainer.model.save_pretrained(staging / "adapter")
         write_info(staging, layout="adapter", backbone=sft_location,
                    backbone_sha256=weights_fingerprint(sft_location), **info)
-
-
-def loading_cost(folder: Path, precision: str, device) -> tuple:
-    """Load a saved reward model through the PPO API; returns ``(model, tokenizer, cost)`` with its
-    weights size (MiB), folder size (MiB), memory footprint (MiB) and the load's peak memory."""
-    with measure(device) as load_m:
-        model, tokenizer = load_reward_model(folder, precision, device)
-    cost = {"weights_mib": state_dict_mib(model), "folder_mib": folder_mib(folder),
-            "memory_footprint_mib": model.get_memory_footprint() / MIB, "peak_memory_load": load_m}
-    return model, tokenizer, cost
 
 
 def evaluate_folder(folder: Path, precision: str, test: list[dict], validation: list[dict], cfg: RewardStageConfig,
@@ -324,106 +298,6 @@ def evaluate_tfidf_judge(entry: dict, model: TfidfReward, ex: dict[str, list[dic
                  **evaluate_pairs(c, rj, vc - vr), scores_chosen=c.tolist(), scores_rejected=rj.tolist())
 
 
-def probe_features(sft_location: str, precision: str, tokenizer, splits: dict[str, list[dict]], r: RewardStageConfig,
-                   device, num_layers: int | None = None, layers: list[int] | None = None) -> tuple[dict, dict]:
-    """Frozen-backbone features of every pair in ``splits`` at ``precision``, the backbone truncated to its
-    first ``num_layers`` blocks (None: all).
-
-    Returns ``({split: (features_chosen, features_rejected)}, cost)``, features ``FloatTensor[N, hidden]``,
-    or ``FloatTensor[N, len(layers), hidden]`` read after each block in ``layers`` (:func:`pair_features`);
-    ``cost`` has the seconds per split, the peak memory of the pass, the blocks run, and the parameter
-    count (with ``layers``: a dict ``{block: parameters of the backbone truncated there}``).
-    """
-    feats, seconds = {}, {}
-    with measure(device) as m:
-        model, _ = load_backbone(sft_location, precision, device, num_layers)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.eval()
-        for split, examples in splits.items():
-            start = time.perf_counter()
-            feats[split] = pair_features(model, tokenizer, [e["prompt"] for e in examples],
-                                         [e["chosen"][0]["content"] for e in examples],
-                                         [e["rejected"][0]["content"] for e in examples], r.feature_batch_size,
-                                         r.max_length, layers, r.probe_pooling)
-            seconds[split] = time.perf_counter() - start
-        total = sum(p.numel() for p in model.parameters())  # 4-bit weights counted as stored
-        blocks = blocks_and_norm(backbone_of(model))[0]
-        if layers:
-            per_block = [sum(p.numel() for p in block.parameters()) for block in blocks]
-            total = {k: total - sum(per_block[k:]) for k in layers}
-        blocks_run = len(blocks)
-        del model
-        free_memory()
-    return feats, {"seconds": seconds, "peak_memory_features": m, "parameters_total": total,
-                   "blocks_run": blocks_run}
-
-
-def choose_probe_layer(train: tuple[torch.Tensor, torch.Tensor], layers: list[int], seed: int) -> dict:
-    """The block whose features give the lowest 5-fold cross-validated log-loss of the pairwise logistic
-    probe on the training pairs (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`, C chosen per block).
-
-    Args:
-        train: ``(features_chosen, features_rejected)``, each ``FloatTensor[N, len(layers), hidden]``.
-        layers: the blocks the features were read after.
-    Returns:
-        ``{"chosen": block, "pairs": N, "candidates": [{"layer", "C", "cv_log_loss"}, ...]}``.
-    """
-    diff = (train[0] - train[1]).numpy()
-    rows = []
-    for j, layer in enumerate(layers):
-        fit = fit_pairwise_logistic(diff[:, j], seed=seed)
-        rows.append({"layer": layer, "C": fit["C"], "cv_log_loss": fit["cv_log_loss"]})
-    return {"chosen": min(rows, key=lambda row: row["cv_log_loss"])["layer"], "pairs": len(diff), "candidates": rows}
-
-
-def probe_scores(weight: np.ndarray, feats: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards of the chosen and rejected replies: the head ``weight`` (``float[hidden]``) on their features."""
-    return feats[0].numpy().astype(float) @ weight, feats[1].numpy().astype(float) @ weight
-
-
-def save_probe(staging: Path, weight: np.ndarray, tokenizer, sft_location: str, precision: str, device,
-               fit: dict, num_layers: int | None = None, pooling: str = "last") -> None:
-    """Write a probe reward model: ``head.safetensors`` (the ``score`` weight, ``[1, D]`` float32, ``D`` the
-    width of ``pooling``'s features) on the SFT backbone named and hashed in ``rm_info.json`` (quantized on
-    load like during training), truncated to its first ``num_layers`` blocks when given
-    (``reward.probe_layer``).
-
-    Raises:
-        ValueError: the head holds NaN or inf; nothing is written.
-    """
-    head = {f"{HEAD}.weight": torch.tensor(weight, dtype=torch.float32)[None].contiguous()}
-    require_finite(head, f"probe reward model {staging.name} ({precision})")
-    tokenizer.save_pretrained(staging / "tokenizer")
-    save_file(head, staging / "head.safetensors")
-    write_info(staging, layout="head", precision=precision, made_by="probe", dtype=dtype_that_ran(precision, device),
-               backbone=sft_location, backbone_sha256=weights_fingerprint(sft_location),
-               tokenizer_sha256=tokenizer_fingerprint(staging / "tokenizer"), C=fit["C"], cv_log_loss=fit["cv_log_loss"],
-               num_layers=num_layers, pooling=pooling)
-
-
-def check_saved_probe(folder: Path, precision: str, rows: list[dict], expected: np.ndarray, r: RewardStageConfig,
-                      device, n: int = 2) -> dict:
-    """Load a saved probe through the PPO API and score the chosen replies of the first ``n`` of ``rows``
-    (validation pairs): they must equal the scores its features gave (``expected``), ``|a - b| <= tol (1 + |b|)``,
-    catching a wrong head or backbone (an error of order 1).
-    ``tol`` is 1e-3, and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so
-    int8 scores depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
-    Returns its loading cost.
-
-    Raises:
-        RuntimeError: the saved model scores differently from the features it was fitted on.
-    """
-    model, tokenizer, cost = loading_cost(folder, precision, device)
-    got = score(model, tokenizer, [e["prompt"] for e in rows[:n]], [e["chosen"][0]["content"] for e in rows[:n]],
-                r.score_batch_size, r.max_length).numpy()
-    tol = 0.1 if precision == "int8" else 1e-3
-    if not np.all(np.abs(got - expected[:n]) <= tol * (1 + np.abs(expected[:n]))):
-        raise RuntimeError(f"{folder}: the saved reward model scores {got.tolist()} where its features gave "
-                           f"{expected[:n].tolist()}")
-    del model
-    return cost
-
-
 def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, list[dict]],
                  out_dir: Path) -> tuple[dict[str, dict], dict | None, dict[str, dict], dict[str, dict]]:
     """``reward.method = "probe"``, before any test pair is read: per precision (bf16 first), one feature pass
@@ -438,7 +312,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
     Returns:
         ``(models, search, features, heads)``: an entry per reward model (training results), the layer search's
         result (None without one), ``{precision: {split: (features_chosen, features_rejected)}}`` at the chosen
-        block, and ``{name: fit}`` of every head fitted (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`).
+        block, and ``{name: fit}`` of every head fitted (:func:`edgerlhf.core.probe.fit_head`).
     """
     r = cfg.reward
     ptq = [p for p in PRECISIONS if p != "bf16"] if r.post_training_quantization and "bf16" in r.precisions else []
@@ -470,8 +344,7 @@ def probe_models(cfg: Config, ctx, sft_location: str, tokenizer, ex: dict[str, l
                   "probe_layer": layer, "seeds": [r.seeds[0]]}
         for name, mode, train_split, val_split in jobs:
             ctx.step = f"models: {name} fit, save and check"
-            diff = (feats[train_split][0] - feats[train_split][1]).numpy()
-            fit = heads[name] = {**fit_pairwise_logistic(diff, seed=r.seeds[0]), "seed": r.seeds[0]}
+            fit = heads[name] = fit_head(feats[train_split], r.seeds[0])
             write_model_folder(out_dir / name, lambda staging: save_probe(
                 staging, fit["weight"], tokenizer, sft_location, precision, ctx.device, fit, layer, r.probe_pooling))
             models[name] = {
@@ -514,52 +387,6 @@ def evaluate_probes(models: dict[str, dict], heads: dict[str, dict], features: d
                          **evaluate_pairs(c, rj, vc - vr), scores_chosen=c.tolist(), scores_rejected=rj.tolist())
 
 
-def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sft_pairs: set, r: RewardStageConfig,
-                        seed: int) -> dict:
-    """Cross-fitted evaluation (:mod:`edgerlhf.core.crossfit`) of every probe precision, the ``-ptq`` models and
-    the baselines, over every kept pair whose replies SFT did not train on, on the same folds.
-
-    Args:
-        features: ``{precision: {split: (features_chosen, features_rejected)}}`` from :func:`probe_models`.
-        sft_pairs: ``{(chosen, rejected)}`` reply texts of the pairs SFT trained on (their features are not
-            held out, so they are left out).
-    Returns:
-        :func:`edgerlhf.core.crossfit.assess`'s result, with ``"judge_frontier"``
-        (:func:`edgerlhf.core.crossfit.judge_frontier` of TF-IDF, the judge's recipe - bf16's, so cross-fitted it
-        is bf16 - and, with ``last+mean`` pooling, :data:`JUDGE_CANDIDATES`), ``"pool"`` (pairs per split, pairs
-        left out), ``"folds"``, ``"draws"`` and ``"wall_time_s"``.
-    """
-    start = time.perf_counter()
-    splits = [s for s in ex if s in features["bf16"]]
-    rows = [e for s in splits for e in ex[s]]
-    pair = [(e["chosen"][0]["content"], e["rejected"][0]["content"]) for e in rows]
-    keep = np.array([p not in sft_pairs for p in pair])
-    chosen, rejected = [c for (c, _), k in zip(pair, keep) if k], [j for (_, j), k in zip(pair, keep) if k]
-    diff = {p: np.concatenate([(f[s][0] - f[s][1]).numpy().astype(float) for s in splits])[keep]
-            for p, f in features.items()}
-    assignments = fold_draws(len(chosen), r.crossfit_folds, r.crossfit_draws, seed)
-    margins = length_margins(chosen, rejected, r.crossfit_draws)
-    margins.update(out_of_fold(*tfidf_fitter(chosen, rejected, seed), assignments))
-    for p in r.precisions:
-        ptq = {f"{q}-ptq": diff[q] for q in diff if q != "bf16"} if p == "bf16" and r.post_training_quantization else {}
-        margins.update(out_of_fold(*probe_fitter(diff[p], {p: diff[p], **ptq}, seed), assignments))
-    candidates = {}  # judge candidates beyond tf-idf and the judge's own recipe (bf16): one half of the features
-    if r.probe_pooling == "last+mean":
-        width = diff["bf16"].shape[1] // 2
-        for name, cols in ((JUDGE_CANDIDATES[0], slice(None, width)), (JUDGE_CANDIDATES[1], slice(width, None))):
-            candidates[name] = out_of_fold(*probe_fitter(diff["bf16"][:, cols], {name: diff["bf16"][:, cols]}, seed),
-                                           assignments)[name]
-    order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models, then the candidates, last
-    margins = {name: margins[name] for name in sorted(margins, key=lambda m: order.index(m) if m in order else 99)}
-    out = crossfit_assess({**margins, **candidates}, order[:3], assignments, candidates=tuple(candidates))
-    proxies = [m for m in margins if m not in order[:3]]
-    out.update(judge_frontier=judge_frontier(out, ["tf-idf", "bf16", *candidates], proxies),
-               pool={"pairs": len(chosen), "left_out_sft_trained": int((~keep).sum()),
-                     "by_split": {s: len(ex[s]) for s in splits}},
-               folds=r.crossfit_folds, draws=r.crossfit_draws, wall_time_s=time.perf_counter() - start)
-    return out
-
-
 def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]:
     """Disjoint slices of the training pairs: the proxies' ``train`` / ``validation`` and the judge's.
 
@@ -584,7 +411,7 @@ def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]
 def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict, inputs: dict[str, str],
                      digests: dict[str, str]) -> Path:
     """``evaluation.json`` in the staging set ``out_dir``: each reward model's held-out verdict and the digest of
-    its trained weights (``digests``, by folder name: :func:`edgerlhf.core.reward_models.weights_digest`), and the
+    its trained weights (``digests``, by folder name: :func:`edgerlhf.core.reward_scoring.weights_digest`), and the
     sha256 of the ``inputs`` (data files, SFT weights) the set was made from. Stage 4 reads it to label its PPO
     rows and refuses a model whose digest differs (:func:`edgerlhf.core.provenance.check_reward_set`)."""
     keep = ("precision", "mode", "method", "folder", "accuracy", "accuracy_ci95", "n", "learned", "vs_length",

@@ -1,4 +1,4 @@
-"""Run the notebooks 00 -> 04 in order with papermill into one run folder.
+"""The runner (README's first command): run the notebooks 00 -> 04 in order with papermill into one run folder.
 
     python -m edgerlhf.run --profile quick              # the whole pipeline
     python -m edgerlhf.run --profile tiny --only 00,01  # a subset
@@ -183,6 +183,8 @@ def _run(lock: ProjectLock, selected: list[str], profile: str, overrides: dict |
             raise type(exc)(exc.errno, f"could not start the run in {run_dir} (removed again): {exc.strerror}") from exc
         raise
     lock.update(run_dir.name)
+    os.environ.setdefault("PYTHONHASHSEED", "0")  # read at start-up by the kernels below, not by this process
+    manifest["python_hash_seed"] = os.environ["PYTHONHASHSEED"]
     point_current_run(root / "results", run_dir)  # notebooks opened by hand afterwards join this run
     parameters = {"profile": profile, "root": str(root), "run_dir": str(run_dir), "overrides": overrides or {},
                   "config_file": str(config_file) if config_file else None}

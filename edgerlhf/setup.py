@@ -1,4 +1,5 @@
-"""Stage 0: check the environment, create the folders, prepare the base model, record the machine.
+"""Stage 0 (00_Setup; a stage module, not a setuptools script): check the environment, create the folders, prepare the
+base model, record the machine.
 
 Nothing is installed here: a missing package is reported with the command that installs it.
 Run without the notebook: ``python -m edgerlhf.setup --profile quick``.
@@ -13,7 +14,7 @@ import sys
 
 from .core.config import Config, load_config
 from .core.hardware import hardware_report, recommend
-from .core.memory import measure
+from .core.memory import MIB, measure
 from .core.models import EMBEDDED_INSTALL, REGISTRY, describe_base, embedded_folder, model_config, prepare_base_model
 from .core.planner import plan
 from .core.stage import begin, cli_main, finish, recorded
@@ -88,7 +89,7 @@ def run_setup(cfg: Config) -> dict:
         "recommendation": recommendation,
         "memory_plan": memory_plan,
         "base_model": base_model,
-        "disk_free_mib": round(shutil.disk_usage(ctx.root).free / 2**20),
+        "disk_free_mib": round(shutil.disk_usage(ctx.root).free / MIB),
         "embedded_install": EMBEDDED_INSTALL,
         "run_dir": str(ctx.run_dir),
     }

@@ -1,4 +1,5 @@
-"""Stage 2: supervised fine-tuning of the base model on prompt + chosen reply (TRL ``SFTTrainer``).
+"""Stage 2 (02_SFT_Finetuning): supervised fine-tuning of the base model on prompt + chosen reply (TRL
+``SFTTrainer``).
 
 data -> tokenizer -> model -> trainer -> train (resuming from the last checkpoint) -> save -> evaluate.
 

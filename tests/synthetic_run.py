@@ -51,7 +51,17 @@ def _crossfit() -> dict:
 
 
 def _reward_results() -> dict:
-    """Reward-stage results built by the stage's own assessment and table functions on made-up scores."""
+    """Reward-stage results built by the stage's own assessment and table functions on made-up scores (computed
+    once per session, about 3 s: a copy each call, so a test may change its own)."""
+    if "reward" not in _CACHE:
+        _CACHE["reward"] = _compute_reward_results()
+    return copy.deepcopy(_CACHE["reward"])
+
+
+_CACHE: dict[str, dict] = {}
+
+
+def _compute_reward_results() -> dict:
     models = {"bf16": _reward_model("bf16", "trained", 0.0), "int8": _reward_model("int8", "trained", 0.01),
               "judge": _reward_model("bf16", "judge (pairs no proxy saw)", 0.02)}
     shorter = ([-(i % 5) for i in range(40)], [-(i % 3) for i in range(40)])

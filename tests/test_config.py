@@ -96,7 +96,7 @@ def test_float_written_without_a_dot_is_a_float():
     ("ppo.experiments=[bf16, fp8]", r"ppo.experiments=.* within"),
     ("reward.seeds=[]", r"reward.seeds=\[\] must be a non-empty list of int"),
     ("sft.max_steps=0", r"sft.max_steps=0 must be -1"),
-    ("ppo.response_length=200", r"ppo.max_prompt_length \+ ppo.response_length = 128 \+ 200 must be <= "
+    ("ppo.max_new_tokens=200", r"ppo.max_prompt_length \+ ppo.max_new_tokens = 128 \+ 200 must be <= "
                                 r"reward.max_length=256"),
 ])
 def test_out_of_range_values_fail_before_anything_runs(item, message):
@@ -142,6 +142,7 @@ def test_the_runner_checks_its_config_before_making_a_run_folder(tmp_path, capsy
     assert not (tmp_path / "results" / "runs").exists()  # nothing was written
 
 
+@pytest.mark.slow  # several subprocesses
 def test_the_console_script_dispatches_to_every_entry_point():
     import subprocess
     import sys
@@ -162,20 +163,62 @@ def test_the_console_script_dispatches_to_every_entry_point():
     assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
 
 
-def test_config_classes_do_not_shadow_trls():
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_fields_named_like_trls_hold_what_trls_trainer_gets(stage, tiny_gpt2, tmp_path):
+    """An EdgeRLHF field that shares its name with a field of TRL's ``SFTConfig`` / ``RewardConfig`` means the same
+    thing: the stage's trainer is built with that value (two documented exceptions)."""
     import dataclasses
 
-    import trl
+    import torch
+    from transformers import AutoTokenizer
 
-    from edgerlhf.core.config import Config
+    from edgerlhf import reward_modeling as reward, sft_finetuning as sft
+    from edgerlhf.core.config import RewardStageConfig, SFTStageConfig
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
-    names = [type(getattr(Config(), f.name)).__name__ for f in dataclasses.fields(Config) if f.name != "profile"]
-    assert "SFTStageConfig" in names and "PPOStageConfig" in names
-    assert not [n for n in names + ["Config"] if hasattr(trl, n)]
+    cpu = torch.device("cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    ensure_chat_template(tokenizer)
+    ensure_pad_token(tokenizer)
+    rows = [{"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello.", "rejected": "No."}] * 4
+    if stage == "sft":
+        cfg = SFTStageConfig(per_device_train_batch_size=3, gradient_accumulation_steps=5, learning_rate=3e-4,
+                             max_steps=7, eval_steps=2, logging_steps=3, save_total_limit=4, max_length=99)
+        examples = sft.sft_examples(rows, tokenizer, 99, "truncate_left")[0]
+        trainer = sft.make_trainer(sft.build_model(tiny_gpt2, cfg, cpu), tokenizer, cfg,
+                                   sft.training_arguments(cfg, tmp_path, cpu, 0), examples, examples, None)
+        exceptions = {"output_dir"}  # ours: where the model goes; TRL's: the checkpoints under it
+    else:
+        cfg = RewardStageConfig(per_device_train_batch_size=3, gradient_accumulation_steps=5, learning_rate=3e-4,
+                                max_steps=7, eval_steps=2, logging_steps=3, save_total_limit=4, max_length=99,
+                                gradient_checkpointing=False, center_rewards_coefficient=0.01)
+        examples = reward.reward_examples(rows, tokenizer, 99)[0]
+        model = reward.build_reward_model(tiny_gpt2, "bf16", cfg, tokenizer.pad_token_id, cpu)
+        args = reward.trainer_arguments(cfg, tmp_path, cpu, 0, "eval_accuracy", True)
+        trainer = reward.make_trainer(model, tokenizer, cfg, args, examples, examples)
+        exceptions = {"output_dir", "max_length"}  # max_length: pairs are truncated by us, TRL gets None
+    shared = {f.name for f in dataclasses.fields(cfg)} & {f.name for f in dataclasses.fields(trainer.args)}
+    assert {"learning_rate", "per_device_train_batch_size", "max_steps", "eval_steps"} <= shared
+    differ = {n: (getattr(cfg, n), getattr(trainer.args, n)) for n in shared - exceptions
+              if getattr(cfg, n) != getattr(trainer.args, n)}
+    assert not differ, differ
+
+
+@pytest.mark.parametrize("old, new", [("ppo.target_kl", "ppo.adaptive_kl_target"),
+                                      ("ppo.mini_batch_size", "ppo.micro_batch_size"),
+                                      ("ppo.response_length", "ppo.max_new_tokens"),
+                                      ("ppo.min_response_length", "ppo.min_new_tokens")])
+def test_renamed_fields_are_refused_with_the_new_name(old, new, tmp_path):
+    with pytest.raises(KeyError, match=f"{old}' was renamed to {new}"):
+        load_config("tiny", cli={old: 1})
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{old.split('.')[0]}:\n  {old.split('.')[1]}: 1\n")
+    with pytest.raises(KeyError, match=f"config file {path}: config field '{old}' was renamed"):
+        load_config("tiny", config_file=path)
 
 
 def float_fields() -> list[str]:
-    """Every field annotated ``float`` or ``Optional[float]``, found from the dataclasses (not from LIMITS)."""
+    """Every field annotated ``float`` or ``Optional[float]``, found from the dataclasses (not from their limits)."""
     import dataclasses
     import typing
 

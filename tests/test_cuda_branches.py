@@ -94,10 +94,30 @@ def test_trainers_get_bf16_on_the_card_and_never_use_cpu(fake_cuda, tiny_cfg, tm
     assert cpu["bf16"] is False and cpu["use_cpu"] is True
 
 
-def test_evaluation_forks_the_rng_of_the_card_it_runs_on(fake_cuda):
+def test_evaluation_restores_the_rng_of_the_card_it_runs_on(fake_cuda, monkeypatch):
+    """The card's stream (a stored state, as torch.cuda keeps one per device) and the CPU stream are where they
+    were before the evaluation; inside it, the CPU stream is the evaluation's seed."""
+    card = {0: torch.arange(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)}
+
+    def get(device="cuda"):
+        return card[_get_device_index(device, optional=True)].clone()
+
+    def put(state, device="cuda"):
+        card[_get_device_index(device, optional=True)] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", put)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    before = card[0].clone()
     with isolated_rng(7, resolve_device("cuda")):
-        pass
-    assert ("get_rng_state", 0) in fake_cuda and ("set_rng_state", 0) in fake_cuda
+        inside = torch.rand(3)
+        card[0] = torch.full((16,), 99, dtype=torch.uint8)  # the evaluation's draws on the card move its stream
+    assert torch.equal(card[0], before) and torch.equal(card[1], torch.zeros(16, dtype=torch.uint8))
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(3))
 
 
 def test_training_on_the_card_takes_the_micro_batch_the_planner_fits(fake_cuda, tiny_cfg, tiny_gpt2, monkeypatch):

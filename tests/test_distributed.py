@@ -12,6 +12,8 @@ import pytest
 from edgerlhf.core.config import load_config
 from edgerlhf.core.stage import begin
 
+pytestmark = pytest.mark.slow  # two processes under accelerate launch
+
 
 
 def launch(module: str, root: Path, models_dir: Path, data_dir: Path, run_dir: Path, *sets: str):

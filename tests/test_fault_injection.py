@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from transformers.trainer_utils import get_last_checkpoint
 
-from edgerlhf.core.ppo_loop import latest_checkpoint
+from edgerlhf.core.ppo_trainer import latest_checkpoint
 from edgerlhf.core.records import newest_records
 from edgerlhf.reproduce import compare_records
+
+pytestmark = pytest.mark.slow  # kill-and-resume runs of the whole runner
 
 #: Record fields that differ after a resume by the libraries' bookkeeping, not by what was learnt: TRL's
 #: ``num_tokens`` log counter and transformers' ``num_input_tokens_seen`` restart at the resume point, and

@@ -259,6 +259,7 @@ def test_data_stage_with_an_unwritable_run_folder_changes_nothing(tmp_path, tiny
     assert snapshot(tmp_path / "data" / "prefs") == before
 
 
+@pytest.mark.slow  # stage 3 end to end, twice
 def test_stage3_interrupted_between_two_models_keeps_the_previous_set_whole(tmp_path, tiny_cfg, tiny_sft, monkeypatch):
     def cfg(**over):
         return tiny_cfg(**{"sft.output_dir": str(tiny_sft), "reward.method": "probe",
@@ -292,6 +293,7 @@ def test_stage3_interrupted_between_two_models_keeps_the_previous_set_whole(tmp_
 
 # provenance by hash ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # stages 3 and 4 end to end
 def test_stage4_refuses_data_that_the_models_did_not_see(tmp_path, tiny_cfg, tiny_sft, tiny_data):
     data = tmp_path / "data" / "prefs"
     shutil.copytree(tiny_data, data)  # the same bytes the SFT model saw

@@ -15,7 +15,7 @@ def test_progress_bars_show_at_info_and_not_for_short_loops():
         assert progress(range(3), min_total=8).disable  # scoring one small batch stays quiet
         configure_logging("WARNING")
         assert progress(range(10)).disable
-        assert logging.getLogger("edgerlhf.core.ppo_loop").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("edgerlhf.core.ppo_trainer").getEffectiveLevel() == logging.WARNING
     finally:
         configure_logging("INFO")
 
@@ -35,9 +35,10 @@ def scalar_tags(folder):
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # SFT and PPO end to end
 def test_report_to_tensorboard_writes_sft_and_ppo_curves(tiny_cfg, tiny_gpt2, tmp_path):
     from edgerlhf.core.models import load_causal_lm, load_tokenizer
-    from edgerlhf.core.ppo_loop import TRL_METRIC_NAMES, build_policy, train
+    from edgerlhf.core.ppo_trainer import TRL_METRIC_NAMES, build_policy, train
     from edgerlhf.core.templates import ensure_pad_token
     from edgerlhf.sft_finetuning import run_sft
 
@@ -50,7 +51,7 @@ def test_report_to_tensorboard_writes_sft_and_ppo_curves(tiny_cfg, tiny_gpt2, tm
     (sft_board,) = list(run_dir.glob("*/tensorboard/sft"))
     assert "train/loss" in scalar_tags(sft_board) and results["global_step"] == 2
     # PPO: every step under TRL's metric names
-    cfg = PPOStageConfig(steps=2, batch_size=2, mini_batch_size=1, ppo_epochs=1, response_length=3, lora_r=2,
+    cfg = PPOStageConfig(steps=2, batch_size=2, micro_batch_size=1, ppo_epochs=1, max_new_tokens=3, lora_r=2,
                          lora_alpha=4)
     torch.manual_seed(0)
     policy, head = build_policy(load_causal_lm(tiny_gpt2).eval(), cfg)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,22 @@ def test_accuracy_perfect_inverted_tied():
     tied = pairwise_accuracy(c, c)
     assert tied["accuracy"] == 0.0 and tied["ties"] == 3  # ties count as wrong
     assert auc_roc(c, r) == 1.0 and auc_roc(r, c) == 0.0 and auc_roc(c, c) == 0.5
+
+
+def test_the_vectorized_auc_is_scikit_learns_with_ties_and_saturated_margins():
+    from sklearn.metrics import roc_auc_score
+
+    from edgerlhf.core.metrics import auc_of_margins
+
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 60.0):  # 60: expit saturates to exactly 0 and 1, so margins tie there
+        c, r = (rng.normal(size=50) * scale).round(1), rng.normal(size=50).round(1)
+        assert auc_of_margins(c - r) == pytest.approx(auc_roc(c, r), abs=1e-12)
+        many = np.stack([c - r, r - c, np.zeros(50)])  # several resamples at once, along the last axis
+        assert auc_of_margins(many) == pytest.approx([auc_roc(c, r), auc_roc(r, c), 0.5], abs=1e-12)
+    delta = np.array([2.0, -1.0, 0.5])
+    scores = np.concatenate([1 / (1 + np.exp(-delta)), 1 / (1 + np.exp(delta))])
+    assert auc_of_margins(delta) == pytest.approx(roc_auc_score([1, 1, 1, 0, 0, 0], scores))
 
 
 def test_auc_hand_computed():
@@ -53,6 +71,14 @@ def test_bootstrap_ci_brackets_accuracy():
     c = np.r_[np.ones(70), np.zeros(30)]
     lo, hi = bootstrap_ci(c, np.full(100, 0.5))
     assert lo < 0.7 < hi and hi - lo < 0.25
+
+
+def test_extreme_margins_give_probabilities_without_overflow_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp(1000) overflowed in the hand-written sigmoid
+        out = calibration(np.array([-1000.0, 1000.0, 0.5]))
+        assert auc_roc([1000.0, -1000.0], [0.0, 0.0]) == 0.5
+    assert out["bins"][-1]["n"] == 2 and out["nll"] == pytest.approx((27.631021 + 0 + 0.474077) / 3, rel=1e-6)
 
 
 def test_agreement_and_evaluate_pairs():

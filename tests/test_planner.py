@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from edgerlhf.core.config import load_config
-from edgerlhf.core.memory import estimate
+from edgerlhf.core.planner import estimate
 from edgerlhf.core.models import tiny_config
 from edgerlhf.core.planner import MIB, ModelShape, activations_mib, kv_cache_mib, lora_params, weights_mib
 
@@ -95,7 +95,7 @@ def test_every_training_stage_keeps_its_effective_batch():
 
     cfg = load_config("full")
     for stage, section, micro in (("reward", "reward", "per_device_train_batch_size"),
-                                  ("ppo", "ppo", "mini_batch_size")):
+                                  ("ppo", "ppo", "micro_batch_size")):
         before = getattr(getattr(cfg, section), micro) * getattr(cfg, section).gradient_accumulation_steps
         choice = fit_micro_batch(stage, cfg, smollm2_shape_config(), "bf16", 8 * 1024)
         assert choice["fits"] and choice["micro_batch"] * choice["accumulation"] == before, stage

@@ -1,14 +1,15 @@
-"""Unit tests of the PPO algorithm (edgerlhf.core.ppo) and its loop (edgerlhf.core.ppo_loop)."""
+"""Unit tests of the PPO algorithm (edgerlhf.core.ppo), its generation and forward passes (edgerlhf.core.rollout)
+and its loop (edgerlhf.core.ppo_trainer)."""
 import json
 import math
 
 import pytest
 import torch
 
-from edgerlhf.core import ppo
+from edgerlhf.core import lm, ppo, rollout
 from edgerlhf.core.config import PPOStageConfig
 from edgerlhf.core.models import load_causal_lm, load_tokenizer
-from edgerlhf.core.ppo_loop import build_policy, train
+from edgerlhf.core.ppo_trainer import build_policy, train
 
 # ---------------------------------------------------------------- pure functions
 
@@ -85,7 +86,7 @@ def test_kl_estimators():
 def test_eos_masking_and_reward_placement():
     eos = 9
     responses = torch.tensor([[5, eos, 7, 8], [1, 2, 3, 4], [eos, 3, eos, 1]])
-    mask, ended = ppo.response_mask(responses, eos)
+    mask, ended = rollout.response_mask(responses, eos)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
     logp = torch.full((3, 4), -1.0)
@@ -122,8 +123,8 @@ def test_running_moments():
 
 # ---------------------------------------------------------------- with tiny models
 
-CFG = PPOStageConfig(steps=4, batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
-                response_length=6, learning_rate=1e-3, checkpoint_every=2, lora_r=4, lora_alpha=8)
+CFG = PPOStageConfig(steps=4, batch_size=4, micro_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=2,
+                max_new_tokens=6, learning_rate=1e-3, checkpoint_every=2, lora_r=4, lora_alpha=8)
 
 
 def tiny_policy(location, seed=0):
@@ -136,9 +137,9 @@ def full_forward(policy, head, ro, temperature=0.7):
     """Ground truth: the policy's log-probs and values from one padded forward pass over query + reply (adapter
     on, dropout off), and the reference's log-probs (adapter off)."""
     policy.eval()
-    out = ppo.forward_logprobs(policy, head, ro, temperature)
+    out = rollout.forward_logprobs(policy, head, ro, temperature)
     return {"logprobs": out["logprobs"], "values": out["values"],
-            "ref_logprobs": ppo.reference_logprobs(policy, ro, temperature)}
+            "ref_logprobs": rollout.reference_logprobs(policy, ro, temperature)}
 
 
 def queries_for(tokenizer, n):
@@ -155,19 +156,19 @@ def tiny_rollout(name, models_dir, seed, new_tokens):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     queries = queries_for(tok, 3)
     torch.manual_seed(seed)
-    return policy, head, queries, ppo.rollout(policy, queries, pad, tok.eos_token_id, new_tokens, 0.7, 0, 1.0)
+    return policy, head, queries, rollout.rollout(policy, queries, pad, tok.eos_token_id, new_tokens, 0.7, 0, 1.0)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_batched_left_padded_logprobs_equal_single_sequence(name, models_dir):
     policy, head, queries, ro = tiny_rollout(name, models_dir, seed=1, new_tokens=5)
     with torch.no_grad():
-        batched = ppo.forward_logprobs(policy, head, ro, temperature=0.7)
+        batched = rollout.forward_logprobs(policy, head, ro, temperature=0.7)
         for i, q in enumerate(queries):
             n = int(ro["response_mask"][i].sum())
             single = {"query": torch.tensor([q]), "query_mask": torch.ones(1, len(q), dtype=torch.long),
                       "response": ro["response"][i:i + 1, :n], "response_mask": torch.ones(1, n)}
-            one = ppo.forward_logprobs(policy, head, single, temperature=0.7)
+            one = rollout.forward_logprobs(policy, head, single, temperature=0.7)
             assert torch.allclose(batched["logprobs"][i, :n], one["logprobs"][0], atol=1e-5)
 
 
@@ -181,8 +182,8 @@ def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, mo
     ro["response_mask"][1, 3:] = 0  # row 1 ends after 3 tokens, row 2 after 5: rows of different lengths
     ro["response_mask"][2, 5:] = 0
     with torch.no_grad():
-        padded = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
-        packed = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True, padding_free=True)
+        padded = rollout.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
+        packed = rollout.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True, padding_free=True)
         mask = torch.cat([ro["query_mask"], ro["response_mask"].long()], dim=1)
         logits = policy(input_ids=torch.cat([ro["query"], ro["response"]], dim=1), attention_mask=mask,
                         position_ids=position_ids(mask)).logits
@@ -199,11 +200,26 @@ def test_log_probs_from_the_kept_positions_equal_a_full_vocabulary_pass(name, mo
 def test_forward_gives_log_probs_entropy_and_zero_initial_values(tiny_gpt2):
     policy, head = tiny_policy(tiny_gpt2)
     tok = load_tokenizer(tiny_gpt2)
-    ro = ppo.rollout(policy, queries_for(tok, 2), tok.eos_token_id, tok.eos_token_id, 4, 0.7, 0, 1.0)
+    ro = rollout.rollout(policy, queries_for(tok, 2), tok.eos_token_id, tok.eos_token_id, 4, 0.7, 0, 1.0)
     with torch.no_grad():
-        out = ppo.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
+        out = rollout.forward_logprobs(policy, head, ro, temperature=0.7, with_entropy=True)
     assert (out["logprobs"] <= 0).all() and (out["entropy"] > 0).all()
     assert torch.equal(out["values"], torch.zeros_like(out["values"]))  # zero-initialised value head
+
+
+def test_logprobs_and_entropy_agree_with_trls_helpers():
+    # lm.logprobs_and_entropy is hand-written; TRL's selective_log_softmax and entropy_from_logits compute the same
+    # quantities, equal up to float32 rounding (not bit for bit)
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    torch.manual_seed(0)
+    logits, labels = (torch.randn(2, 7, 1000) * 3).bfloat16(), torch.randint(0, 1000, (2, 7))
+    for temperature in (1.0, 0.7):
+        logprobs, entropy = lm.logprobs_and_entropy(logits, labels, temperature, with_entropy=True)
+        z = logits.float() / temperature
+        assert torch.allclose(logprobs, selective_log_softmax(z, labels), atol=1e-5)
+        assert torch.allclose(entropy, entropy_from_logits(z), atol=1e-4)
+    assert lm.logprobs_and_entropy(logits, labels)[1] is None
 
 
 def test_chunked_rollout_and_forward_match_the_whole_batch(tiny_gpt2):
@@ -211,10 +227,10 @@ def test_chunked_rollout_and_forward_match_the_whole_batch(tiny_gpt2):
     tok = load_tokenizer(tiny_gpt2)
     queries = queries_for(tok, 3)
     torch.manual_seed(0)
-    ro = ppo.rollout(policy, queries, tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0, chunk_size=2)
+    ro = rollout.rollout(policy, queries, tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0, chunk_size=2)
     assert ro["response"].shape == (3, 5) and ro["query"].shape[0] == 3
-    whole = ppo.reference_logprobs(policy, ro, 0.7)
-    chunked = ppo.reference_logprobs(policy, ro, 0.7, chunk_size=2)
+    whole = rollout.reference_logprobs(policy, ro, 0.7)
+    chunked = rollout.reference_logprobs(policy, ro, 0.7, chunk_size=2)
     assert chunked.shape == whole.shape == (3, 5)
     assert torch.allclose(chunked, whole, atol=1e-5)
 
@@ -227,10 +243,10 @@ def test_reference_is_the_sft_model_with_the_adapter_disabled(tiny_gpt2):
             if "lora_B" in name:
                 p.add_(0.05)  # a trained-looking adapter: the policy now differs from the SFT model
     tok = load_tokenizer(tiny_gpt2)
-    ro = ppo.rollout(policy, queries_for(tok, 3), tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0)
+    ro = rollout.rollout(policy, queries_for(tok, 3), tok.eos_token_id, tok.eos_token_id, 5, 0.7, 0, 1.0)
     out = full_forward(policy, head, ro)
     with torch.no_grad():
-        sft_out = ppo.forward_logprobs(sft, None, ro, 0.7)
+        sft_out = rollout.forward_logprobs(sft, None, ro, 0.7)
     assert torch.allclose(out["ref_logprobs"], sft_out["logprobs"], atol=1e-5)
     assert not torch.allclose(out["logprobs"], sft_out["logprobs"], atol=1e-3)
 
@@ -363,8 +379,8 @@ def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                        initializer_range=0.1, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id)).eval()
-    cfg = PPOStageConfig(steps=30, batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
-                    response_length=8, learning_rate=3e-3, value_learning_rate=3e-3, temperature=1.0,
+    cfg = PPOStageConfig(steps=30, batch_size=16, micro_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
+                    max_new_tokens=8, learning_rate=3e-3, value_learning_rate=3e-3, temperature=1.0,
                     init_kl_coef=0.05, adaptive_kl=False, lora_r=8, lora_alpha=16, checkpoint_every=100)
     policy, head = build_policy(model, cfg)
     queries = [tok(q, add_special_tokens=False)["input_ids"] for q in ["hi there", "what", "why there", "hi"] * 4]
@@ -408,25 +424,25 @@ def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
 
 
 def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(tiny_gpt2, tmp_path, monkeypatch):
-    from edgerlhf.core import ppo_loop
+    from edgerlhf.core import ppo_trainer
 
-    real = ppo_loop.ppo_step
+    real = ppo_trainer.ppo_step
     seen = []
 
     def fake_oom(*args, **kwargs):
         cfg = args[8]
-        seen.append((cfg.mini_batch_size, cfg.generation_batch_size))
-        if cfg.mini_batch_size > 1:
+        seen.append((cfg.micro_batch_size, cfg.generation_batch_size))
+        if cfg.micro_batch_size > 1:
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo_loop, "ppo_step", fake_oom)
+    monkeypatch.setattr(ppo_trainer, "ppo_step", fake_oom)
     cfg = PPOStageConfig(**{**CFG.__dict__, "steps": 2})
     history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
     half = CFG.batch_size // 2
     assert seen == [(2, CFG.batch_size), (1, half), (1, half)]  # backed off once, then kept the smaller sizes
     assert history[0]["oom_backoffs"][0]["micro_batch"] == 2 and history[1]["oom_backoffs"] == []
-    assert history[1]["mini_batch_size"] == 1
+    assert history[1]["micro_batch_size"] == 1
 
 
 def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tmp_path):
@@ -457,8 +473,8 @@ def test_evaluation_during_training_does_not_change_the_trajectory(tiny_gpt2, tm
 def test_a_reward_model_shares_the_policys_frozen_weights_and_scores_as_before(name, models_dir):
     from edgerlhf.ppo_alignment import share_frozen_weights
     from edgerlhf.core.models import prepare_base_model
-    from edgerlhf.core.ppo_loop import make_optimizer
-    from edgerlhf.core.reward_models import backbone_of, load_backbone, score
+    from edgerlhf.core.ppo_trainer import make_optimizer
+    from edgerlhf.core.reward_scoring import backbone_of, load_backbone, score
     from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
@@ -524,20 +540,20 @@ def test_log_probs_equal_the_distribution_generate_sampled_from(name, models_dir
             if "lora_B" in n:
                 p.normal_(0, 0.05)  # the policy differs from the reference
     queries = queries_for(tok, 6)
-    query, query_mask = ppo.pad_left(queries, pad)
+    query, query_mask = lm.pad_left(queries, pad)
     torch.manual_seed(3)
     out = policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=8, do_sample=True,
                           temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos,
                           output_scores=True, return_dict_in_generate=True)
     response = out.sequences[:, query.shape[1]:]
-    mask, ended = ppo.response_mask(response, eos)
+    mask, ended = rollout.response_mask(response, eos)
     lengths = mask.sum(dim=1)
     assert ended.any() and len(set(lengths.tolist())) > 2, lengths  # EOS at different places
     sampled = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
     batch = {"query": query, "query_mask": query_mask, "response": torch.where(mask.bool(), response, pad),
              "response_mask": mask}
     with torch.no_grad():
-        got = ppo.forward_logprobs(policy, head, batch, temperature, with_entropy=True)
+        got = rollout.forward_logprobs(policy, head, batch, temperature, with_entropy=True)
     assert torch.allclose(got["logprobs"] * mask, sampled * mask, atol=1e-5)
     assert got["logprobs"].shape == response.shape and (got["entropy"] * mask > 0).any()
 
@@ -556,7 +572,7 @@ def update_batch(name, models_dir, n=4, new_tokens=5, fixed_length=False, seed=0
     tok = load_tokenizer(location)
     policy, head = tiny_policy(location)
     torch.manual_seed(seed)
-    ro = ppo.rollout(policy, queries_for(tok, n), ppo_pad(tok), tok.eos_token_id, new_tokens, 0.7, 0, 1.0,
+    ro = rollout.rollout(policy, queries_for(tok, n), ppo_pad(tok), tok.eos_token_id, new_tokens, 0.7, 0, 1.0,
                      min_new_tokens=new_tokens if fixed_length else 0)
     old = full_forward(policy, head, ro)
     mask = ro["response_mask"]
@@ -573,7 +589,7 @@ def trainable(policy, head):
 
 def test_the_first_micro_batch_has_ratio_one_and_no_clipping(models_dir):
     policy, head, batch = update_batch("tiny-llama", models_dir)
-    cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 1})
+    cfg = PPOStageConfig(**{**CFG.__dict__, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "ppo_epochs": 1})
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()))
     stats = ppo.ppo_update(policy, head, optimizer, batch, cfg, torch.Generator().manual_seed(0))
     assert stats["optimizer_steps"] == 1 and stats["clipfrac"] == 0.0
@@ -588,7 +604,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_minibatch(mode
     results = []
     for mb, acc in ((rows, 1), (micro, accumulation)):
         policy, head, batch = update_batch("tiny-llama", models_dir, n=rows + 1, fixed_length=True)
-        cfg = PPOStageConfig(**{**CFG.__dict__, "batch_size": rows + 1, "mini_batch_size": mb,
+        cfg = PPOStageConfig(**{**CFG.__dict__, "batch_size": rows + 1, "micro_batch_size": mb,
                            "gradient_accumulation_steps": acc, "ppo_epochs": 1, "max_grad_norm": 1e9})
         before = trainable(policy, head)
         optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
@@ -612,7 +628,7 @@ def test_rows_one_pass_at_a_time_give_the_micro_batchs_gradient_and_statistics(m
             batch.response_mask[row, keep:] = 0
         for name in ("advantages", "returns"):
             setattr(batch, name, getattr(batch, name) * batch.response_mask)
-        cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+        cfg = PPOStageConfig(**{**CFG.__dict__, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
                                 "ppo_epochs": 2, "max_grad_norm": 1e9, "rows_per_pass": rows_per_pass,
                                 "padding_free": padding_free})
         before = trainable(policy, head)
@@ -630,7 +646,7 @@ def test_rows_one_pass_at_a_time_give_the_micro_batchs_gradient_and_statistics(m
 
 def test_approx_kl_stop_is_checked_every_minibatch(models_dir):
     policy, head, batch = update_batch("tiny-llama", models_dir, n=4)
-    cfg = PPOStageConfig(**{**CFG.__dict__, "mini_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
+    cfg = PPOStageConfig(**{**CFG.__dict__, "micro_batch_size": 1, "gradient_accumulation_steps": 1, "ppo_epochs": 4,
                        "approx_kl_stop": 1e-4})
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad] + list(head.parameters()),
                                 lr=50.0)
@@ -669,13 +685,13 @@ def test_reward_gain_and_bias_give_sft_replies_mean_zero_and_unit_std(tiny_gpt2)
 
 def test_length_groups_pad_each_group_to_its_own_longest_row():
     lengths = [182, 252, 46, 121, 38, 88, 143, 84, 0]
-    groups = ppo.length_groups(lengths, slack=0.1)
+    groups = rollout.length_groups(lengths, slack=0.1)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
         widest, real = lengths[g[0]], sum(lengths[i] for i in g)
         assert widest == max(lengths[i] for i in g)
         assert len(g) == 1 or widest * len(g) - real <= 0.1 * real
-    assert ppo.length_groups([5, 5, 5]) == [[0, 1, 2]] and ppo.length_groups([]) == []
+    assert rollout.length_groups([5, 5, 5]) == [[0, 1, 2]] and rollout.length_groups([]) == []
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -688,11 +704,11 @@ def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir
     policy, _ = tiny_policy(location)
     tok = load_tokenizer(location)
     queries = [list(range(5, 5 + n)) for n in (9, 2, 1, 6, 9, 3)]  # unequal lengths, one single-token query
-    query, mask = ppo.pad_left(queries, 0)
-    positions = ppo.position_ids(mask)
+    query, mask = lm.pad_left(queries, 0)
+    positions = lm.position_ids(mask)
     with torch.no_grad():
         full = policy(input_ids=query, attention_mask=mask, position_ids=positions).logits[:, -1]
-        cache = ppo.prefill_cache(policy, query, mask)
+        cache = rollout.prefill_cache(policy, query, mask)
         assert cache.get_seq_length() == query.shape[1] - 1
         last = policy(input_ids=query[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
                       cache=cache).logits[:, -1]
@@ -700,9 +716,9 @@ def test_a_prefilled_cache_continues_exactly_as_the_padded_pass(name, models_dir
         greedy = dict(input_ids=query, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                       eos_token_id=tok.eos_token_id)
         plain = policy.generate(**greedy)
-        prefilled = policy.generate(**greedy, cache=ppo.prefill_cache(policy, query, mask, 6))
+        prefilled = policy.generate(**greedy, cache=rollout.prefill_cache(policy, query, mask, 6))
     assert torch.equal(plain, prefilled)
-    assert ppo.prefill_cache(policy, torch.tensor([[7]]), torch.tensor([[1]])) is None  # nothing before the last
+    assert rollout.prefill_cache(policy, torch.tensor([[7]]), torch.tensor([[1]])) is None  # nothing before the last
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -721,7 +737,7 @@ def test_generation_folds_the_adapter_in_and_leaves_the_reference_weights_untouc
         with_adapter = policy(input_ids=ids).logits
         with policy.disable_adapter():
             reference = policy(input_ids=ids).logits
-        with ppo.merged_adapter(policy):
+        with rollout.merged_adapter(policy):
             merged = policy(input_ids=ids).logits
         after = policy(input_ids=ids).logits
     assert torch.allclose(merged, with_adapter, atol=1e-5) and not torch.allclose(merged, reference, atol=1e-3)
@@ -751,7 +767,7 @@ def trained_eos_prone_policy(name, models_dir):
 def test_log_probs_and_values_from_the_generation_pass_match_the_recomputed_ones(name, models_dir):
     tok, policy, head = trained_eos_prone_policy(name, models_dir)
     torch.manual_seed(4)
-    ro = ppo.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head,
+    ro = rollout.rollout(policy, queries_for(tok, 5), ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, value_head=head,
                      from_generation=True)
     mask = ro["response_mask"]
     assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1
@@ -769,7 +785,7 @@ def test_old_log_probs_from_the_reply_pass_over_the_prompt_cache_match_a_full_fo
     tok, policy, head = trained_eos_prone_policy(name, models_dir)
     queries = [list(range(7, 7 + n)) for n in lengths]
     torch.manual_seed(4)
-    ro = ppo.rollout(policy, queries, ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, chunk_size=2, value_head=head)
+    ro = rollout.rollout(policy, queries, ppo_pad(tok), tok.eos_token_id, 7, 0.7, 0, 1.0, chunk_size=2, value_head=head)
     mask = ro["response_mask"]
     assert ro["time_old_logprobs_s"] > 0
     full = full_forward(policy, head, ro)
@@ -780,11 +796,11 @@ def test_old_log_probs_from_the_reply_pass_over_the_prompt_cache_match_a_full_fo
         assert ro["ended"].any() and mask.sum(dim=1).unique().numel() > 1  # replies of different lengths
     if ro["query"].shape[1] > 1:  # without the prompt's cache, a query wider than one token is refused
         with pytest.raises(ValueError, match="prefill_cache"):
-            ppo.reply_logprobs(policy, head, ro["query"], ro["query_mask"], ro["response"], mask, 0.7)
+            rollout.reply_logprobs(policy, head, ro["query"], ro["query_mask"], ro["response"], mask, 0.7)
 
 
 def test_a_step_with_log_probs_from_generation_starts_at_ratio_one(tiny_gpt2, tmp_path):
-    cfg = PPOStageConfig(**{**CFG.__dict__, "steps": 1, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+    cfg = PPOStageConfig(**{**CFG.__dict__, "steps": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
                        "ppo_epochs": 1, "logprobs_from_generation": True})
     history, _, _ = run_loop(tiny_gpt2, tmp_path, cfg)
     assert history[0]["optimizer_steps"] == 1 and history[0]["clipfrac"] == 0.0
@@ -795,7 +811,7 @@ def test_steps_are_logged_under_trls_metric_names(tiny_gpt2, tmp_path, caplog):
     import logging
 
     from edgerlhf.core.logs import configure_logging
-    from edgerlhf.core.ppo_loop import TRL_METRIC_NAMES, trl_metrics
+    from edgerlhf.core.ppo_trainer import TRL_METRIC_NAMES, trl_metrics
     from edgerlhf.core.templates import ensure_pad_token
 
     policy, head = tiny_policy(tiny_gpt2)
@@ -809,7 +825,7 @@ def test_steps_are_logged_under_trls_metric_names(tiny_gpt2, tmp_path, caplog):
     metrics = trl_metrics(history[0])
     assert list(metrics) == list(TRL_METRIC_NAMES.values())  # every statistic named, in TRL's terms
     assert metrics["objective/kl"] == history[0]["kl"] and metrics["policy/approxkl_avg"] == history[0]["approx_kl"]
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "edgerlhf.core.ppo_loop"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "edgerlhf.core.ppo_trainer"]
     assert line.startswith("PPO step 1/1: objective/scores 1, objective/kl ") and "loss/policy_avg" in line
 
 

@@ -8,9 +8,9 @@ import torch
 
 from conftest import write_card
 from edgerlhf import reward_modeling as reward
-from edgerlhf.core import crossfit
+from edgerlhf.core import crossfit, probe
 from edgerlhf.core.lm import encode_prompt_completion
-from edgerlhf.core.reward_models import RewardModelError, load_backbone, load_reward_model, score
+from edgerlhf.core.reward_scoring import RewardModelError, load_backbone, load_reward_model, score
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def test_score_is_read_at_the_last_real_token_for_any_padding(tiny_sft):
     assert torch.allclose(right_scores, single, atol=1e-5)
 
 
+@pytest.mark.slow  # LoRA training at three precisions
 def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 2}))
     models = results["models"]
@@ -65,6 +66,7 @@ def test_all_precisions_train_and_load_with_a_full_precision_head(rm_cfg):
     assert [row["model"] for row in json.load(open(results["record"]))["results"]["table"]][3] == "bf16"
 
 
+@pytest.mark.slow  # stage 3 end to end
 def test_loading_errors_are_clear(rm_cfg, tmp_path):
     results = reward.run_reward(rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16", "int4"],
                                           "reward.post_training_quantization": False, "reward.judge": False}))
@@ -85,6 +87,7 @@ def test_loading_errors_are_clear(rm_cfg, tmp_path):
         load_reward_model(tmp_path)
 
 
+@pytest.mark.slow  # stage 3 twice
 def test_a_failed_run_keeps_the_previous_model(rm_cfg, monkeypatch):
     cfg = rm_cfg(**{"reward.max_steps": 1, "reward.precisions": ["bf16"], "reward.post_training_quantization": False,
                     "reward.judge": False})
@@ -166,7 +169,8 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     # prompt run once with its cache reused for both replies == two full passes through score(), also when the
     # replies begin alike (part of the reply is then pooled from the prompt pass)
     from edgerlhf.core.models import load_tokenizer, prepare_base_model
-    from edgerlhf.core.reward_models import POOLING_ATTRIBUTE, pair_features
+    from edgerlhf.core.probe import pair_features
+    from edgerlhf.core.reward_scoring import POOLING_ATTRIBUTE
     from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
@@ -203,7 +207,8 @@ def test_nf4_layers_keep_the_compute_dtype_in_eval_mode(models_dir):
 
 def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
     from edgerlhf.core.models import load_tokenizer, prepare_base_model
-    from edgerlhf.core.reward_models import backbone_of, pair_features, pool_states
+    from edgerlhf.core.probe import pair_features
+    from edgerlhf.core.reward_scoring import backbone_of, pool_states
     from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     states = torch.arange(12.0).view(1, 4, 3)
@@ -229,7 +234,7 @@ def test_mean_pooling_averages_the_reply_tokens_of_one_pass(models_dir):
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_features_read_after_a_block_equal_the_backbone_truncated_there(name, models_dir):
     from edgerlhf.core.models import load_tokenizer, prepare_base_model
-    from edgerlhf.core.reward_models import pair_features
+    from edgerlhf.core.probe import pair_features
     from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
     location = prepare_base_model(name, models_dir)
@@ -256,12 +261,13 @@ def test_the_probe_layer_is_the_block_whose_training_pairs_cross_validate_best()
     g = torch.Generator().manual_seed(0)
     chosen, rejected = torch.randn(200, 2, 16, generator=g), torch.randn(200, 2, 16, generator=g)
     chosen[:, 1, 0] += 3.0
-    search = reward.choose_probe_layer((chosen, rejected), [3, 7], seed=0)
+    search = probe.choose_probe_layer((chosen, rejected), [3, 7], seed=0)
     assert search["chosen"] == 7 and search["pairs"] == 200
     losses = {c["layer"]: c["cv_log_loss"] for c in search["candidates"]}
     assert losses[7] < 0.3 < 0.6 < losses[3]
 
 
+@pytest.mark.slow  # stage 3 end to end
 def test_a_probe_layer_search_saves_every_model_at_the_chosen_block(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.probe_layer_search": [1, 2],
                                           "reward.precisions": ["bf16", "int8"]}))
@@ -275,6 +281,7 @@ def test_a_probe_layer_search_saves_every_model_at_the_chosen_block(rm_cfg):
         rm_cfg(**{"reward.probe_layer_search": [0]})
 
 
+@pytest.mark.slow  # stage 3 end to end (seven models)
 def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     results = reward.run_reward(rm_cfg(**{"reward.method": "probe", "reward.seeds": [42, 43]}))
     models = results["models"]
@@ -302,9 +309,9 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
     # the cross-fitted evaluation: every kept pair SFT did not train on, every precision on the same folds
     cf = results["crossfit"]
     assert set(cf["models"]) == {"shorter wins", "longer wins", "tf-idf", "bf16", "int8", "int4", "int8-ptq",
-                                 "int4-ptq", *reward.JUDGE_CANDIDATES}
-    assert {f["candidate"] for f in cf["judge_frontier"]} == {"tf-idf", "bf16", *reward.JUDGE_CANDIDATES}
-    assert not {c["a"] for c in cf["comparisons"]} & set(reward.JUDGE_CANDIDATES)
+                                 "int4-ptq", *probe.JUDGE_CANDIDATES}
+    assert {f["candidate"] for f in cf["judge_frontier"]} == {"tf-idf", "bf16", *probe.JUDGE_CANDIDATES}
+    assert not {c["a"] for c in cf["comparisons"]} & set(probe.JUDGE_CANDIDATES)
     assert cf["pool"]["left_out_sft_trained"] > 0
     assert cf["pool"]["pairs"] + cf["pool"]["left_out_sft_trained"] == sum(cf["pool"]["by_split"].values())
     assert {m["n"] for m in cf["models"].values()} == {cf["pool"]["pairs"]}
@@ -314,6 +321,7 @@ def test_probe_reward_models_save_load_and_are_assessed(rm_cfg):
 
 
 @pytest.mark.parametrize("method, precisions", [("probe", ["bf16", "int8", "int4"]), ("lora", ["bf16", "int8"])])
+@pytest.mark.slow  # stage 3 end to end
 def test_the_held_out_test_pairs_are_read_once_after_every_model_is_saved(rm_cfg, monkeypatch, method, precisions):
     cfg = rm_cfg(**{"reward.method": method, "reward.precisions": precisions, "reward.max_steps": 1,
                     "reward.probe_layer_search": [1, 2] if method == "probe" else []})
@@ -332,6 +340,7 @@ def test_the_held_out_test_pairs_are_read_once_after_every_model_is_saved(rm_cfg
     assert results["conclusions"] and all(e["n"] == results["data"]["test"]["kept"] for e in results["models"].values())
 
 
+@pytest.mark.slow  # stage 3 end to end
 def test_a_probe_on_the_first_blocks_is_saved_and_loaded_truncated(rm_cfg):
     # tiny-gpt2 has 2 blocks; the probe reads block 1 through the final norm, and the saved model is that
     # truncated backbone plus the head (the stage's own reload check compares its scores with the features)
@@ -374,7 +383,7 @@ def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):
 
 def test_reward_inputs_are_the_rendered_dialogue_fitted_from_the_left(gpt2_tokenizer):
     from edgerlhf.core.lm import encode_prompt_completion
-    from edgerlhf.core.reward_models import encode_pairs
+    from edgerlhf.core.reward_scoring import encode_pairs
     from edgerlhf.core.templates import ensure_chat_template
 
     ensure_chat_template(gpt2_tokenizer)
@@ -409,7 +418,7 @@ def saved_probe(tiny_sft, folder: Path, weight=None) -> Path:
     ensure_pad_token(tok)
     hidden = json.loads((tiny_sft / "model" / "merged" / "config.json").read_text())["n_embd"]
     weight = np.linspace(-1, 1, hidden) if weight is None else weight
-    reward.save_probe(folder, weight, tok, backbone, "bf16", "cpu", {"C": 1.0, "cv_log_loss": 0.6})
+    probe.save_probe(folder, weight, tok, backbone, "bf16", "cpu", {"C": 1.0, "cv_log_loss": 0.6})
     return folder
 
 
@@ -452,7 +461,7 @@ def test_damaged_or_non_finite_reward_model_files_are_refused_naming_the_file(ti
 
 def test_a_truncated_merged_model_file_is_named_on_load(tiny_sft, tmp_path):
     from edgerlhf.core.models import load_tokenizer
-    from edgerlhf.core.reward_models import tokenizer_fingerprint, write_info
+    from edgerlhf.core.reward_scoring import tokenizer_fingerprint, write_info
 
     folder = tmp_path / "rm"  # a merged-model layout (stage 3's bf16 LoRA model) around the SFT weights
     shutil.copytree(tiny_sft / "model" / "merged", folder / "model")
@@ -465,7 +474,7 @@ def test_a_truncated_merged_model_file_is_named_on_load(tiny_sft, tmp_path):
 
 
 def test_the_whole_tokenizer_folder_is_fingerprinted(tiny_sft, tmp_path):
-    from edgerlhf.core.reward_models import tokenizer_fingerprint
+    from edgerlhf.core.reward_scoring import tokenizer_fingerprint
 
     good = saved_probe(tiny_sft, tmp_path / "good")
     template = good / "tokenizer" / "chat_template.jinja"
@@ -482,7 +491,8 @@ def test_the_whole_tokenizer_folder_is_fingerprinted(tiny_sft, tmp_path):
 
 
 def test_score_refuses_malformed_inputs_saying_what_was_expected(tiny_llama_scorer):
-    from edgerlhf.core.reward_models import encode_pairs, pair_features
+    from edgerlhf.core.probe import pair_features
+    from edgerlhf.core.reward_scoring import encode_pairs
 
     model, tok = tiny_llama_scorer
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -20,7 +20,8 @@ def merged_weights(results) -> dict:
     return load_file(f"{results['model_dir']}/merged/model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["lora", "qlora", "full", "frozen"])
+@pytest.mark.parametrize("strategy", ["lora", *(pytest.param(s, marks=pytest.mark.slow)  # a stage run each
+                                                 for s in ("qlora", "full", "frozen"))])
 def test_every_strategy_trains_and_saves(tiny_cfg, strategy):
     cfg = tiny_cfg(**{"sft.strategy": strategy, "sft.max_steps": 2, "sft.frozen_layers": 1})
     results = sft.run_sft(cfg)
@@ -34,11 +35,18 @@ def test_every_strategy_trains_and_saves(tiny_cfg, strategy):
     assert not (sft.Path(cfg.run.root) / "models/sft/checkpoints").exists()  # removed after success
 
 
-def test_distill_strategy_runs(tiny_cfg):
-    results = sft.run_sft(tiny_cfg(**{"sft.strategy": "distill", "sft.teacher": "tiny-gpt2", "sft.max_steps": 1}))
-    assert results["global_step"] == 1 and results["strategy"] == "distill"
+@pytest.mark.slow  # stage 2 end to end, with a teacher
+def test_distill_strategy_moves_the_student(tiny_cfg, tiny_gpt2):
+    results = sft.run_sft(tiny_cfg(**{"sft.strategy": "distill", "sft.teacher": "tiny-gpt2", "sft.max_steps": 2,
+                                      "sft.learning_rate": 1e-2}))
+    assert results["global_step"] == 2 and results["strategy"] == "distill"
+    after, before = merged_weights(results), load_file(f"{tiny_gpt2}/model.safetensors")
+    moved = [k for k in before if k in after and not torch.equal(after[k], before[k])]
+    assert moved, "two distillation steps left every weight of the student unchanged"
+    assert results["perplexity_after"] != results["perplexity_before"]
 
 
+@pytest.mark.slow  # stage 2 end to end
 def test_frozen_blocks_stay_bit_identical(tiny_cfg, tiny_gpt2):
     results = sft.run_sft(tiny_cfg(**{"sft.strategy": "frozen", "sft.frozen_layers": 1, "sft.max_steps": 2}))
     after, before = merged_weights(results), load_file(f"{tiny_gpt2}/model.safetensors")
@@ -100,6 +108,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # interrupt and resume
 def test_resume_continues_at_the_saved_step(tiny_cfg, monkeypatch):
     from transformers import TrainerCallback
 
@@ -129,6 +138,7 @@ def test_resume_continues_at_the_saved_step(tiny_cfg, monkeypatch):
     assert all(torch.allclose(weights[k], straight[k], atol=1e-6) for k in straight)
 
 
+@pytest.mark.slow  # stage 2 twice
 def test_bad_inputs_fail_clearly_and_keep_the_last_model(tiny_cfg, tmp_path):
     good = sft.run_sft(tiny_cfg(**{"sft.max_steps": 1}))
     before = merged_weights(good)
@@ -146,6 +156,7 @@ def test_bad_inputs_fail_clearly_and_keep_the_last_model(tiny_cfg, tmp_path):
         sft.run_sft(tiny_cfg(**{"data.out_dir": str(empty)}))
 
 
+@pytest.mark.slow  # stage 2 end to end
 def test_sft_never_reads_the_held_out_test_pairs(tiny_cfg, tiny_data, tmp_path):
     data = tmp_path / "train_only"
     data.mkdir()
@@ -172,6 +183,7 @@ def test_overlong_prompts_are_truncated_from_the_left_or_dropped(gpt2_tokenizer)
     assert sft.sft_examples([row], tok, 4, "truncate_left")[1]["dropped"] == 1
 
 
+@pytest.mark.slow  # interrupt and resume
 def test_out_of_memory_backs_off_and_resumes_with_the_same_effective_batch(tiny_cfg, monkeypatch):
     from transformers import TrainerCallback
 
@@ -214,6 +226,7 @@ def test_out_of_memory_backs_off_and_resumes_with_the_same_effective_batch(tiny_
     assert diff < 1e-5, diff
 
 
+@pytest.mark.slow  # two stage runs
 def test_a_diverged_run_fails_and_leaves_the_last_good_model_byte_identical(tiny_cfg, tmp_path):
     from edgerlhf.core.files import sha256_file
     from edgerlhf.core.records import newest_records

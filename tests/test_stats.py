@@ -9,7 +9,7 @@ import pytest
 from edgerlhf.core.baselines import DEFAULT_CS, TfidfReward, fit_pairwise_logistic, length_scores
 from edgerlhf.core.stats import (
     compare_classifiers, describe_comparison, mcnemar_exact, mde_mcnemar, mde_paired_mean, paired_bootstrap,
-    wilson_interval,
+    percentile_bootstrap, wilson_interval,
 )
 
 
@@ -46,6 +46,17 @@ def test_paired_bootstrap_keeps_the_pairing():
     x = rng.normal(size=400)
     out = paired_bootstrap(x + 0.3 + rng.normal(0, 0.1, 400), x)
     assert out["ci"][0] < 0.3 < out["ci"][1] and out["ci"][1] - out["ci"][0] < 0.05
+
+
+def test_bootstraps_of_one_item_are_a_point_and_paired_samples_are_resampled_together():
+    # SciPy's bootstrap refuses one observation; every resample of one item is that item
+    assert paired_bootstrap([2.0], [0.5])["ci"] == [1.5, 1.5]
+    assert percentile_bootstrap(([3.0],), np.mean, paired=False, vectorized=True) == [3.0, 3.0]
+    # resampled together, x - y is always 1 here; resampled apart it would spread over [-8, 10]
+    x = np.arange(10.0)
+    lo, hi = percentile_bootstrap((x + 1, x), lambda a, b, axis=-1: np.mean(a - b, axis=axis), paired=True,
+                                  vectorized=True, n_boot=500)
+    assert lo == hi == pytest.approx(1.0)
 
 
 def test_minimum_detectable_differences():

@@ -1,4 +1,5 @@
-"""Precision, quantization, LoRA targets and layer freezing, shared by SFT, reward models and PPO.
+"""Stages 2-4 (02_SFT_Finetuning, 03_Reward_Modeling, 04_PPO_Alignment): Precision, quantization, LoRA targets and
+layer freezing, shared by SFT, reward models and PPO.
 
 All of it is configuration of the libraries (transformers' ``BitsAndBytesConfig``,
 peft's ``LoraConfig``); nothing here reimplements them.

@@ -1,4 +1,5 @@
-"""Configuration: one dataclass per stage, named profiles, JSON/YAML files and overrides.
+"""Every stage, the runner and the notebooks' `parameters` cells: Configuration: one dataclass per stage, named
+profiles, JSON/YAML files and overrides.
 
 Every field carries its meaning and source in ``metadata["help"]`` (listed by
 ``python -m edgerlhf.core.config [--profile P]``), like TRL's ``*Config`` classes.
@@ -38,16 +39,25 @@ DEFAULT_PROFILE = "quick"
 #: Choices of the enumerated fields, shared with the stage modules that act on them.
 PRECISIONS = ("bf16", "int8", "int4")
 REWARD_METHODS = ("lora", "probe")
-#: What a probe's head reads of the reply (:func:`edgerlhf.core.reward_models.pool_states`).
+#: What a probe's head reads of the reply (:func:`edgerlhf.core.reward_scoring.pool_states`).
 PROBE_POOLINGS = ("last", "mean", "last+mean")
 SFT_STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help text (mutable defaults copied)."""
+#: Allowed values of a numeric or enumerated field (its ``limit``): ``(low, high)`` bounds (inclusive, None: open),
+#: ``("above", x)`` (strictly greater) or ``("above", x, high)`` (and at most ``high``), or a tuple of choices.
+_POSITIVE = (1, None)
+
+
+def _f(default: Any, help: str, limit: Any = None) -> Any:
+    """A dataclass field with a default, a help text and its allowed values (mutable defaults copied).
+
+    ``limit`` (see :data:`_POSITIVE`'s comment) is kept in ``metadata["limit"]`` and checked by :func:`validate`.
+    """
+    metadata = {"help": help, "limit": limit}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -58,25 +68,28 @@ class RunConfig:
     run_dir: Optional[str] = _f(
         None, "Folder of this run's records and figures (str). None: `results/runs/<run_id>` is created."
     )
-    seed: int = _f(42, "Seed for `random`, NumPy and torch (int). Research plan: 42.")
+    seed: int = _f(42, "Seed for `random`, NumPy and torch (int). Research plan: 42.", limit=SEED_RANGE)
     deterministic: bool = _f(
         True, "Deterministic algorithms, warn-only (bool). Research plan: cudnn.deterministic=True, benchmark=False."
     )
     device: str = _f("auto", "Device (str): `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`.")
     vram_budget_gib: Optional[float] = _f(
-        8.0, "Device-memory cap in GiB (float) applied on CUDA so any card behaves like an 8 GB one; None: no cap."
+        8.0, "Device-memory cap in GiB (float) applied on CUDA so any card behaves like an 8 GB one; None: no cap.",
+        limit=("above", 0.0)
     )
     max_oom_backoffs: int = _f(
         3, "Out-of-memory back-offs per training run or PPO step (int): each halves the micro-batch and doubles "
-        "gradient accumulation, so the effective batch is unchanged; 0 lets the error through."
+        "gradient accumulation, so the effective batch is unchanged; 0 lets the error through.", limit=(0, None)
     )
     log_level: str = _f(
         "INFO", "Level of the `edgerlhf` loggers (str: DEBUG, INFO, WARNING, ERROR). INFO logs each PPO step under "
-        "TRL's metric names and shows progress bars (PPO steps, reward scoring); WARNING keeps only warnings."
+        "TRL's metric names and shows progress bars (PPO steps, reward scoring); WARNING keeps only warnings.",
+        limit=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     report_to: str = _f(
         "none", "Live training curves (str): `none`, or `tensorboard` (event files under `<run folder>/tensorboard/`: "
-        "SFT and reward training under the Trainer's names, PPO steps under TRL's; needs the `tracking` extra)."
+        "SFT and reward training under the Trainer's names, PPO steps under TRL's; needs the `tracking` extra).",
+        limit=("none", "tensorboard")
     )
     auto_micro_batch: bool = _f(
         True, "On CUDA, SFT and reward training choose their micro-batch (bool): the largest divisor of the "
@@ -87,7 +100,8 @@ class RunConfig:
     )
     micro_batch_headroom: float = _f(
         0.25, "Fraction of the available device memory the micro-batch choice leaves free (float in [0, 0.9]) for "
-        "what the planner does not model (allocator fragmentation, library buffers); 0.25 of 8 GiB plans for 6 GiB."
+        "what the planner does not model (allocator fragmentation, library buffers); 0.25 of 8 GiB plans for 6 GiB.",
+        limit=(0.0, 0.9)
     )
 
 
@@ -117,10 +131,11 @@ class DataConfig:
     hub_id: str = _f("Anthropic/hh-rlhf", "Hub data set tried last (str). Research plan: Anthropic/hh-rlhf.")
     hub_data_dir: Optional[str] = _f(None, "Hub `data_dir` subset, e.g. `harmless-base` (str); None: all subsets.")
     hub_split: str = _f("train", "Hub split to sample from (str).")
-    n_train: int = _f(5000, "Maximum training pairs after filtering (int). Research plan: 5,000.")
-    n_test: int = _f(1000, "Maximum held-out pairs after filtering (int). Research plan: 1,000.")
+    n_train: int = _f(5000, "Maximum training pairs after filtering (int). Research plan: 5,000.", limit=_POSITIVE)
+    n_test: int = _f(1000, "Maximum held-out pairs after filtering (int). Research plan: 1,000.", limit=_POSITIVE)
     max_length: int = _f(
-        512, "Maximum tokens of rendered prompt + longer reply (int); longer rows are dropped. Research plan: 512."
+        512, "Maximum tokens of rendered prompt + longer reply (int); longer rows are dropped. Research plan: 512.",
+        limit=(8, None)
     )
     out_dir: str = _f("data/prefs", "Folder of stage 1's set, `train_prefs.jsonl`, `test_prefs.jsonl` and "
                                     "`data_card.json`, replaced as one unit (str).")
@@ -143,46 +158,51 @@ class SFTStageConfig:
         "lora",
         "One of `lora` (LoRA adapter), `qlora` (NF4 4-bit base + LoRA, Dettmers et al. 2023), `full` (all weights), "
         "`frozen` (first `frozen_layers` blocks frozen), `distill` (on-policy distillation from `teacher`, TRL) (str).",
+        limit=SFT_STRATEGIES,
     )
     teacher: Optional[str] = _f(None, "With `distill`: teacher model, any registry name or folder sharing the tokenizer.")
-    lora_r: int = _f(16, "LoRA rank r (int). Research plan: 16 (Hu et al. 2021 use 1-64).")
-    lora_alpha: int = _f(32, "LoRA scaling alpha (int). Research plan: 32.")
-    lora_dropout: float = _f(0.05, "LoRA dropout (float). Research plan: 0.05.")
+    lora_r: int = _f(16, "LoRA rank r (int). Research plan: 16 (Hu et al. 2021 use 1-64).", limit=_POSITIVE)
+    lora_alpha: int = _f(32, "LoRA scaling alpha (int). Research plan: 32.", limit=_POSITIVE)
+    lora_dropout: float = _f(0.05, "LoRA dropout (float). Research plan: 0.05.", limit=(0.0, 0.99))
     target_modules: Optional[list] = _f(None, "LoRA target modules (list of str); None: chosen per architecture.")
-    frozen_layers: int = _f(0, "With `frozen`: number of first transformer blocks kept frozen (int).")
-    per_device_train_batch_size: int = _f(8, "Sequences per device per step (int). Research plan: 8.")
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
-    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (float). Research plan: 1e-4.")
-    num_train_epochs: float = _f(3.0, "Epochs (float). Research plan: 3.")
-    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.")
-    lr_scheduler_type: str = _f("linear", "`linear`, `cosine` or `constant_with_warmup` (str; transformers names).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
+    frozen_layers: int = _f(0, "With `frozen`: number of first transformer blocks kept frozen (int).", limit=(0, None))
+    per_device_train_batch_size: int = _f(8, "Sequences per device per step (int). Research plan: 8.", limit=_POSITIVE)
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.",
+        limit=_POSITIVE)
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate (float). Research plan: 1e-4.", limit=("above", 0.0))
+    num_train_epochs: float = _f(3.0, "Epochs (float). Research plan: 3.", limit=("above", 0.0))
+    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.", limit=(0.0, 1.0))
+    lr_scheduler_type: str = _f("linear", "`linear`, `cosine` or `constant_with_warmup` (str; transformers names).",
+        limit=("linear", "cosine", "constant_with_warmup"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.", limit=("above", 0.0))
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (bool).")
     group_by_length: bool = _f(False, _GROUP_HELP)
-    max_length: int = _f(512, "Maximum tokens per prompt + reply (int).")
+    max_length: int = _f(512, "Maximum tokens per prompt + reply (int).", limit=(8, None))
     overlong: str = _f(
         "truncate_left",
         "Pairs longer than `max_length`: `truncate_left` drops the oldest prompt turns until they fit (counted), "
-        "`drop` drops the pair (counted) (str).",
+        "`drop` drops the pair (counted) (str).", limit=("truncate_left", "drop"),
     )
     max_train_samples: Optional[int] = _f(
-        None, "Use only the first N training pairs, of those not kept for validation (int); None: all."
+        None, "Use only the first N training pairs, of those not kept for validation (int); None: all.", limit=_POSITIVE
     )
     max_eval_samples: Optional[int] = _f(
         None, "Validation pairs for eval loss, checkpoint choice, perplexity and samples: the last N pairs of the "
-        "training file, never trained on (int); None: 5% of them. The held-out test pairs are not read."
+        "training file, never trained on (int); None: 5% of them. The held-out test pairs are not read.",
+        limit=_POSITIVE
     )
     eval_steps: Optional[int] = _f(
-        None, "Evaluate and checkpoint every N optimizer steps (int); None: once per epoch."
+        None, "Evaluate and checkpoint every N optimizer steps (int); None: once per epoch.", limit=_POSITIVE
     )
-    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).")
+    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).", limit=_POSITIVE)
     max_steps: int = _f(-1, "Stop after N optimizer steps (int); -1: run all epochs.")
-    save_total_limit: int = _f(2, "Checkpoints kept in `output_dir/checkpoints` (int).")
+    save_total_limit: int = _f(2, "Checkpoints kept in `output_dir/checkpoints` (int).", limit=_POSITIVE)
     resume: bool = _f(False, "Resume from the latest checkpoint in `output_dir/checkpoints` (bool).")
     keep_checkpoints: bool = _f(False, "Keep `output_dir/checkpoints` after a successful run (bool).")
-    early_stopping_patience: int = _f(3, "Evaluations without eval-loss improvement before stopping (int).")
-    n_samples: int = _f(4, "Held-out prompts answered before and after training, side by side (int).")
-    sample_max_new_tokens: int = _f(64, "Maximum new tokens of those sample replies (int).")
+    early_stopping_patience: int = _f(3, "Evaluations without eval-loss improvement before stopping (int).",
+        limit=_POSITIVE)
+    n_samples: int = _f(4, "Held-out prompts answered before and after training, side by side (int).", limit=(0, None))
+    sample_max_new_tokens: int = _f(64, "Maximum new tokens of those sample replies (int).", limit=_POSITIVE)
     output_dir: str = _f("models/sft", "Output folder of the SFT model (str).")
 
 
@@ -199,12 +219,12 @@ class RewardStageConfig:
         "its final-layer state at the last token computed once per pair, and the one-output head fitted on it by "
         "L2-regularised logistic regression on chosen - rejected (a linear probe, Alain & Bengio 2016; C by 5-fold "
         "cross-validation). `probe` is minutes on a CPU where `lora` is an hour, and gives an ordinary reward model "
-        "(backbone + `score` head) that PPO loads the same way.",
+        "(backbone + `score` head) that PPO loads the same way.", limit=REWARD_METHODS,
     )
     probe_layer: Optional[int] = _f(
         None, "With `probe`: read the state after the first N transformer blocks, through the final norm (int); "
         "the saved reward model is the SFT backbone truncated to N blocks plus the head, N/L of the compute. "
-        "None: all blocks. Ignored when `probe_layer_search` is set.",
+        "None: all blocks. Ignored when `probe_layer_search` is set.", limit=_POSITIVE,
     )
     probe_layer_search: list = _f(
         [], "With `probe`: the blocks N to choose `probe_layer` from (list of int; empty: no search). Features of "
@@ -220,7 +240,7 @@ class RewardStageConfig:
         "of the states of the reply's tokens; `last+mean` - both, concatenated (a head of twice the hidden "
         "size). Chosen on the training pairs: on the quick split (SmolLM2-135M, the proxies' 734 training pairs) "
         "the 5-fold cross-validated log-loss is 0.649 / 0.628 / 0.626 (last / mean / last+mean) at the last block "
-        "and 0.639 / 0.622 / 0.617 at block 16 (results/benchmarks/probe_pooling-bf16.json).",
+        "and 0.639 / 0.622 / 0.617 at block 16 (results/benchmarks/probe_pooling-bf16.json).", limit=PROBE_POOLINGS,
     )
     seeds: list = _f(
         [42], "Seeds each `lora` reward model is trained with (list of int); accuracy is reported as mean +- sd "
@@ -234,31 +254,36 @@ class RewardStageConfig:
         5, "With `probe`: folds K of the cross-fitted evaluation (int >= 2): every precision, post-training "
         "quantization and the baselines are fitted on K - 1 folds of all kept pairs that SFT did not train on and "
         "score the fold left out, on the same folds (edgerlhf.core.crossfit). 5 keeps 80% of the pairs for "
-        "training, near the saved models' shares.",
+        "training, near the saved models' shares.", limit=(2, None),
     )
     crossfit_draws: int = _f(
         10, "With `probe`: random fold draws R of the cross-fitted evaluation (int >= 1); intervals are the "
         "corrected repeated k-fold t interval over the K * R folds (Bouckaert & Frank 2004 use 10 x 10).",
+        limit=_POSITIVE,
     )
-    per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.")
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
-    learning_rate: float = _f(2e-4, "Peak learning rate (float). Research plan: 2e-4.")
-    num_train_epochs: float = _f(1.0, "Epochs (float). Research plan: 1.")
+    per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.", limit=_POSITIVE)
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.",
+        limit=_POSITIVE)
+    learning_rate: float = _f(2e-4, "Peak learning rate (float). Research plan: 2e-4.", limit=("above", 0.0))
+    num_train_epochs: float = _f(1.0, "Epochs (float). Research plan: 1.", limit=("above", 0.0))
     max_steps: int = _f(-1, "Stop after N optimizer steps (int); -1: run all epochs.")
-    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (str; transformers names).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.")
-    max_length: int = _f(512, "Maximum tokens per prompt + reply; prompts are truncated from the left (int). Plan: 512.")
+    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up (float). Research plan: ~10%.", limit=(0.0, 1.0))
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (str; transformers names).",
+        limit=("linear", "cosine", "constant_with_warmup"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (float). transformers default 1.0.", limit=("above", 0.0))
+    max_length: int = _f(512, "Maximum tokens per prompt + reply; prompts are truncated from the left (int). Plan: 512.",
+        limit=(8, None))
     gradient_checkpointing: bool = _f(True, "Gradient checkpointing (bool). Research plan: on.")
     group_by_length: bool = _f(False, _GROUP_HELP)
-    lora_r: int = _f(16, "LoRA rank (int).")
-    lora_alpha: int = _f(32, "LoRA alpha (int).")
-    lora_dropout: float = _f(0.1, "LoRA dropout (float). Research plan: 0.1 against over-fitting.")
+    lora_r: int = _f(16, "LoRA rank (int).", limit=_POSITIVE)
+    lora_alpha: int = _f(32, "LoRA alpha (int).", limit=_POSITIVE)
+    lora_dropout: float = _f(0.1, "LoRA dropout (float). Research plan: 0.1 against over-fitting.", limit=(0.0, 0.99))
     center_rewards_coefficient: Optional[float] = _f(
-        None, "TRL reward centering (Eisenstein et al. 2023, Eq. 2); 0.01 is TRL's recommendation (float)."
+        None, "TRL reward centering (Eisenstein et al. 2023, Eq. 2); 0.01 is TRL's recommendation (float).",
+        limit=(0.0, None)
     )
     validation_fraction: float = _f(
-        0.1, "Share of training pairs held back for early stopping and temperature fitting (float)."
+        0.1, "Share of training pairs held back for early stopping and temperature fitting (float).", limit=(0.01, 0.5)
     )
     judge: bool = _f(
         True,
@@ -267,21 +292,26 @@ class RewardStageConfig:
     )
     judge_fraction: float = _f(
         0.5, "Share of the training pairs reserved for the judge when `judge` is on (float, in (0, 1)).",
+        limit=(0.05, 0.95),
     )
     max_train_samples: Optional[int] = _f(
-        None, "Use only the first N training pairs of the proxies' share, and of the judge's (int); None: all."
+        None, "Use only the first N training pairs of the proxies' share, and of the judge's (int); None: all.",
+        limit=_POSITIVE
     )
-    max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out test pairs (int); None: all.")
-    eval_steps: Optional[int] = _f(None, "Validate and checkpoint every N optimizer steps (int); None: each epoch.")
-    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).")
-    save_total_limit: int = _f(2, "Checkpoints kept per precision (int).")
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N held-out test pairs (int); None: all.",
+        limit=_POSITIVE)
+    eval_steps: Optional[int] = _f(None, "Validate and checkpoint every N optimizer steps (int); None: each epoch.",
+        limit=_POSITIVE)
+    logging_steps: int = _f(5, "Log the training loss every N optimizer steps (int).", limit=_POSITIVE)
+    save_total_limit: int = _f(2, "Checkpoints kept per precision (int).", limit=_POSITIVE)
     resume: bool = _f(False, "Resume each precision from its latest checkpoint (bool).")
     keep_checkpoints: bool = _f(False, "Keep checkpoints after a successful run (bool).")
-    early_stopping_patience: int = _f(3, "Validations without accuracy improvement before stopping (int). Plan: 3.")
-    score_batch_size: int = _f(8, "Replies per batch when scoring with a saved reward model (int).")
+    early_stopping_patience: int = _f(3, "Validations without accuracy improvement before stopping (int). Plan: 3.",
+        limit=_POSITIVE)
+    score_batch_size: int = _f(8, "Replies per batch when scoring with a saved reward model (int).", limit=_POSITIVE)
     feature_batch_size: int = _f(
         2, "Pairs per batch when computing the frozen backbone's features for `probe` (int); prompts and replies "
-        "are padded, so on a CPU small batches are fastest (2.7 pairs/s at 1-2, 1.9 at 8 on 2 cores).",
+        "are padded, so on a CPU small batches are fastest (2.7 pairs/s at 1-2, 1.9 at 8 on 2 cores).", limit=_POSITIVE,
     )
     output_dir: str = _f("models/rm", "Output folder; one sub-folder per reward model (str).")
 
@@ -294,20 +324,23 @@ class PPOStageConfig:
         ["bf16", "int8", "int4"], "Reward-model precisions to align against, one PPO run each (EXP-1/2/3) (list)."
     )
     reward_mode: str = _f(
-        "trained", "`trained` (reward model trained under that precision) or `ptq` (bf16 model quantized on load)."
+        "trained", "`trained` (reward model trained under that precision) or `ptq` (bf16 model quantized on load).",
+        limit=("trained", "ptq")
     )
-    steps: int = _f(100, "PPO iterations, each one rollout batch (int).")
-    batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.")
-    mini_batch_size: int = _f(
-        2, "Sequences per update micro-batch, whose loss is a token mean over their reply tokens (int); they go "
-        "through forward/backward `rows_per_pass` at a time. Research plan: 2."
+    steps: int = _f(100, "PPO iterations, each one rollout batch (int).", limit=_POSITIVE)
+    batch_size: int = _f(32, "Prompts per rollout batch (int). Research plan: 32.", limit=_POSITIVE)
+    micro_batch_size: int = _f(
+        2, "Sequences per micro-batch: one backward pass's loss, a token mean over their reply tokens (int); "
+        "`micro_batch_size * gradient_accumulation_steps` sequences make one minibatch (one optimizer step). They "
+        "go through forward/backward `rows_per_pass` at a time. Research plan: 2.", limit=_POSITIVE
     )
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.",
+        limit=_POSITIVE)
     generation_batch_size: Optional[int] = _f(
         None, "Prompts per `generate` call (int); None: the whole batch. The old log-probs' pass over the replies "
         "runs per `generate` call, on its prompts' cache; the reference pass takes the rollout's rows sorted by "
-        "length, this many at a time (None: one minibatch, `mini_batch_size * gradient_accumulation_steps`). Halved "
-        "with the micro-batch on an out-of-memory back-off (bounds the KV cache)."
+        "length, this many at a time (None: one minibatch, `micro_batch_size * gradient_accumulation_steps`). Halved "
+        "with the micro-batch on an out-of-memory back-off (bounds the KV cache).", limit=_POSITIVE
     )
     padding_free: bool = _f(
         True, "Pack the rows of each update pass into one sequence without padding (bool; TRL's `padding_free`): "
@@ -317,70 +350,89 @@ class PPOStageConfig:
         1, "Rows per forward/backward pass inside an update micro-batch (int); None: the whole micro-batch in one "
         "pass. The micro-batch's loss stays its token mean (each pass weighted by its share of the reply tokens), so "
         "only memory and time change: one row per pass holds one row's activations and needs no packed attention "
-        "mask (SmolLM2-135M on 2 CPU cores, the benchmark's widest two rows: 741 against 1,401 MiB of activations)."
+        "mask (SmolLM2-135M on 2 CPU cores, the benchmark's widest two rows: 741 against 1,401 MiB of activations).",
+        limit=_POSITIVE
     )
     logprobs_from_generation: bool = _f(
         False, "Take the old policy log-probs and values from the generation pass instead of a no-grad pass over "
-        "the reply tokens (bool; that pass reuses the prompt's cached keys and values, `edgerlhf.core.ppo."
+        "the reply tokens (bool; that pass reuses the prompt's cached keys and values, `edgerlhf.core.rollout."
         "reply_logprobs`): one pass fewer per step; they match the recomputed ones to ~1e-6 in float32 (the "
         "generation runs with the adapter folded into the weights), so the first PPO ratio is 1 up to rounding."
     )
-    ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.")
-    learning_rate: float = _f(1.41e-5, "Adam learning rate of the policy's LoRA (float). Research plan / TRL: 1.41e-5.")
+    ppo_epochs: int = _f(4, "Optimisation epochs per rollout batch (int). Schulman et al. 2017; TRL: 4.",
+        limit=_POSITIVE)
+    learning_rate: float = _f(1.41e-5, "Adam learning rate of the policy's LoRA (float). Research plan / TRL: 1.41e-5.",
+        limit=("above", 0.0))
     value_learning_rate: float = _f(
-        1e-4, "Adam learning rate of the value head (float); higher than the policy's because the head starts at 0."
+        1e-4, "Adam learning rate of the value head (float); higher than the policy's because the head starts at 0.",
+        limit=("above", 0.0)
     )
-    response_length: int = _f(64, "Maximum new tokens per reply (int). Research plan: 64.")
-    min_response_length: int = _f(
+    max_new_tokens: int = _f(
+        64, "Maximum new tokens per reply (int; `generate`'s `max_new_tokens`, TRL's `response_length`). Research "
+        "plan: 64.", limit=_POSITIVE
+    )
+    min_new_tokens: int = _f(
         0, "Minimum new tokens per reply: EOS is suppressed before it (int; `generate`'s `min_new_tokens`); 0: none. "
-        "Equal to `response_length` it forces a fixed length (benchmarks)."
+        "Equal to `max_new_tokens` it forces a fixed length (benchmarks).", limit=(0, None)
     )
-    max_prompt_length: int = _f(256, "Prompts longer than this are truncated from the left by whole turns (int).")
-    temperature: float = _f(0.7, "Sampling temperature (float); every log-prob forward divides logits by it.")
-    top_k: int = _f(0, "Top-k sampling (int); 0 disables it, so PPO samples the full distribution.")
-    top_p: float = _f(1.0, "Nucleus sampling (float); 1.0 disables it.")
+    max_prompt_length: int = _f(256, "Prompts longer than this are truncated from the left by whole turns (int).",
+        limit=(8, None))
+    temperature: float = _f(0.7, "Sampling temperature (float); every log-prob forward divides logits by it.",
+        limit=("above", 0.0))
+    top_k: int = _f(0, "Top-k sampling (int); 0 disables it, so PPO samples the full distribution.", limit=(0, None))
+    top_p: float = _f(1.0, "Nucleus sampling (float); 1.0 disables it.", limit=("above", 0.0, 1.0))
     missing_eos_penalty: float = _f(
-        0.0, "Subtracted from the score of replies that never emit EOS (float); 0: none (TRL's missing_eos_penalty)."
+        0.0, "Subtracted from the score of replies that never emit EOS (float); 0: none (TRL's missing_eos_penalty).",
+        limit=(0.0, None)
     )
     score_norm: bool = _f(False, "Normalise scores with running mean/std before adding them (bool).")
     reward_norm_samples: int = _f(
         0, "SFT replies used to set reward gain/bias so SFT scores have mean 0, std 1 (Ziegler et al. 2019) (int); "
-        "0: off."
+        "0: off.", limit=(0, None)
     )
-    init_kl_coef: float = _f(0.1, "Initial KL coefficient beta (float). Research plan: 0.1.")
+    init_kl_coef: float = _f(0.1, "Initial KL coefficient beta (float). Research plan: 0.1.", limit=(0.0, None))
     adaptive_kl: bool = _f(True, "Adaptive KL controller of Ziegler et al. 2019 (bool).")
-    target_kl: float = _f(6.0, "Target KL (nats per sequence) of the adaptive controller (float). Plan: 6.")
-    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples (int). Ziegler et al.: 10,000.")
-    kl_estimator: str = _f("k1", "Per-token KL estimator: `k1` (log ratio) or `k3` (Schulman 2020) (str).")
-    gamma: float = _f(1.0, "Discount gamma (float). Research plan: 1.0.")
-    lam: float = _f(0.95, "GAE lambda (float). Research plan: 0.95 (Schulman et al. 2016).")
-    whiten_advantages: bool = _f(True, "Whiten advantages over the batch's real tokens (bool). Huang et al. 2024.")
-    cliprange: float = _f(0.2, "Policy ratio clip epsilon (float). Schulman et al. 2017: 0.2.")
-    cliprange_value: float = _f(0.2, "Value clip range (float). Research plan: 0.2.")
-    vf_coef: float = _f(0.1, "Value-loss coefficient (float). Research plan: 0.1.")
-    max_grad_norm: float = _f(0.5, "Gradient clipping norm (float). Research plan: 0.5.")
-    approx_kl_stop: Optional[float] = _f(
-        None, "Stop a batch's PPO epochs once the mean approximate KL exceeds this (float); None: never."
+    adaptive_kl_target: float = _f(
+        6.0, "Target KL (nats per sequence) of the adaptive KL controller (float; TRL 0.x's `target`, not CleanRL's "
+        "`target_kl`, which is `approx_kl_stop` here). Research plan: 6.", limit=("above", 0.0)
     )
-    lora_r: int = _f(16, "LoRA rank of the PPO adapter (int).")
-    lora_alpha: int = _f(32, "LoRA alpha of the PPO adapter (int).")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples (int). Ziegler et al.: 10,000.",
+        limit=_POSITIVE)
+    kl_estimator: str = _f("k1", "Per-token KL estimator: `k1` (log ratio) or `k3` (Schulman 2020) (str).",
+        limit=("k1", "k3"))
+    gamma: float = _f(1.0, "Discount gamma (float). Research plan: 1.0.", limit=(0.0, 1.0))
+    lam: float = _f(0.95, "GAE lambda (float). Research plan: 0.95 (Schulman et al. 2016).", limit=(0.0, 1.0))
+    whiten_advantages: bool = _f(True, "Whiten advantages over the batch's real tokens (bool). Huang et al. 2024.")
+    cliprange: float = _f(0.2, "Policy ratio clip epsilon (float). Schulman et al. 2017: 0.2.", limit=("above", 0.0))
+    cliprange_value: float = _f(0.2, "Value clip range (float). Research plan: 0.2.", limit=("above", 0.0))
+    vf_coef: float = _f(0.1, "Value-loss coefficient (float). Research plan: 0.1.", limit=(0.0, None))
+    max_grad_norm: float = _f(0.5, "Gradient clipping norm (float). Research plan: 0.5.", limit=("above", 0.0))
+    approx_kl_stop: Optional[float] = _f(
+        None, "Stop a batch's PPO epochs once the mean approximate KL exceeds this (float; CleanRL's `target_kl`); "
+        "None: never.", limit=("above", 0.0)
+    )
+    lora_r: int = _f(16, "LoRA rank of the PPO adapter (int).", limit=_POSITIVE)
+    lora_alpha: int = _f(32, "LoRA alpha of the PPO adapter (int).", limit=_POSITIVE)
     target_modules: Optional[list] = _f(
         None, "Module names the PPO adapter wraps (list of str); None: every attention and MLP projection of the "
         "architecture (`q_proj` ... `down_proj` for Llama)."
     )
-    policy_precision: str = _f("bf16", "Precision of the policy's frozen base: `bf16`, `int8` or `int4` (str).")
+    policy_precision: str = _f("bf16", "Precision of the policy's frozen base: `bf16`, `int8` or `int4` (str).",
+        limit=PRECISIONS)
     reward_device: str = _f("cpu", "Device of the reward model (str). Research plan: CPU to save VRAM.")
-    score_batch_size: int = _f(8, "Replies per reward-model batch (int).")
+    score_batch_size: int = _f(8, "Replies per reward-model batch (int).", limit=_POSITIVE)
     n_eval_prompts: int = _f(
         128, "Held-out prompts for the before/after evaluation (int); 128 detects a mean judge change of 0.25 "
-        "standard deviations (paired, 80% power).",
+        "standard deviations (paired, 80% power).", limit=_POSITIVE,
     )
     n_implicit_reward_pairs: int = _f(
         1000, "Held-out labelled pairs for the implicit-reward check (int): the share where the policy raises "
         "log pi(chosen) - log pi(rejected) over the SFT model (Rafailov et al. 2023's implicit reward). Plan: all 1,000.",
+        limit=_POSITIVE,
     )
-    eval_every: int = _f(0, "Also evaluate every N steps for the over-optimisation curve (int); 0: start and end.")
-    checkpoint_every: int = _f(10, "Save a checkpoint every N steps (int).")
+    eval_every: int = _f(0, "Also evaluate every N steps for the over-optimisation curve (int); 0: start and end.",
+        limit=(0, None))
+    checkpoint_every: int = _f(10, "Save a checkpoint every N steps (int).", limit=_POSITIVE)
     resume: bool = _f(False, "Resume each experiment from its latest checkpoint (bool).")
     keep_checkpoints: bool = _f(False, "Keep checkpoints after a successful run (bool).")
     output_dir: str = _f("models/ppo", "Output folder; one sub-folder per experiment (str).")
@@ -427,11 +479,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "reward.max_length": 384,
         "ppo.steps": 5,
         "ppo.batch_size": 8,
-        "ppo.mini_batch_size": 2,
+        "ppo.micro_batch_size": 2,
         "ppo.gradient_accumulation_steps": 2,
         "ppo.ppo_epochs": 2,
         "ppo.learning_rate": 1e-4,
-        "ppo.response_length": 32,
+        "ppo.max_new_tokens": 32,
         "ppo.max_prompt_length": 192,
         "ppo.n_eval_prompts": 64,
         "ppo.n_implicit_reward_pairs": 96,  # about 0.5 s per pair and model on 2 CPU cores: 4 passes, 3 min
@@ -468,17 +520,27 @@ PROFILES: dict[str, dict[str, Any]] = {
         "reward.gradient_checkpointing": False,
         "ppo.steps": 2,
         "ppo.batch_size": 4,
-        "ppo.mini_batch_size": 2,
+        "ppo.micro_batch_size": 2,
         "ppo.gradient_accumulation_steps": 1,
         "ppo.ppo_epochs": 1,
         "ppo.learning_rate": 1e-3,
-        "ppo.response_length": 8,
+        "ppo.max_new_tokens": 8,
         "ppo.max_prompt_length": 128,
         "ppo.n_eval_prompts": 4,
         "ppo.n_implicit_reward_pairs": 4,
         "ppo.eval_every": 1,
         "ppo.checkpoint_every": 1,
     },
+}
+
+
+#: Old field names, refused with the new name: each old one meant something else to TRL and CleanRL readers.
+RENAMED: dict[str, str] = {
+    "ppo.target_kl": "ppo.adaptive_kl_target (CleanRL's target_kl, an early-stopping threshold, is "
+                     "ppo.approx_kl_stop)",
+    "ppo.mini_batch_size": "ppo.micro_batch_size",
+    "ppo.response_length": "ppo.max_new_tokens",
+    "ppo.min_response_length": "ppo.min_new_tokens",
 }
 
 
@@ -516,6 +578,8 @@ def set_value(cfg: Config, key: str, value: Any, origin: str = "override") -> No
     else:
         name = section_name
     hints = typing.get_type_hints(type(target))
+    if key in RENAMED:
+        raise KeyError(f"{origin}: config field {key!r} was renamed to {RENAMED[key]}")
     if name not in hints:
         valid = ", ".join(sorted(hints))
         raise KeyError(f"{origin}: unknown config field {key!r}; valid fields of this section: {valid}")
@@ -530,57 +594,8 @@ def set_value(cfg: Config, key: str, value: Any, origin: str = "override") -> No
     setattr(target, name, value)
 
 
-_POSITIVE = (1, None)
-#: Allowed values of the numeric and enumerated fields: ``(low, high)`` bounds (inclusive, None: open),
-#: ``("above", x)`` (strictly greater) or ``("above", x, high)`` (and at most ``high``), or a tuple of choices.
-#: Checked by :func:`validate` after every layer, which also refuses NaN and +-inf in every float field.
-LIMITS: dict[str, Any] = {
-    "run.seed": SEED_RANGE,
-    "run.max_oom_backoffs": (0, None), "run.vram_budget_gib": ("above", 0.0), "run.micro_batch_headroom": (0.0, 0.9),
-    "run.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "run.report_to": ("none", "tensorboard"),
-    "data.n_train": _POSITIVE, "data.n_test": _POSITIVE, "data.max_length": (8, None),
-    "sft.strategy": SFT_STRATEGIES, "sft.overlong": ("truncate_left", "drop"),
-    "sft.lora_r": _POSITIVE, "sft.lora_alpha": _POSITIVE, "sft.lora_dropout": (0.0, 0.99),
-    "sft.frozen_layers": (0, None), "sft.per_device_train_batch_size": _POSITIVE,
-    "sft.gradient_accumulation_steps": _POSITIVE, "sft.learning_rate": ("above", 0.0),
-    "sft.num_train_epochs": ("above", 0.0), "sft.warmup_ratio": (0.0, 1.0), "sft.max_grad_norm": ("above", 0.0),
-    "sft.lr_scheduler_type": ("linear", "cosine", "constant_with_warmup"),
-    "sft.max_length": (8, None), "sft.max_train_samples": _POSITIVE, "sft.max_eval_samples": _POSITIVE,
-    "sft.eval_steps": _POSITIVE, "sft.logging_steps": _POSITIVE, "sft.save_total_limit": _POSITIVE,
-    "sft.early_stopping_patience": _POSITIVE, "sft.n_samples": (0, None), "sft.sample_max_new_tokens": _POSITIVE,
-    "reward.method": REWARD_METHODS, "reward.probe_pooling": PROBE_POOLINGS,
-    "reward.per_device_train_batch_size": _POSITIVE,
-    "reward.gradient_accumulation_steps": _POSITIVE, "reward.learning_rate": ("above", 0.0),
-    "reward.num_train_epochs": ("above", 0.0), "reward.warmup_ratio": (0.0, 1.0),
-    "reward.lr_scheduler_type": ("linear", "cosine", "constant_with_warmup"),
-    "reward.max_grad_norm": ("above", 0.0), "reward.max_length": (8, None), "reward.lora_r": _POSITIVE,
-    "reward.lora_alpha": _POSITIVE, "reward.lora_dropout": (0.0, 0.99), "reward.validation_fraction": (0.01, 0.5),
-    "reward.judge_fraction": (0.05, 0.95), "reward.max_train_samples": _POSITIVE,
-    "reward.max_eval_samples": _POSITIVE, "reward.eval_steps": _POSITIVE, "reward.logging_steps": _POSITIVE,
-    "reward.save_total_limit": _POSITIVE, "reward.early_stopping_patience": _POSITIVE,
-    "reward.score_batch_size": _POSITIVE, "reward.crossfit_folds": (2, None), "reward.crossfit_draws": _POSITIVE,
-    "reward.feature_batch_size": _POSITIVE, "reward.probe_layer": _POSITIVE,
-    "reward.center_rewards_coefficient": (0.0, None),  # a penalty weight (Eisenstein et al. 2023): >= 0
-    "ppo.missing_eos_penalty": (0.0, None),  # subtracted from the score: a negative one would reward no EOS
-    "ppo.reward_mode": ("trained", "ptq"), "ppo.steps": _POSITIVE, "ppo.batch_size": _POSITIVE,
-    "ppo.mini_batch_size": _POSITIVE, "ppo.gradient_accumulation_steps": _POSITIVE,
-    "ppo.generation_batch_size": _POSITIVE, "ppo.rows_per_pass": _POSITIVE,
-    "ppo.ppo_epochs": _POSITIVE, "ppo.learning_rate": ("above", 0.0),
-    "ppo.value_learning_rate": ("above", 0.0), "ppo.response_length": _POSITIVE, "ppo.min_response_length": (0, None),
-    "ppo.max_prompt_length": (8, None), "ppo.temperature": ("above", 0.0), "ppo.top_k": (0, None),
-    "ppo.top_p": ("above", 0.0, 1.0), "ppo.reward_norm_samples": (0, None), "ppo.init_kl_coef": (0.0, None),
-    "ppo.target_kl": ("above", 0.0), "ppo.kl_horizon": _POSITIVE, "ppo.kl_estimator": ("k1", "k3"),
-    "ppo.gamma": (0.0, 1.0), "ppo.lam": (0.0, 1.0), "ppo.cliprange": ("above", 0.0),
-    "ppo.cliprange_value": ("above", 0.0), "ppo.vf_coef": (0.0, None), "ppo.max_grad_norm": ("above", 0.0),
-    "ppo.approx_kl_stop": ("above", 0.0), "ppo.lora_r": _POSITIVE, "ppo.lora_alpha": _POSITIVE,
-    "ppo.policy_precision": PRECISIONS, "ppo.score_batch_size": _POSITIVE, "ppo.n_eval_prompts": _POSITIVE,
-    "ppo.n_implicit_reward_pairs": _POSITIVE,
-    "ppo.eval_every": (0, None), "ppo.checkpoint_every": _POSITIVE,
-}
-
-
 def _violation(value: Any, rule: Any) -> str | None:
-    """Why ``value`` breaks ``rule`` (see :data:`LIMITS`), or None when it is allowed (None always is)."""
+    """Why ``value`` breaks ``rule`` (a field's ``limit``, see :func:`_f`), or None when it is allowed (None always is)."""
     if value is None:
         return None
     if rule and rule[0] == "above":
@@ -597,18 +612,18 @@ def _violation(value: Any, rule: Any) -> str | None:
 
 
 def _fields(cfg: Config):
-    """``(dotted key, annotation, value)`` of every field of every section of ``cfg``."""
+    """``(dotted key, annotation, value, limit)`` of every field of every section of ``cfg``."""
     for section in dataclasses.fields(Config):
         if section.name == "profile":
             continue
         obj = getattr(cfg, section.name)
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            yield f"{section.name}.{f.name}", hints[f.name], getattr(obj, f.name)
+            yield f"{section.name}.{f.name}", hints[f.name], getattr(obj, f.name), f.metadata["limit"]
 
 
 def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
-    """Check every field's type and finiteness, every field against :data:`LIMITS` and the cross-field rules;
+    """Check every field's type and finiteness, every field against its ``limit`` and the cross-field rules;
     returns ``cfg``.
 
     Every field of every section must fit its annotation (also for a Config built or changed in code), and no
@@ -617,8 +632,8 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     (0, 1].
     Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
     ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` is a non-empty list of
-    int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.response_length <=
-    reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.mini_batch_size <=
+    int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.max_new_tokens <=
+    reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.micro_batch_size <=
     ppo.batch_size``. ``origins`` (key -> where it was set: profile, config file, parameter, command-line flag)
     is named in the message.
 
@@ -627,7 +642,7 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     """
     origins = origins or {}
     problems, non_finite = [], set()
-    for key, hint, value in _fields(cfg):
+    for key, hint, value, _ in _fields(cfg):
         if not _allowed(hint, value):
             problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) must be of type "
                             f"{getattr(hint, '__name__', hint)}")
@@ -636,11 +651,9 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
             non_finite.add(key)
     if len(problems) > len(non_finite):  # a wrong type: the rules below compare values of the declared types
         raise ValueError(f"config (profile {cfg.profile!r}): " + "; ".join(problems))
-    for key, rule in LIMITS.items():
-        if key in non_finite:
+    for key, _, value, rule in _fields(cfg):
+        if rule is None or key in non_finite:
             continue
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
         why = _violation(value, rule)
         if why:
             problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) {why}")
@@ -660,15 +673,15 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         problems.append(f"reward.seeds={seeds!r} must be a non-empty list of int in [{SEED_RANGE[0]}, "
                         f"{SEED_RANGE[1]}]")
     p = cfg.ppo
-    if p.max_prompt_length + p.response_length > cfg.reward.max_length:
-        problems.append(f"ppo.max_prompt_length + ppo.response_length = {p.max_prompt_length} + "
-                        f"{p.response_length} must be <= reward.max_length={cfg.reward.max_length} (tokens), so "
+    if p.max_prompt_length + p.max_new_tokens > cfg.reward.max_length:
+        problems.append(f"ppo.max_prompt_length + ppo.max_new_tokens = {p.max_prompt_length} + "
+                        f"{p.max_new_tokens} must be <= reward.max_length={cfg.reward.max_length} (tokens), so "
                         "every PPO reply fits the reward model")
-    if p.min_response_length > p.response_length:
-        problems.append(f"ppo.min_response_length={p.min_response_length} must be <= ppo.response_length="
-                        f"{p.response_length}")
-    if p.mini_batch_size > p.batch_size:
-        problems.append(f"ppo.mini_batch_size={p.mini_batch_size} must be <= ppo.batch_size={p.batch_size}")
+    if p.min_new_tokens > p.max_new_tokens:
+        problems.append(f"ppo.min_new_tokens={p.min_new_tokens} must be <= ppo.max_new_tokens="
+                        f"{p.max_new_tokens}")
+    if p.micro_batch_size > p.batch_size:
+        problems.append(f"ppo.micro_batch_size={p.micro_batch_size} must be <= ppo.batch_size={p.batch_size}")
     if problems:
         raise ValueError(f"config (profile {cfg.profile!r}): " + "; ".join(problems))
     return cfg

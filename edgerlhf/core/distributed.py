@@ -1,4 +1,5 @@
-"""Several processes under ``accelerate launch``: which process writes, and what the record says about them.
+"""Stages 2 and 3 under ``accelerate launch``: which of several processes writes, and what the record says about
+them.
 
 A stage launched as ``accelerate launch --multi_gpu --num_processes N -m edgerlhf.sft_finetuning`` runs once per
 process; the library trainers (TRL's ``SFTTrainer`` and ``RewardTrainer``) shard the batches across the processes and

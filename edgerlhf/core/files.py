@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes that never leave a half-written file, and hashes."""
+"""Every stage: Small file helpers: atomic writes that never leave a half-written file, and hashes."""
 from __future__ import annotations
 
 import ctypes

@@ -1,4 +1,5 @@
-"""Generation API used by the notebooks and PPO: batched, left-padded, with sampling arguments."""
+"""Stage 2 (02_SFT_Finetuning) and the notebooks' sample replies: batched, left-padded generation with sampling
+arguments."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Detect the compute device and recommend a profile and batch settings for it."""
+"""Stage 0 (00_Setup), stage 4 and every record: Detect the compute device and recommend a profile and batch settings
+for it."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from .memory import MIB
+
 GIB = 1024**3
-MIB = 1024**2
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -117,7 +119,7 @@ def recommend(report: dict) -> dict:
             "sft.gradient_accumulation_steps": 8,
             "reward.per_device_train_batch_size": 2,
             "reward.gradient_accumulation_steps": 8,
-            "ppo.mini_batch_size": 1,
+            "ppo.micro_batch_size": 1,
             "ppo.gradient_accumulation_steps": 8,
         },
     }

@@ -1,4 +1,5 @@
-"""Reading and parsing Anthropic HH-RLHF preference rows (Bai et al. 2022, arXiv:2204.05862).
+"""Stage 1 (01_Data_Preparation): Reading and parsing Anthropic HH-RLHF preference rows (Bai et al. 2022,
+arXiv:2204.05862).
 
 Each row is ``{"chosen": str, "rejected": str}``; both are whole dialogues
 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` that share every turn but the last Assistant

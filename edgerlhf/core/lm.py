@@ -1,5 +1,5 @@
-"""Language-model utilities shared by the stages: prompt/completion encoding, padding,
-per-token log-probabilities and perplexity of completions.
+"""Stages 2-4 (02_SFT_Finetuning, 03_Reward_Modeling, 04_PPO_Alignment): language-model utilities: prompt/completion
+encoding, padding, per-token log-probabilities and entropy, and perplexity of completions.
 """
 from __future__ import annotations
 
@@ -49,24 +49,29 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each label under ``logits`` without a ``[B, T, V]`` float32 log-softmax.
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each label and the entropy (nats) of each position under ``softmax(logits /
+    temperature)``, in float32, one ``[T, V]`` row at a time (the "selective log-softmax" of TRL/OpenRLHF).
 
-    ``log p(y) = logit_y - logsumexp(logits)``, computed row by row of the batch to keep
-    peak memory at one ``[T, V]`` slice (the "selective log-softmax" of TRL/OpenRLHF).
+    ``z = logits / T``; ``log p(y) = z_y - logsumexp(z)``; ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` (no
+    gradient). Hand-written: TRL's ``selective_log_softmax``/``entropy_from_logits`` differ in float32 rounding.
 
     Args:
-        logits: ``[B, T, V]`` (any float dtype).
-        labels: ``LongTensor[B, T]`` of vocabulary ids.
+        logits: ``[B, T, V]`` (any float dtype; cast to float32 row by row, then divided by ``T``).
+        labels: ``LongTensor[B, T]``.
     Returns:
-        ``FloatTensor[B, T]`` (float32).
+        ``(logprobs FloatTensor[B, T], entropy FloatTensor[B, T] or None)``.
     """
-    out = []
-    for row_logits, row_labels in zip(logits, labels):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out)
+    logprobs, entropy = [], []
+    for z, y in zip(logits, labels):
+        z = z.float() if temperature == 1.0 else z.float() / temperature  # no pass over [T, V] to divide by 1
+        lse = torch.logsumexp(z, dim=-1)
+        logprobs.append(z.gather(-1, y[:, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                entropy.append(lse - (torch.exp(z - lse[:, None]) * z).sum(dim=-1))
+    return torch.stack(logprobs), torch.stack(entropy) if with_entropy else None
 
 
 @torch.no_grad()
@@ -94,7 +99,7 @@ def completion_logprobs(model, tokenizer, examples: list[tuple[list[dict], str]]
         replies = max(len(encoded[i][0]) - encoded[i][1] for i in rows)  # left padding: replies end every row
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                        logits_to_keep=replies + 1).logits[:, :-1]  # the logits at t predict token t + 1
-        logp = token_logprobs(logits, ids[:, ids.shape[1] - replies:])
+        logp = logprobs_and_entropy(logits, ids[:, ids.shape[1] - replies:])[0]
         for row, i in enumerate(rows):
             count = len(encoded[i][0]) - encoded[i][1]
             logprobs[i], tokens[i] = logp[row, replies - count:].sum().item(), count

@@ -1,5 +1,6 @@
-"""One run at a time per project folder: a lock on ``results/.edgerlhf.lock`` (``filelock``, an OS-level lock
-that ends with its process) held by the runner and by every stage run on its own.
+"""The runner and every stage run on its own: One run at a time per project folder: a lock on
+``results/.edgerlhf.lock`` (``filelock``, an OS-level lock that ends with its process) held by the runner and by every
+stage run on its own.
 
 The holder writes who it is (run id, pid, host, start time, what it runs) to ``results/.edgerlhf.lock.json`` and
 puts a token in the environment variable :data:`TOKEN_ENV`, which the processes it starts inherit: the notebook

@@ -1,5 +1,5 @@
-"""Logging and progress bars: the ``edgerlhf`` loggers at ``run.log_level``, tqdm bars shown at INFO, and the
-opt-in live curves of ``run.report_to`` (TensorBoard)."""
+"""Stages 2-4: Logging and progress bars: the ``edgerlhf`` loggers at ``run.log_level``, tqdm bars shown at INFO, and
+the opt-in live curves of ``run.report_to`` (TensorBoard)."""
 from __future__ import annotations
 
 import logging

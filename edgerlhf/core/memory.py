@@ -1,4 +1,5 @@
-"""Memory: the VRAM budget and a context manager that measures peaks and wall time."""
+"""All stages (00_Setup to 04_PPO_Alignment): memory: the VRAM budget, a context manager that measures peaks and
+wall time, and glibc heap tuning (returning freed memory to the OS) for PPO's passes on a CPU."""
 from __future__ import annotations
 
 import ctypes
@@ -175,7 +176,7 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     would have settled), so many mid-sized allocations, such as generation's growing KV cache, come from the heap
     again: mapping each of them costs page faults (25% slower generation at 1 MiB). Used around PPO's forward
     and update passes (:func:`edgerlhf.core.ppo.ppo_step`) and the folded adapter's weight copies
-    (:func:`edgerlhf.core.ppo.merged_adapter`); process-wide while the block runs.
+    (:func:`edgerlhf.core.rollout.merged_adapter`); process-wide while the block runs.
 
     Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB. It is not
     free: one update micro-batch of 659 tokens took 3.0-3.1 s inside the block against 2.2-2.5 s with a threshold of
@@ -239,5 +240,3 @@ def halve_on_oom(run, micro_batch: int, accumulation: int, max_backoffs: int = 3
             micro_batch, accumulation = micro_batch // 2, accumulation * 2
             (log or logger.warning)(f"out of memory: retrying with micro-batch {micro_batch} x accumulation "
                                     f"{accumulation}")
-
-from .planner import MemoryEstimate, estimate  # noqa: E402,F401  (the planner, as edgerlhf.core.memory.estimate)

@@ -1,4 +1,4 @@
-"""Base-model registry: where a base model comes from and how it becomes a local checkpoint.
+"""Every stage: Base-model registry: where a base model comes from and how it becomes a local checkpoint.
 
 Registered names:
 

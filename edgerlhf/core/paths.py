@@ -1,4 +1,4 @@
-"""Where things live: the project root, the shared folder, and the standard sub-folders.
+"""Every stage and the runner: Where things live: the project root, the shared folder, and the standard sub-folders.
 
 Every relative path in a config is resolved against ``RunConfig.root`` (by default
 the current working directory, which is the repository when a notebook runs), except

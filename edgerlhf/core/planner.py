@@ -1,6 +1,7 @@
-"""Memory planner: predict a stage's peak device memory from first principles.
+"""Stage 0 (00_Setup) and every training stage's micro-batch: Memory planner: predict a stage's peak device memory
+from first principles.
 
-    from edgerlhf.core.memory import estimate
+    from edgerlhf.core.planner import estimate
     plan = estimate("sft", cfg, model_config)      # MemoryEstimate(total_mib, breakdown, ...)
 
 Every term is arithmetic on the model's shape and the stage's settings; the sources:
@@ -19,14 +20,15 @@ Every term is arithmetic on the model's shape and the stage's settings; the sour
 * KV cache: ``2 * layers * b * T * kv_heads * head_dim`` values in the compute dtype.
 
 It is a model, not a measurement: allocator overhead, fragmentation and library buffers are not
-included; ``benchmarks/memory_plan.py`` compares it with measured peaks.
+included; ``benchmarks/stages.py`` compares it with measured peaks.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-MIB = 2**20
+from .memory import MIB
+
 BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 0.127 / 8}
 
 
@@ -153,14 +155,14 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
         parts["trainable_state"] = (lora_params(shape, p.lora_r) + shape.hidden + 1) * 16 / MIB
         if p.reward_device != "cpu":
             parts["reward_model_weights"] = weights_mib(shape, compute, compute)
-        seq = p.max_prompt_length + p.response_length
+        seq = p.max_prompt_length + p.max_new_tokens
         rows = min(p.generation_batch_size or p.batch_size, p.batch_size)  # per generate / forward call
         generation = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, 1, 2)
-        # the old log-probs' pass over the replies of one generate call, with its prompts' cache (ppo.reply_logprobs)
-        no_grad_forward = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, p.response_length, 1)
-        per_pass = min(p.rows_per_pass or p.mini_batch_size, p.mini_batch_size)  # rows in one forward/backward
+        # the old log-probs' pass over the replies of one generate call, with its prompts' cache (rollout.reply_logprobs)
+        no_grad_forward = kv_cache_mib(shape, rows, seq, compute) + logits_mib(shape, rows, p.max_new_tokens, 1)
+        per_pass = min(p.rows_per_pass or p.micro_batch_size, p.micro_batch_size)  # rows in one forward/backward
         training = activations_mib(shape, per_pass, seq, compute, False) + logits_mib(
-            shape, per_pass, p.response_length, 3)
+            shape, per_pass, p.max_new_tokens, 3)
         parts["activations (largest phase)"] = max(generation, no_grad_forward, training)
     else:
         raise ValueError(f"unknown stage {stage!r}; choose sft, reward or ppo")
@@ -171,7 +173,7 @@ def estimate(stage: str, cfg, model_config, compute: str = "bf16") -> MemoryEsti
 MICRO_BATCH_FIELDS = {
     "sft": ("sft", "per_device_train_batch_size", "gradient_accumulation_steps"),
     "reward": ("reward", "per_device_train_batch_size", "gradient_accumulation_steps"),
-    "ppo": ("ppo", "mini_batch_size", "gradient_accumulation_steps"),
+    "ppo": ("ppo", "micro_batch_size", "gradient_accumulation_steps"),
 }
 
 
@@ -233,8 +235,8 @@ ADVICE = {
            "or use sft.strategy=qlora",
     "reward": "keep reward.gradient_checkpointing=true, halve reward.per_device_train_batch_size, or lower "
               "reward.max_length",
-    "ppo": "keep ppo.reward_device=cpu, halve ppo.mini_batch_size, set ppo.generation_batch_size, lower "
-           "ppo.response_length, or use ppo.policy_precision=int4",
+    "ppo": "keep ppo.reward_device=cpu, halve ppo.micro_batch_size, set ppo.generation_batch_size, lower "
+           "ppo.max_new_tokens, or use ppo.policy_precision=int4",
 }
 
 
@@ -248,3 +250,4 @@ def plan(cfg, model_config, compute: str, budget_gib: float | None) -> list[dict
                      "budget_gib": budget_gib, "advice": "" if fits else ADVICE[stage],
                      **{f"{k}_mib": round(v, 1) for k, v in est.breakdown.items()}})
     return rows
+

@@ -1,4 +1,4 @@
-"""Figures written by the stages (matplotlib's object API, no global pyplot state).
+"""Stages 1-4 and the report: Figures written by the stages (matplotlib's object API, no global pyplot state).
 
 matplotlib is imported when the first figure is made (:func:`new_figure`), not with this module, so that a stage
 process does not hold it while it trains (``tests/test_packaging.py``)."""

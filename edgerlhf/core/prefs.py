@@ -1,4 +1,4 @@
-"""Reading the preference files that stage 1 writes (``train_prefs.jsonl``, ``test_prefs.jsonl``).
+"""Stages 1-4: Reading the preference files that stage 1 writes (``train_prefs.jsonl``, ``test_prefs.jsonl``).
 
 Every later stage reads them through :func:`read_prefs`, which validates each row and
 names the file, line and field of anything malformed.

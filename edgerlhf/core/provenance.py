@@ -1,5 +1,6 @@
-"""The chain of inputs between stages, checked by hash: the data set (stage 1) → the SFT model trained on its
-training file (stage 2) → the reward-model set trained on that SFT model and data (stage 3) → PPO (stage 4).
+"""Stages 3 and 4 (03_Reward_Modeling, 04_PPO_Alignment): The chain of inputs between stages, checked by hash: the
+data set (stage 1) → the SFT model trained on its training file (stage 2) → the reward-model set trained on that SFT
+model and data (stage 3) → PPO (stage 4).
 
 Each stage writes the sha256 of what it read beside what it made (``sft_info.json``, ``models/rm/evaluation.json``)
 and into its run record; the next stage recomputes them and refuses a link that does not hold, naming the files.
@@ -72,14 +73,14 @@ def check_reward_inputs(evaluation_path: str | Path, inputs: dict, now: dict) ->
 def check_reward_set(rm_dir: str | Path, evaluation: dict) -> dict[str, str]:
     """Check that every reward model ``models/rm/evaluation.json`` lists (``evaluation``, its parsed content) holds
     the trained weights its verdict was computed on: the digest of each folder
-    (:func:`edgerlhf.core.reward_models.weights_digest`) against the ``weights_sha256`` recorded beside the
+    (:func:`edgerlhf.core.reward_scoring.weights_digest`) against the ``weights_sha256`` recorded beside the
     verdict. Returns ``{folder name: digest}`` for the run record.
 
     Raises:
         ProvenanceError: a model has no recorded digest (an evaluation written before digests), its folder is
             missing, or its weights differ (the set is mixed: a model replaced after its verdict).
     """
-    from .reward_models import weights_digest
+    from .reward_scoring import weights_digest
 
     rm_dir = Path(rm_dir)
     where = rm_dir / "evaluation.json"

@@ -1,4 +1,5 @@
-"""Run records: one JSON file per run and stage, written atomically and never overwritten.
+"""The runner, every stage and the report: Run records: one JSON file per run and stage, written atomically and never
+overwritten.
 
 Shape (the research plan's, extended)::
 
@@ -12,6 +13,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import socket
 import sys
@@ -164,6 +166,7 @@ def make_record(
         "results": results,
         "data": data or {},
         "seed": config.get("run", {}).get("seed"),
+        "python_hash_seed": os.environ.get("PYTHONHASHSEED"),  # str hashing's seed at start-up; None: random
         "hardware": hardware_report(device),
         "software": software_versions(),
         "processes": process_info(),  # how many processes ran the stage (accelerate launch), and which wrote

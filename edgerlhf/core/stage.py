@@ -1,4 +1,5 @@
-"""Plumbing every stage shares: command-line config, the run folder, seeding and the record."""
+"""Every stage module (00_Setup to 04_PPO_Alignment): Plumbing every stage shares: command-line config, the run
+folder, seeding and the record."""
 from __future__ import annotations
 
 import argparse

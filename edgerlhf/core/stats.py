@@ -1,4 +1,4 @@
-"""Paired statistics for comparing models on the same items, and the words that state the result.
+"""Stages 3 and 4 (03_Reward_Modeling, 04_PPO_Alignment): paired statistics and the words that state the result.
 
 Every comparison in EdgeRLHF is paired: two reward models are scored on the same held-out
 pairs, two policies answer the same held-out prompts. The tools:
@@ -8,7 +8,8 @@ pairs, two policies answer the same held-out prompts. The tools:
   matched-pairs data: mid-p and asymptotic are better than exact conditional" - we report the
   conservative exact p-value);
 * :func:`paired_bootstrap` - percentile bootstrap interval of a paired difference of means
-  (Efron & Tibshirani 1993), items resampled together so the pairing is kept;
+  (Efron & Tibshirani 1993; SciPy's ``bootstrap``, ``paired=True``), items resampled together so the
+  pairing is kept;
 * :func:`wilson_interval` - Wilson score interval of a proportion (Wilson 1927; Brown, Cai &
   DasGupta 2001 recommend it over the Wald interval);
 * :func:`mde_mcnemar` / :func:`mde_paired_mean` - the smallest difference a two-sided test at
@@ -63,8 +64,36 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     return {"only_a": only_a, "only_b": only_b, "discordant": discordant, "n": int(a.size), "p_value": p}
 
 
+def percentile_bootstrap(data: tuple, statistic, *, paired: bool, vectorized: bool, n_boot: int = N_BOOT,
+                         level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval (Efron & Tibshirani 1993) of ``statistic(*data)``: SciPy's
+    ``scipy.stats.bootstrap(method="percentile")``, ``n_boot`` resamples drawn with
+    ``numpy.random.default_rng(seed)``.
+
+    Args:
+        data: samples, ``float[N]`` each (with ``paired``, the same ``N`` items in the same order, resampled
+            together).
+        statistic: ``statistic(*samples, axis=-1)`` over resamples stacked on axis 0 when ``vectorized``, else
+            ``statistic(*samples)`` of one resample.
+    Returns:
+        ``[lo, hi]``; with one item every resample is that item, so ``[s, s]`` with ``s = statistic(*data)``
+        (SciPy refuses fewer than two observations).
+    Raises:
+        ValueError: an empty sample, or paired samples of different lengths (SciPy).
+    """
+    from scipy.stats import bootstrap  # imported on use, like binomtest
+
+    if all(np.size(x) == 1 for x in data):
+        point = float(statistic(*data, axis=-1) if vectorized else statistic(*data))
+        return [point, point]
+    res = bootstrap(data, statistic, n_resamples=n_boot, paired=paired, vectorized=vectorized,
+                    confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
 def paired_bootstrap(values_a, values_b, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0) -> dict:
-    """Mean of ``a - b`` over items and its percentile bootstrap interval, items resampled in pairs.
+    """Mean of ``a - b`` over items and its percentile bootstrap interval, items resampled in pairs
+    (:func:`percentile_bootstrap`, ``paired=True``).
 
     With 0/1 correctness this is the accuracy difference of two classifiers; with per-prompt
     scores it is the mean paired change (e.g. judge score after PPO minus before).
@@ -78,27 +107,12 @@ def paired_bootstrap(values_a, values_b, n_boot: int = N_BOOT, level: float = 0.
         ValueError: the arrays differ in length or are empty.
     """
     a, b = _paired(values_a, values_b)
-    diff = a.astype(float) - b.astype(float)
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
-    means = diff[idx].mean(axis=1)
-    tail = (1 - level) / 2
-    return {"mean_difference": float(diff.mean()), "ci": [float(np.quantile(means, tail)),
-                                                          float(np.quantile(means, 1 - tail))],
+    a, b = a.astype(float), b.astype(float)
+    diff = a - b
+    ci = percentile_bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True, vectorized=True,
+                              n_boot=n_boot, level=level, seed=seed)
+    return {"mean_difference": float(diff.mean()), "ci": ci,
             "sd_difference": float(diff.std(ddof=1)) if diff.size > 1 else 0.0, "n": int(diff.size)}
-
-
-def bootstrap_statistic(statistic, n_items: int, n_boot: int = N_BOOT, level: float = 0.95,
-                        seed: int = 0) -> list[float]:
-    """Percentile bootstrap interval of ``statistic(idx)``, where ``idx`` resamples ``range(n_items)``.
-
-    Used for the AUC-ROC of a reward model (pairs resampled). Resamples on which the statistic
-    is undefined (NaN) are skipped.
-    """
-    rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, n_items, size=n_items)) for _ in range(n_boot)], float)
-    values = values[np.isfinite(values)]
-    tail = (1 - level) / 2
-    return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
 
 
 def wilson_interval(successes: float, n: int, level: float = 0.95) -> list[float]:

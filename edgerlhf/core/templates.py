@@ -1,4 +1,4 @@
-"""Rendering prompts and replies as model text, with one template per tokenizer.
+"""Stages 1-4: Rendering prompts and replies as model text, with one template per tokenizer.
 
 Tokenizers that ship a chat template (SmolLM2-Instruct) use it. Those that have none
 (distilgpt2) get :data:`PLAIN_TEMPLATE`, the HH-RLHF dialogue format itself::

@@ -1,4 +1,5 @@
-"""Trainer plumbing shared by the SFT and reward-model stages (transformers ``TrainingArguments`` names)."""
+"""Stages 2 and 3 (02_SFT_Finetuning, 03_Reward_Modeling): Trainer plumbing shared by the SFT and reward-model stages
+(transformers ``TrainingArguments`` names)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""The PPO training loop around :func:`edgerlhf.core.ppo.ppo_step`: optimiser, prompt sampling,
-checkpoints every N steps, exact resumption, and a saved failing step on non-finite values.
+"""Stage 4 (04_PPO_Alignment): the PPO training loop around :func:`edgerlhf.core.ppo.ppo_step`: optimiser, prompt
+sampling, checkpoints every N steps, exact resumption, and a saved failing step on non-finite values.
 
 A checkpoint ``checkpoint-<step>/`` holds the LoRA adapter and value head (safetensors) and
 ``state.pt`` (optimiser, KL controller, running score statistics, RNG states, prompt-sampler
@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from .files import swap_in_dir
 from .logs import progress
 from .memory import halve_on_oom, measure
-from .ppo import KLController, NonFiniteError, RunningMoments, ppo_step, rng_state, set_rng_state
+from .ppo import KLController, NonFiniteError, RunningMoments, ppo_step
+from .reproducibility import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     """
     optimizer = make_optimizer(model, value_head, cfg)
     generator = torch.Generator().manual_seed(seed)
-    kl_ctl = KLController(cfg.init_kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
+    kl_ctl = KLController(cfg.init_kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.kl_horizon)
     moments = RunningMoments() if cfg.score_norm else None
     history: list[dict] = []
     extra = {} if extra is None else extra
@@ -218,8 +219,8 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
 
         def attempt(micro_batch: int, accumulation: int) -> dict:
             restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)  # the same step again
-            shrink = cfg.mini_batch_size // micro_batch  # 1, 2, 4... after back-offs: generation shrinks alike
-            step_cfg = dataclasses.replace(cfg, mini_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+            shrink = cfg.micro_batch_size // micro_batch  # 1, 2, 4... after back-offs: generation shrinks alike
+            step_cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
                                            generation_batch_size=max(1, (cfg.generation_batch_size or len(idx))
                                                                      // shrink))
             with measure() as peak:
@@ -228,7 +229,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
             return {**out, "peak": peak, "cfg": step_cfg}
 
         try:
-            stats, backoffs = halve_on_oom(attempt, cfg.mini_batch_size, cfg.gradient_accumulation_steps,
+            stats, backoffs = halve_on_oom(attempt, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
                                            max_backoffs)
         except NonFiniteError as exc:  # save the state the step started from, then fail loudly
             restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)
@@ -241,7 +242,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         if backoffs:  # keep the smaller sizes for the rest of the run; the effective batch is unchanged
             cfg = step_cfg
         stats.update(peak_cpu_rss_mib=peak["cpu_peak_rss_mib"], peak_cuda_allocated_mib=peak["cuda_peak_allocated_mib"],
-                     oom_backoffs=backoffs, mini_batch_size=cfg.mini_batch_size)
+                     oom_backoffs=backoffs, micro_batch_size=cfg.micro_batch_size)
         stats.update(step=step + 1, samples=[{"prompt": prompts[i][-1]["content"], "reply": r, "score": float(s)}
                                              for i, r, s in zip(idx[:2], batch.extra["replies"], batch.extra["raw_scores"])])
         history.append(stats)

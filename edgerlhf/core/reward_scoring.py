@@ -1,4 +1,4 @@
-"""Reward models: building, saving, loading at a precision, and scoring (the API PPO uses).
+"""Stages 3 and 4 (03_Reward_Modeling, 04_PPO_Alignment): reward models built, saved, loaded at a precision, scored.
 
 A reward model is a ``*ForSequenceClassification`` model with one output (``num_labels=1``)
 whose head (``score``) is never quantized. Its folder holds ``rm_info.json``, ``tokenizer/`` and
@@ -18,12 +18,12 @@ Quantization is always done on load by bitsandbytes (deterministic), so nothing 
 bitsandbytes' serialization format (which does not round-trip GPT-2's Conv1D layers at int8).
 The score is the head's output at the last non-pad token (transformers' sequence
 classification pooling, which finds it for left and right padding alike), or on the pooled reply
-states for a probe fitted with another pooling.
+states for a probe fitted with another pooling. A probe's features, head fit, folder writing and
+check are in :mod:`edgerlhf.core.probe`; once saved it loads and scores here like any reward model.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, 
 from .config import PRECISIONS, PROBE_POOLINGS
 from .files import folder_digest, sha256_file
 from .logs import progress
-from .lm import common_prefix, encode_prompt_completion, fit_prompt, pad_left, position_ids
+from .lm import encode_prompt_completion, fit_prompt, pad_left, position_ids
+from .memory import MIB, measure
 from .models import load_tokenizer
 from .prefs import ROLES
 from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
@@ -175,7 +176,27 @@ def state_dict_mib(model: torch.nn.Module) -> float:
     """Bytes of the model's state dict in MiB: quantized weights with their quantization
     constants, full-precision head, adapters - the size its weights take when saved."""
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights (embeddings = head) once
-    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+    return sum(t.numel() * t.element_size() for t in unique.values()) / MIB
+
+
+def folder_mib(path: Path) -> float:
+    """Size of all files under ``path`` in MiB (2**20 bytes)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MIB
+
+
+def dtype_that_ran(precision: str, device) -> str:
+    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32; LLM.int8
+    quantizes activations to int8 by way of float16 (outlier columns in float16); NF4 weights are dequantized to
+    the compute dtype (:func:`edgerlhf.core.adapters.nf4_in_compute_dtype`). Stage 3 records it as
+    ``rm_info.json``'s ``dtype``.
+
+    Raises:
+        KeyError: ``precision`` is not one of :data:`edgerlhf.core.config.PRECISIONS`.
+    """
+    compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
+    return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
+                                     f"{compute} elsewhere",
+            "int4": f"nf4 (double quant), {compute} compute"}[precision]
 
 
 def load_reward_model(path: str | Path, precision: str | None = None, device: torch.device | str = "cpu"):
@@ -460,186 +481,18 @@ def backbone_of(model) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-@dataclass
-class PairTokens:
-    """One preference pair's tokens split where the two dialogues part (:func:`encode_pair_suffixes`).
-
-    ``prefix + suffixes[j]`` is exactly what :func:`score` feeds the model for reply ``j`` (0: chosen,
-    1: rejected); ``reads[j]`` indexes ``suffixes[j]`` at the token the head reads; ``starts[j]`` is where
-    reply ``j`` starts in ``prefix + suffixes[j]`` (it may lie inside the prefix when both replies begin alike).
-    """
-
-    prefix: list[int]
-    suffixes: tuple[list[int], list[int]]
-    reads: tuple[int, int]
-    starts: tuple[int, int]
-
-
-def encode_pair_suffixes(tokenizer, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
-                         max_length: int) -> tuple[list[PairTokens], int]:
-    """Token ids of each pair split into the part both replies share and the two reply parts.
-
-    Prompts are truncated from the left by whole turns so both replies fit ``max_length``
-    (:func:`edgerlhf.core.lm.fit_prompt`). The head is read where transformers' sequence classification
-    pooling reads it, at the last token that is not the pad token (with pad = EOS, as for GPT-2, that
-    is the token before a final EOS); each suffix contains that token.
+def loading_cost(folder: Path, precision: str, device) -> tuple:
+    """Load a saved reward model with :func:`load_reward_model` (the API PPO uses) and measure what it costs.
 
     Returns:
-        ``([PairTokens, ...], n_truncated)``.
+        ``(model, tokenizer, cost)``, ``cost = {"weights_mib": state dict (:func:`state_dict_mib`), "folder_mib":
+        files on disk (:func:`folder_mib`), "memory_footprint_mib": transformers' ``get_memory_footprint``,
+        "peak_memory_load": the load's peaks and wall time (:func:`edgerlhf.core.memory.measure`)}``.
     Raises:
-        ValueError: a pair that does not fit even with only its last user turn; ``max_length < 1``; an unknown
-            role (:func:`check_prompts`).
-        TypeError: a malformed prompt (:func:`check_prompts`).
+        RewardModelError: as :func:`load_reward_model`.
     """
-    check_prompts(prompts)
-    check_count(max_length=max_length)
-    pad = tokenizer.pad_token_id
-    out, truncated = [], 0
-    for i, (messages, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        fitted, cut = fit_prompt(tokenizer, messages, [c, r], max_length, "truncate_left")
-        if fitted is None:
-            raise ValueError(f"pair {i}: a reply with its last user turn exceeds max_length={max_length} tokens")
-        truncated += int(cut)
-        (ids_c, start_c), (ids_r, start_r) = (encode_prompt_completion(tokenizer, fitted, reply) for reply in (c, r))
-        read = [max(j for j, t in enumerate(seq) if t != pad) for seq in (ids_c, ids_r)]
-        k = min(common_prefix(ids_c, ids_r), *read)
-        out.append(PairTokens(ids_c[:k], (ids_c[k:], ids_r[k:]), (read[0] - k, read[1] - k), (start_c, start_r)))
-    return out, truncated
-
-
-def blocks_and_norm(backbone) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
-    """The transformer blocks and the final norm of a backbone (Llama ``layers``/``norm``, GPT-2 ``h``/``ln_f``).
-
-    Raises:
-        TypeError: the backbone has neither pair.
-    """
-    for blocks, norm in (("layers", "norm"), ("h", "ln_f")):
-        if hasattr(backbone, blocks) and hasattr(backbone, norm):
-            return getattr(backbone, blocks), getattr(backbone, norm)
-    raise TypeError(f"{type(backbone).__name__} has no known blocks and final norm (layers/norm or h/ln_f)")
-
-
-class _BlockTaps:
-    """The final states of a backbone pass, or the outputs of chosen blocks (1-based) read through the
-    final norm, kept by forward hooks; a context manager that removes its hooks on exit."""
-
-    def __init__(self, backbone, layers: list[int] | None):
-        self.layers, self.outputs, self.hooks, self.norm = layers, {}, [], None
-        if layers:
-            blocks, self.norm = blocks_and_norm(backbone)
-            if any(not 1 <= k <= len(blocks) for k in layers):
-                raise ValueError(f"layers {layers} must be blocks of the model, in [1, {len(blocks)}]")
-            for k in layers:
-                self.hooks.append(blocks[k - 1].register_forward_hook(self._keep(k)))
-
-    def _keep(self, k: int):
-        def hook(_module, _args, out):
-            self.outputs[k] = out[0] if isinstance(out, tuple) else out
-        return hook
-
-    def states(self, out) -> list[torch.Tensor]:
-        """``[FloatTensor[B, T, H]]``, one per layer (the pass's ``last_hidden_state`` without layers)."""
-        if not self.layers:
-            return [out.last_hidden_state]
-        return [self.norm(self.outputs[k]) for k in self.layers]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-
-
-@torch.inference_mode()
-def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
-                  batch_size: int = 2, max_length: int = 512, layers: list[int] | None = None,
-                  pooling: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
-    """The features a reward head reads for prompt + chosen and prompt + rejected (:func:`pool_states`).
-
-    ``pair_features(..., pooling=p)[0] @ w`` equals :func:`score` of a model whose head weight is ``w``
-    and whose :func:`pooling_of` is ``p``. The shared prompt is run once per pair and its KV cache
-    reused for both replies (37% fewer tokens than two full passes on HH-RLHF, whose prompts are three
-    times longer than replies); reply tokens that fall in the shared part are pooled from the prompt
-    pass. Pairs are batched by prompt length, ``batch_size`` at a time; prompts are left-padded and
-    replies right-padded, so large batches pay for padding: on 2 CPU cores (SmolLM2-135M, fp32) 1-2
-    pairs a batch ran 2.7 pairs/s, 8 pairs 1.9, and :func:`score` of both replies 2.0.
-
-    Args:
-        model: a sequence-classification reward model or backbone at any precision (its
-            :func:`backbone_of` is run; the head is not).
-        prompts: ``N`` chat prompts; chosen, rejected: ``N`` reply strings each.
-        layers: read the output of these blocks (1-based) instead, each through the final norm, from the
-            same pass: block k's feature equals the final-layer feature of the backbone truncated to k
-            blocks (:func:`load_backbone` ``num_layers=k``).
-        pooling: ``last``, ``mean`` or ``last+mean`` (:func:`pool_states`).
-    Returns:
-        ``(features_chosen, features_rejected)``, each ``FloatTensor[N, D]`` (float32, CPU; ``D`` is the
-        hidden size, twice that for ``last+mean``), or ``FloatTensor[N, len(layers), D]`` with ``layers``.
-    Raises:
-        ValueError: lengths differ, a pair cannot fit ``max_length``, a layer is not a block of the model,
-            an unknown pooling or role, or ``batch_size`` / ``max_length`` below 1.
-        TypeError: a malformed prompt (:func:`check_prompts`), or a ``batch_size`` / ``max_length`` that is not
-            an int.
-    """
-    check_prompts(prompts)
-    if not len(prompts) == len(chosen) == len(rejected):
-        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected replies: "
-                         "one of each per prompt expected")
-    check_count(batch_size=batch_size, max_length=max_length)
-    if pooling not in PROBE_POOLINGS:
-        raise ValueError(f"pooling must be one of {list(PROBE_POOLINGS)}, got {pooling!r}")
-    backbone = backbone_of(model)
-    encoded, _ = encode_pair_suffixes(tokenizer, prompts, chosen, rejected, max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prefix))  # similar prompt lengths together
-    width = model.config.hidden_size * (2 if pooling == "last+mean" else 1)
-    feats = torch.empty(len(encoded), 2, len(layers) if layers else 1, width, dtype=torch.float32)
-    with _BlockTaps(backbone, layers) as taps:
-        for start in progress(range(0, len(order), batch_size), min_total=8, desc="pair features", unit="batch",
-                              leave=False):
-            idx = order[start:start + batch_size]
-            feats[idx] = _pair_batch_features(backbone, [encoded[i] for i in idx], tokenizer.pad_token_id, taps,
-                                              pooling)
-    if not layers:
-        return feats[:, 0, 0], feats[:, 1, 0]
-    return feats[:, 0], feats[:, 1]
-
-
-def _pair_batch_features(backbone, pairs: list[PairTokens], pad: int, taps: _BlockTaps, pooling: str) -> torch.Tensor:
-    """Features ``FloatTensor[b, 2, L, D]`` of a batch of pairs: the shared prefixes (left-padded) in one
-    pass, their KV cache repeated for both replies, the reply parts (right-padded) in a second pass."""
-    device = next(backbone.parameters()).device
-    prefix, prefix_mask = pad_left([p.prefix for p in pairs], pad)
-    prefix, prefix_mask = prefix.to(device), prefix_mask.to(device)
-    out = backbone(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
-                   use_cache=True)
-    prefix_states = taps.states(out) if pooling != "last" else None
-    cache = out.cache
-    cache.batch_repeat_interleave(2)  # rows: prefix 0, prefix 0, prefix 1, ... for chosen, rejected
-    suffixes = [p.suffixes[j] for p in pairs for j in (0, 1)]
-    width = max(map(len, suffixes))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=device)
-    lengths = torch.tensor([len(s) for s in suffixes], device=device)
-    suffix_mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
-    mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
-    positions = prefix_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(width, device=device)[None]
-    suffix_states = taps.states(backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                         cache=cache, use_cache=False))
-    read = torch.tensor([p.reads[j] for p in pairs for j in (0, 1)], device=device)
-    rows = torch.arange(len(suffixes), device=device)
-    if pooling == "last":
-        per_layer = [states[rows, read] for states in suffix_states]
-    else:  # reply tokens: positions start .. k + read of prefix + suffix, k the prefix length
-        k = torch.tensor([len(p.prefix) for p in pairs], device=device).repeat_interleave(2)[:, None]
-        start = torch.tensor([p.starts[j] for p in pairs for j in (0, 1)], device=device)[:, None]
-        t_prefix = torch.arange(prefix.shape[1], device=device)[None] - (prefix.shape[1] - k)  # -1, ... pads
-        in_prefix = ((t_prefix >= start) & (t_prefix >= 0)).float()  # [2b, P]
-        col = torch.arange(width, device=device)[None]
-        in_suffix = ((col + k >= start) & (col <= read[:, None])).float()  # [2b, W]
-        count = (in_prefix.sum(1) + in_suffix.sum(1))[:, None]
-        per_layer = []
-        for before, after in zip(prefix_states, suffix_states):
-            mean = (torch.einsum("bp,bph->bh", in_prefix, before.float().repeat_interleave(2, dim=0))
-                    + torch.einsum("bw,bwh->bh", in_suffix, after.float())) / count
-            per_layer.append(mean if pooling == "mean" else torch.cat([after[rows, read].float(), mean], dim=-1))
-    return torch.stack(per_layer, 1).float().cpu().view(len(pairs), 2, len(per_layer), -1)
+    with measure(device) as load_m:
+        model, tokenizer = load_reward_model(folder, precision, device)
+    cost = {"weights_mib": state_dict_mib(model), "folder_mib": folder_mib(folder),
+            "memory_footprint_mib": model.get_memory_footprint() / MIB, "peak_memory_load": load_m}
+    return model, tokenizer, cost
