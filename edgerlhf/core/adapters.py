@@ -21,7 +21,7 @@ class OncePerMessage(logging.Filter):
     bitsandbytes' LLM.int8 layer logs "inputs will be cast from float32 to float16" at *every* matmul
     when the compute dtype is float32 (every CPU run): 336 lines per reply on SmolLM2-135M. In a notebook
     kernel each line is a message to papermill: notebook 03 of the quick profile spent 158 s outside its stage
-    and int8 ran 2.3x slower than bf16; with this filter 10 s, and 1.4x per block (README). The first
+    and int8 ran 2.3x slower than bf16; with this filter 10 s, and 1.4x per block (docs/benchmarks.md). The first
     occurrence is still shown.
     """
 

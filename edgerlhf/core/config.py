@@ -473,7 +473,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft.logging_steps": 2,
         "reward.method": "probe",
         # of SmolLM2-135M's 30 blocks; the first pass runs 24, later ones stop at the chosen block. The last block
-        # is left out: it costs 25% more at every pass and cross-validated worse on the training pool (README)
+        # is left out: it costs 25% more at every pass and cross-validated worse on the training pool (docs/benchmarks.md)
         "reward.probe_layer_search": [8, 12, 16, 20, 24],
         "reward.seeds": [42],  # a probe is a convex fit: seeds only move its CV folds (3 seeds gave sd 0.000)
         "reward.max_length": 384,
