@@ -16,10 +16,9 @@ Tolerances (``|a - b| <= atol + rtol * |b|``, as :func:`numpy.isclose`):
 
 * CPU, both runs: ``rtol=1e-5, atol=1e-7`` for every number, and text must match exactly. With
   the same seed and :func:`edgerlhf.core.reproducibility.seed_everything`'s deterministic flags, two
-  CPU runs on one machine agree bit for bit. Across processor models the full-precision path
-  still agreed to the last digit in our runs (Intel Xeon vs AMD EPYC), but bitsandbytes' CPU
-  int8/int4 arithmetic did not (reward-model accuracy moved by 1-2 of 64 pairs), so a comparison
-  of runs from two machines prints a note naming both processors (:func:`hardware_note`).
+  CPU runs on one machine agree bit for bit. Across processor models bitsandbytes' CPU int8/int4
+  arithmetic can differ (docs/measurements.md), so a comparison of runs from two machines prints a
+  note naming both processors (:func:`hardware_note`).
 * GPU (either run on CUDA): :data:`GPU_TOLERANCES`, per metric; generated text is shown but not
   judged, because cuBLAS/bf16 kernels are not bit-reproducible across runs (PyTorch docs,
   "Reproducibility").

@@ -5,8 +5,9 @@ precision + a one-output head) -> train -> save; then, once every model is saved
 training pairs, the final evaluation reads the held-out test pairs. Training is ``reward.method``:
 
 * ``lora`` - TRL ``RewardTrainer`` (Bradley-Terry loss), LoRA on the backbone, head trained in full;
-* ``probe`` - the backbone frozen at the precision; its final-layer state at the last token of
-  each reply is computed once and the head is fitted on ``chosen - rejected`` by logistic regression
+* ``probe`` - the backbone frozen at the precision; each reply's states at block ``reward.probe_layer`` (or
+  the block ``reward.probe_layer_search`` chooses), pooled as ``reward.probe_pooling`` says (default
+  ``last+mean``), are computed once and the head is fitted on ``chosen - rejected`` by logistic regression
   (:mod:`edgerlhf.core.probe`: features, fit, folder, check, cross-fitted evaluation).
 
 The trained bf16 model is also loaded at int8 and int4 without retraining (post-training

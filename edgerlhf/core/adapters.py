@@ -19,10 +19,8 @@ class OncePerMessage(logging.Filter):
     """A logging filter that lets each distinct message through once per process.
 
     bitsandbytes' LLM.int8 layer logs "inputs will be cast from float32 to float16" at *every* matmul
-    when the compute dtype is float32 (every CPU run): 336 lines per reply on SmolLM2-135M. In a notebook
-    kernel each line is a message to papermill: notebook 03 of the quick profile spent 158 s outside its stage
-    and int8 ran 2.3x slower than bf16; with this filter 10 s, and 1.4x per block (docs/benchmarks.md). The first
-    occurrence is still shown.
+    when the compute dtype is float32 (every CPU run). In a notebook kernel each line is a message to papermill,
+    which slows the stage (docs/measurements.md). The first occurrence is still shown.
     """
 
     def __init__(self) -> None:
@@ -93,9 +91,8 @@ def nf4_in_compute_dtype(model: torch.nn.Module) -> torch.nn.Module:
 
     bitsandbytes (0.49+) otherwise repacks an NF4 layer's weights on its first eval-mode call on a CPU with
     AVX512-BF16 and from then on runs its fused kernel with the activations rounded to bf16: scores then move
-    with how tokens are batched (0.007 on a score of 1.76, SmolLM2-135M), and that kernel ran 1.5x slower than
-    the dequantizing path on 2 cores (3.4 against 5.1 pairs/s). The switch is the layer's own
-    ``support_avx512bf16_for_cpu`` flag; returns ``model``.
+    with how tokens are batched, and that kernel is slower than the dequantizing path on a CPU
+    (docs/measurements.md). The switch is the layer's own ``support_avx512bf16_for_cpu`` flag; returns ``model``.
     """
     import bitsandbytes as bnb
 

@@ -96,7 +96,7 @@ class RunConfig:
         "effective batch (micro-batch x accumulation, kept) whose planned peak "
         "(`edgerlhf.core.planner.fit_micro_batch`) "
         "fits the memory measured free under `vram_budget_gib`, less `micro_batch_headroom`; the choice is recorded. "
-        "Ignored on a CPU, where the configured sizes stand (they were chosen for RAM and speed, measured)."
+        "Ignored on a CPU, where the configured sizes stand (they were chosen for a CPU's RAM and speed)."
     )
     micro_batch_headroom: float = _f(
         0.25, "Fraction of the available device memory the micro-batch choice leaves free (float in [0, 0.9]) for "
@@ -216,10 +216,11 @@ class RewardStageConfig:
         "lora",
         "How each reward model is trained (str): `lora` - TRL `RewardTrainer`, LoRA on the SFT backbone plus a "
         "one-output head, Bradley-Terry loss (Ouyang et al. 2022); `probe` - the backbone frozen at the precision, "
-        "its final-layer state at the last token computed once per pair, and the one-output head fitted on it by "
+        "each reply's states at block `probe_layer` (or the block `probe_layer_search` chooses) pooled as "
+        "`probe_pooling` says, computed once per pair, and the one-output head fitted on them by "
         "L2-regularised logistic regression on chosen - rejected (a linear probe, Alain & Bengio 2016; C by 5-fold "
-        "cross-validation). `probe` is minutes on a CPU where `lora` is an hour, and gives an ordinary reward model "
-        "(backbone + `score` head) that PPO loads the same way.", limit=REWARD_METHODS,
+        "cross-validation). `probe` trains no backbone weights, so it is far cheaper than `lora` on a CPU, and gives "
+        "an ordinary reward model (backbone + `score` head) that PPO loads the same way.", limit=REWARD_METHODS,
     )
     probe_layer: Optional[int] = _f(
         None, "With `probe`: read the state after the first N transformer blocks, through the final norm (int); "
@@ -238,9 +239,8 @@ class RewardStageConfig:
         "last+mean", "With `probe`: what the head reads of each reply (str): `last` - the state at the last token "
         "(transformers' sequence-classification pooling, as a `lora` reward model reads it); `mean` - the mean "
         "of the states of the reply's tokens; `last+mean` - both, concatenated (a head of twice the hidden "
-        "size). Chosen on the training pairs: on the quick split (SmolLM2-135M, the proxies' 734 training pairs) "
-        "the 5-fold cross-validated log-loss is 0.649 / 0.628 / 0.626 (last / mean / last+mean) at the last block "
-        "and 0.639 / 0.622 / 0.617 at block 16 (results/benchmarks/probe_pooling-bf16.json).", limit=PROBE_POOLINGS,
+        "size). Default: the lowest 5-fold cross-validated log-loss on the quick split's training pairs "
+        "(benchmarks/probe_pooling.py, results/benchmarks/probe_pooling-bf16.json).", limit=PROBE_POOLINGS,
     )
     seeds: list = _f(
         [42], "Seeds each `lora` reward model is trained with (list of int); accuracy is reported as mean +- sd "
@@ -311,7 +311,7 @@ class RewardStageConfig:
     score_batch_size: int = _f(8, "Replies per batch when scoring with a saved reward model (int).", limit=_POSITIVE)
     feature_batch_size: int = _f(
         2, "Pairs per batch when computing the frozen backbone's features for `probe` (int); prompts and replies "
-        "are padded, so on a CPU small batches are fastest (2.7 pairs/s at 1-2, 1.9 at 8 on 2 cores).", limit=_POSITIVE,
+        "are padded, so on a CPU small batches are fastest (docs/measurements.md).", limit=_POSITIVE,
     )
     output_dir: str = _f("models/rm", "Output folder; one sub-folder per reward model (str).")
 
@@ -350,7 +350,7 @@ class PPOStageConfig:
         1, "Rows per forward/backward pass inside an update micro-batch (int); None: the whole micro-batch in one "
         "pass. The micro-batch's loss stays its token mean (each pass weighted by its share of the reply tokens), so "
         "only memory and time change: one row per pass holds one row's activations and needs no packed attention "
-        "mask (SmolLM2-135M on 2 CPU cores, the benchmark's widest two rows: 741 against 1,401 MiB of activations).",
+        "mask (docs/measurements.md).",
         limit=_POSITIVE
     )
     logprobs_from_generation: bool = _f(
@@ -464,8 +464,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.n_test": 384,
         "data.max_length": 384,
         "sft.num_train_epochs": 1.0,
-        "sft.per_device_train_batch_size": 1,  # x 8 accumulation: the same batch of 8 in less memory; SFT on
-        "sft.gradient_accumulation_steps": 8,  # 2 CPU cores peaked at 8,220 / 4,444 / 2,822 MiB RSS at 4 / 2 / 1
+        "sft.per_device_train_batch_size": 1,  # x 8 accumulation: the same batch of 8 in less memory
+        "sft.gradient_accumulation_steps": 8,  # (peak RSS per micro-batch size: docs/measurements.md)
         "sft.max_length": 384,
         "sft.max_train_samples": 128,
         "sft.max_eval_samples": 32,
@@ -473,9 +473,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sft.logging_steps": 2,
         "reward.method": "probe",
         # of SmolLM2-135M's 30 blocks; the first pass runs 24, later ones stop at the chosen block. The last block
-        # is left out: it costs 25% more at every pass and cross-validated worse on the training pool (docs/benchmarks.md)
+        # is left out: 30 blocks cost 25% more than 24 at every pass, and it cross-validated worse (docs/benchmarks.md)
         "reward.probe_layer_search": [8, 12, 16, 20, 24],
-        "reward.seeds": [42],  # a probe is a convex fit: seeds only move its CV folds (3 seeds gave sd 0.000)
+        "reward.seeds": [42],  # a probe is a convex fit: seeds only move its CV folds
         "reward.max_length": 384,
         "ppo.steps": 5,
         "ppo.batch_size": 8,
@@ -486,7 +486,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.max_new_tokens": 32,
         "ppo.max_prompt_length": 192,
         "ppo.n_eval_prompts": 64,
-        "ppo.n_implicit_reward_pairs": 96,  # about 0.5 s per pair and model on 2 CPU cores: 4 passes, 3 min
+        "ppo.n_implicit_reward_pairs": 96,  # a sample: each pair costs passes of the policy and the SFT model
         "ppo.eval_every": 0,
         "ppo.checkpoint_every": 3,
     },

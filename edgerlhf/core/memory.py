@@ -128,8 +128,7 @@ def free_memory() -> None:
     """Collect garbage, return cached CUDA blocks to the driver, and return the C heap's free pages to the
     operating system (glibc ``malloc_trim(0)``; absent elsewhere, e.g. musl or macOS, where it is skipped).
 
-    Without the trim, a process keeps the pages of a freed peak: on 2 CPU cores SFT's held-out perplexity pass
-    (full-vocabulary logits, 49,152 columns) left the process at 2,422 MiB resident; 1,127 MiB after the trim.
+    Without the trim, a process keeps the pages of a freed peak resident (docs/measurements.md).
     """
     import gc
 
@@ -143,9 +142,7 @@ def trim_heap() -> bool:
     """Return the free pages of the C heap to the operating system (glibc ``malloc_trim(0)``, which also releases
     free pages between live blocks, not only at the heap's top); no garbage collection. Tensors of a few MiB freed
     after a phase (PPO's KV cache, activations) otherwise stay resident as heap fragments under the next phase's
-    peak: between PPO's phases (SmolLM2-135M, 2 CPU cores, measured by hand, no JSON kept) one call took
-    0.03-0.06 s and lowered the resident memory from 1,654-2,008 to 1,131-1,195 MiB. Returns False where glibc's
-    ``malloc_trim`` is absent (musl, macOS, Windows), nothing done.
+    peak. Returns False where glibc's ``malloc_trim`` is absent (musl, macOS, Windows), nothing done.
     """
     libc = _glibc()
     if libc is None:
@@ -174,16 +171,11 @@ def returning_freed_memory(mmap_threshold_mib: float = 1.0, top_pad_mib: float =
     (:func:`trim_heap`). ``top_pad_mib`` of slack at the heap's top keeps
     it from being trimmed and regrown at every allocation. On exit the threshold is 32 MiB (where glibc's own
     would have settled), so many mid-sized allocations, such as generation's growing KV cache, come from the heap
-    again: mapping each of them costs page faults (25% slower generation at 1 MiB). Used around PPO's forward
-    and update passes (:func:`edgerlhf.core.ppo.ppo_step`) and the folded adapter's weight copies
+    again: mapping each of them costs page faults. Used around PPO's forward and update passes
+    (:func:`edgerlhf.core.ppo.ppo_step`) and the folded adapter's weight copies
     (:func:`edgerlhf.core.rollout.merged_adapter`); process-wide while the block runs.
 
-    Measured on PPO's update passes (SmolLM2-135M, 2 CPU cores, float32): peak RSS 2,878 -> 2,574 MiB. It is not
-    free: one update micro-batch of 659 tokens took 3.0-3.1 s inside the block against 2.2-2.5 s with a threshold of
-    4 MiB or more (about 850,000 page faults and 1.3 s of system time per micro-batch, against under 50,000), and
-    whole PPO steps (``benchmarks/ppo_step.py --reply-length 64``, one run after the other, the default changed by
-    hand) 45.5 s at 1 MiB against 38.1 s at 4 MiB, with peak RSS 2,833 against 3,057 MiB: a trade of speed for
-    memory, kept for issue 15's peak-RSS target (2.7 GB).
+    A trade of speed for memory: lower peak RSS on a CPU, slower passes (more page faults; docs/measurements.md).
     Yields True when set; False where glibc's ``mallopt`` is absent (musl, macOS, Windows), nothing changed.
     """
     libc = _glibc()

@@ -185,7 +185,7 @@ def fit_micro_batch(stage: str, cfg, model_config, compute: str, available_mib: 
     Candidates are the divisors of the effective batch (the accumulation becomes effective / micro-batch, so
     the optimisation is the same up to the order of summation). Under a cap of 8 GiB the default headroom of 0.25
     plans for 6 GiB, the space left for allocator fragmentation and library buffers that the planner does not
-    model (issue 14's target: SFT reserved memory <= 6 GiB of the 8 GiB cap). When even a micro-batch of 1 does
+    model (the project's target: SFT reserved memory <= 6 GiB of the 8 GiB cap). When even a micro-batch of 1 does
     not fit, the configured values are kept and ``fits`` is False (the planner's advice and the out-of-memory
     back-off then apply).
 

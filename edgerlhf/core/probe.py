@@ -145,11 +145,10 @@ def pair_features(model, tokenizer, prompts: list[list[dict]], chosen: list[str]
 
     ``pair_features(..., pooling=p)[0] @ w`` equals :func:`edgerlhf.core.reward_scoring.score` of a model whose
     head weight is ``w`` and whose :func:`edgerlhf.core.reward_scoring.pooling_of` is ``p``. The shared prompt is
-    run once per pair and its KV cache reused for both replies (37% fewer tokens than two full passes on
-    HH-RLHF, whose prompts are three times longer than replies); reply tokens that fall in the shared part
-    are pooled from the prompt pass. Pairs are batched by prompt length, ``batch_size`` at a time; prompts
-    are left-padded and replies right-padded, so large batches pay for padding: on 2 CPU cores (SmolLM2-135M,
-    fp32) 1-2 pairs a batch ran 2.7 pairs/s, 8 pairs 1.9, and scoring both replies apart 2.0.
+    run once per pair and its KV cache reused for both replies (the saving is largest where prompts are longer
+    than replies, as in HH-RLHF); reply tokens that fall in the shared part are pooled from the prompt pass.
+    Pairs are batched by prompt length, ``batch_size`` at a time; prompts are left-padded and replies
+    right-padded, so large batches pay for padding (docs/measurements.md).
 
     Args:
         model: a sequence-classification reward model or backbone at any precision (its
@@ -341,7 +340,7 @@ def check_saved_probe(folder: Path, precision: str, rows: list[dict], expected: 
     features gave (``expected``, ``float[>= n]``), ``|a - b| <= tol (1 + |b|)``, catching a wrong head or
     backbone (an error of order 1).
     ``tol`` is 1e-3, and 0.1 at int8: LLM.int8 picks its outlier columns per batch (Dettmers et al. 2022), so
-    int8 scores depend on which tokens share a matmul (measured on SmolLM2-135M: up to 0.03 on scores near 0.5).
+    int8 scores depend on which tokens share a matmul (docs/measurements.md).
     Returns its loading cost (:func:`edgerlhf.core.reward_scoring.loading_cost`).
 
     Raises:

@@ -146,7 +146,7 @@ def make_record(
     device: str = "auto",
     status: str = "ok",
 ) -> dict:
-    """Assemble a record for ``stage``; ``config`` is :meth:`Config.to_dict` output.
+    """Assemble a record for ``stage``; ``config`` is :meth:`edgerlhf.core.config.Config.to_dict` output.
 
     ``measurement`` is the dict filled by :func:`edgerlhf.core.memory.measure`; its
     ``wall_time_s`` becomes the record's wall time and the rest its ``peak_memory``.
@@ -228,7 +228,7 @@ def load_records(run_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     Nested fields become dotted columns (``results.n_train``, ``hardware.device``); the
     full ``config`` is left out to keep the table readable.
     """
-    import pandas as pd  # here, not at module level: a stage writing records need not hold pandas (65 MiB by hand)
+    import pandas as pd  # here, not at module level: a stage writing records need not hold pandas in memory
 
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]

@@ -368,9 +368,8 @@ def pool_states(states: torch.Tensor, start: torch.Tensor, read: torch.Tensor, p
 
     ``last`` is the state at the read token (transformers' sequence-classification pooling); ``mean`` the
     mean of the states of the reply's tokens ``start .. read`` (inclusive); ``last+mean`` both, concatenated
-    (in that order). Mean pooling over the reply reads every reply token rather than one; on the quick split
-    of HH-RLHF harmless-base, ``last+mean`` raised a SmolLM2-135M probe's held-out accuracy over ``last`` at
-    every block, by 8 points at the last (734 training pairs; docs/benchmarks.md, "Reward models that learn").
+    (in that order). Mean pooling over the reply reads every reply token rather than one (why ``last+mean`` is
+    the default of ``reward.probe_pooling``: docs/benchmarks.md, "Reward models that learn").
 
     Args:
         states: ``FloatTensor[B, T, H]``. start, read: ``LongTensor[B]`` positions in ``[0, T)``, ``start <= read``.

@@ -229,7 +229,7 @@ def real_widths(batch: dict) -> tuple[int, int]:
     """``(query columns, response columns)`` that hold a real token in at least one row of ``batch`` (the query
     is left-padded, the response right-padded). Uses the host-side ``query_lengths``/``response_lengths`` when
     the batch carries them."""
-    if "query_lengths" in batch:  # known on the host (:meth:`Batch.select`): no wait for the device
+    if "query_lengths" in batch:  # known on the host (edgerlhf.core.ppo.Batch.select): no wait for the device
         return max(batch["query_lengths"]), max(max(batch["response_lengths"]), 1)
     query = int(batch["query_mask"].sum(dim=1).max())
     response = max(int(batch["response_mask"].sum(dim=1).max()), 1)
@@ -246,7 +246,7 @@ def pack_rows(batch: dict) -> dict:
         ``LongTensor[N]``, the positions whose logits predict a reply token (N = real reply tokens); ``labels``
         ``[N]``; ``rows``, ``cols``: ``[N]``, where each result goes in the ``[B, R]`` layout.
     """
-    if "query_lengths" in batch:  # known on the host (:meth:`Batch.select`): no wait for the device
+    if "query_lengths" in batch:  # known on the host (edgerlhf.core.ppo.Batch.select): no wait for the device
         query_len, reply_len = batch["query_lengths"], [max(r, 1) for r in batch["response_lengths"]]
     else:
         query_len = batch["query_mask"].sum(dim=1).tolist()

@@ -58,7 +58,7 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     a, b = a.astype(bool), b.astype(bool)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     discordant = only_a + only_b
-    from scipy.stats import binomtest  # imported on use: a stage process need not hold scipy.stats (22 MiB by hand)
+    from scipy.stats import binomtest  # imported on use: a stage process need not hold scipy.stats in memory
 
     p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
     return {"only_a": only_a, "only_b": only_b, "discordant": discordant, "n": int(a.size), "p_value": p}
