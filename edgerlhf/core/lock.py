@@ -18,6 +18,7 @@ import socket
 import uuid
 from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 
 from .files import atomic_write_text
@@ -47,16 +48,9 @@ def read_holder(results_dir: str | Path) -> dict | None:
 
 
 def pid_alive(pid) -> bool:
-    """True when a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
+    """True when a process ``pid`` exists on this machine (``psutil.pid_exists``); False for a non-positive or
+    non-int pid."""
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and psutil.pid_exists(pid)
 
 
 def describe(holder: dict | None) -> str:
