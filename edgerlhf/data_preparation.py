@@ -187,13 +187,35 @@ def to_jsonl(pairs: list[Pair]) -> str:
 
 
 def length_figure(lengths: dict[str, list[int]], path: Path) -> Path:
-    """Save a histogram of prompt / chosen / rejected token lengths to ``path`` (PNG)."""
-    fig = new_figure((9, 3.2))
-    for ax, (name, values) in zip(fig.subplots(1, 3), lengths.items()):
-        ax.hist(values, bins=30, color="#4c72b0")
-        ax.set_title(f"{name} ({len(values)})")
-        ax.set_xlabel("tokens")
-    fig.axes[0].set_ylabel("pairs")
+    """Save histograms of prompt / chosen / rejected token lengths and of the per-pair difference chosen − rejected
+    to ``path`` (PNG). ``lengths`` holds one count per pair under each of ``prompt``, ``chosen`` and ``rejected``,
+    every list in the same pair order (as :func:`prepare` passes them); the two replies share bins and x range.
+    The difference panel writes in the share of pairs whose chosen reply is shorter."""
+    if not len(lengths["chosen"]) == len(lengths["rejected"]) == len(lengths["prompt"]):
+        raise ValueError("length_figure: prompt, chosen and rejected need one length per pair each")
+    diff = np.subtract(lengths["chosen"], lengths["rejected"])
+    reply_bins = np.histogram_bin_edges(np.concatenate([lengths["chosen"], lengths["rejected"]]), bins=30)
+    fig = new_figure((13, 3.6))
+    axes = fig.subplots(1, 4)
+    units = {"prompt": "prompt tokens (chat template)", "chosen": "reply tokens (with end-of-turn)",
+             "rejected": "reply tokens (with end-of-turn)"}
+    for ax, (name, xlabel) in zip(axes, units.items()):
+        ax.hist(lengths[name], bins=30 if name == "prompt" else reply_bins, color="#4c72b0")
+        ax.set_title(f"{name}: median {np.median(lengths[name]):g} tokens", fontsize=9)
+        ax.set(xlabel=xlabel, ylabel="pairs")
+    axes[2].sharex(axes[1])
+    ax = axes[3]
+    # about 40 bins of whole tokens with an edge at -0.5: every bar left of the line is a shorter chosen reply
+    width = max(1, -(-int(diff.max() - diff.min()) // 40))
+    edges = np.arange(diff.min() // width * width, diff.max() + 2 * width, width) - 0.5
+    ax.hist(diff, bins=edges, color="#8172b2")
+    ax.axvline(0, color="black", lw=1)
+    ax.text(0.03, 0.97, f"chosen shorter: {np.mean(diff < 0):.0%}\nequal: {np.mean(diff == 0):.0%}\n"
+            f"chosen longer: {np.mean(diff > 0):.0%}\n(line: equal length)", transform=ax.transAxes, va="top",
+            fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_title("chosen − rejected, per pair", fontsize=9)
+    ax.set(xlabel="reply length difference (tokens)", ylabel="pairs")
+    fig.suptitle(f"Token lengths of the {len(diff):,} kept pairs (train + test)", fontsize=10)
     return save(fig, path)
 
 

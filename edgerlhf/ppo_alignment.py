@@ -158,10 +158,11 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
     """Sample one reply per held-out prompt (training's sampling, fixed ``seed``, isolated RNG).
 
     With ``value_head`` given, also the KL of each reply to the reference (adapter disabled):
-    ``sum_t log pi - log pi_ref`` over its tokens (k1, nats per reply). Returns ``{"replies", "kl"}``.
+    ``sum_t log pi - log pi_ref`` over its tokens (k1, nats per reply). Returns ``{"replies", "tokens", "kl"}``
+    (``tokens``: each reply's length in tokens, its EOS included).
     """
     device = next(policy.parameters()).device
-    replies, kls = [], []
+    replies, tokens, kls = [], [], []
     with isolated_rng(seed, device):
         for start in range(0, len(queries), cfg.batch_size):
             ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
@@ -171,7 +172,8 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
                 ref = reference_logprobs(policy, ro, cfg.temperature)
                 kls += ((ro["logprobs"] - ref) * ro["response_mask"]).sum(dim=1).tolist()
             replies += decode_responses(tokenizer, ro["response"], ro["response_mask"], tokenizer.eos_token_id)
-    return {"replies": replies, "kl": kls or None}
+            tokens += ro["response_mask"].sum(dim=1).tolist()
+    return {"replies": replies, "tokens": tokens, "kl": kls or None}
 
 
 def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPOStageConfig, scorers: dict,
@@ -180,7 +182,7 @@ def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPO
     measure their KL to the reference. Returns replies, per-reply KL and scores, and their means."""
     out = sample_replies(policy, tokenizer, queries, cfg, seed, value_head)
     scores = {name: fn(prompts, out["replies"]).tolist() for name, fn in scorers.items()}
-    return {"replies": out["replies"], "kl": out["kl"], **{f"{name}_scores": s for name, s in scores.items()},
+    return {"replies": out["replies"], "tokens": out["tokens"], "kl": out["kl"], **{f"{name}_scores": s for name, s in scores.items()},
             **{f"{name}_mean": float(np.mean(s)) for name, s in scores.items()}, "kl_mean": float(np.mean(out["kl"]))}
 
 
@@ -364,7 +366,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "precision": precision, "reward_model": str(rm_folder), "proxy": proxy_name,
         "proxy_verdict": shared["verdicts"]["models"].get(proxy_name),
         "reward_gain": gain, "reward_bias": bias,
-        "before": {"replies": before["replies"], "proxy_scores": proxy_before, "proxy_mean": float(np.mean(proxy_before)),
+        "before": {"replies": before["replies"], "tokens": before["tokens"], "proxy_scores": proxy_before, "proxy_mean": float(np.mean(proxy_before)),
                    "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
         "after": after, "curve": curve,
         "judges": {name: judge_effect(after[f"{name}_scores"], before[f"{name}_scores"], cfg.run.seed)
@@ -373,11 +375,32 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
-        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a,
+        "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "sft_tokens": before["tokens"][i],
+                     "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i], "proxy_ppo": after["proxy_scores"][i],
                      **{f"{name}_{when}": scores[i] for name in shared["judges"]
                         for when, scores in (("sft", before[f"{name}_scores"]), ("ppo", after[f"{name}_scores"]))}}
                     for i, (pr, b, a) in enumerate(zip(eval_prompts, before["replies"], after["replies"]))],
     }
+
+
+def sample_views(samples: list[dict], judge: str = "judge", k: int = 2, seed: int = 0) -> list[dict]:
+    """The held-out replies a reader should see side by side: the ``k`` whose ``judge`` score rose most under PPO,
+    the ``k`` where it fell most and ``k`` drawn at random from the rest (``seed``), each sample with ``shown``
+    (why it is shown), ``judge_change`` and ``length_change`` (PPO − SFT reply tokens) added. Picking the top
+    gains alone would hide what PPO made worse.
+
+    Raises:
+        KeyError: the samples carry no ``<judge>_sft`` / ``<judge>_ppo`` scores.
+    """
+    rows = [{**s, "judge_change": s[f"{judge}_ppo"] - s[f"{judge}_sft"],
+             "length_change": s["ppo_tokens"] - s["sft_tokens"]} for s in samples]
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["judge_change"])
+    best, worst = order[::-1][:k], [i for i in order[:k] if i not in order[::-1][:k]]
+    rest = [i for i in range(len(rows)) if i not in best and i not in worst]
+    chosen = np.random.default_rng(seed).choice(rest, size=min(k, len(rest)), replace=False).tolist() if rest else []
+    return ([{"shown": f"largest {judge} gain", **rows[i]} for i in best]
+            + [{"shown": f"largest {judge} loss", **rows[i]} for i in worst]
+            + [{"shown": "random", **rows[i]} for i in sorted(chosen)])
 
 
 def direction(ci) -> int:
@@ -557,7 +580,8 @@ def run_alignment(cfg: Config) -> dict:
         for name, j in judges.items()}
     words = conclusions(experiments, judge_info, cfg.run.seed)
     figures = {
-        "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png")),
+        "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
+                                        kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
         "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
     }
     results = {"experiments": experiments, "table": comparison_table(experiments), "judges": judge_info,

@@ -323,7 +323,9 @@ def section_frontier(frontier: list[dict]) -> str:
 def section_ppo(records: dict, figures: Path) -> str:
     r = records["ppo"]["results"]
     experiments, judges = r["experiments"], r["judges"]
-    curves = plots.ppo_curves_figure(experiments, figures / "ppo_curves.png")
+    training = records["ppo"].get("training_config") or {}
+    curves = plots.ppo_curves_figure(experiments, figures / "ppo_curves.png",
+                                     training.get("adaptive_kl_target") if training.get("adaptive_kl") else None)
     overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
     keys = [j.replace("-", "_") for j in judges]
     rows = [[t["reward_precision"], f"{t['proxy']}" + ("" if t["proxy_learned"] else " (**not learned**)"),

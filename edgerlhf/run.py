@@ -152,7 +152,8 @@ def _run(lock: ProjectLock, selected: list[str], profile: str, overrides: dict |
          run_dir: str | Path | None, progress: bool, config_file: Path | None) -> Path:
     """:func:`run_notebooks` once the project lock is held."""
     import papermill as pm
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
+    from traitlets.config import Config
 
     if run_dir:
         run_dir = resolve(run_dir, root)
@@ -197,6 +198,8 @@ def _run(lock: ProjectLock, selected: list[str], profile: str, overrides: dict |
             pm.execute_notebook(
                 str(REPO_ROOT / name), entry["output"], parameters=parameters, cwd=str(root),
                 progress_bar=progress, kernel_name="python3",
+                coalesce_streams=True,  # a progress bar is saved as its last line, not as every redraw
+                config=Config({"KernelManager": {"transport": "ipc"}}),  # local sockets: no network, no TCP warning
             )
         except BaseException as exc:  # recorded, then re-raised: nothing is swallowed
             if isinstance(exc, pm.PapermillExecutionError):

@@ -64,3 +64,27 @@ def test_report_to_tensorboard_writes_sft_and_ppo_curves(tiny_cfg, tiny_gpt2, tm
     tags = scalar_tags(tmp_path / "tensorboard" / "ppo" / "bf16")
     assert set(TRL_METRIC_NAMES.values()) <= set(tags)
     assert tags["objective/kl"] == pytest.approx([h["kl"] for h in history])
+
+
+def test_library_warnings_go_to_the_stage_log_and_a_notebook_shows_only_edgerlhf_warnings(tmp_path):
+    import subprocess
+    import sys
+
+    code = """import logging, sys, warnings
+from edgerlhf.core.logs import configure_logging, log_to_file, quiet_libraries
+quiet_libraries(notebook=True)
+warnings.warn("old api", FutureWarning)
+logging.getLogger("transformers.modeling_utils").warning("LOAD REPORT from x")
+configure_logging("INFO")
+logging.getLogger("edgerlhf.x").info("step 1")
+log_to_file(sys.argv[1])
+logging.getLogger("edgerlhf.x").warning("careful")
+logging.getLogger("bitsandbytes.cpu").warning("no kernel")
+"""
+    log = tmp_path / "logs" / "sft.log"
+    out = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "WARNING edgerlhf.x: careful"
+    text = log.read_text()  # records from before the file was named are kept, in order
+    assert [m in text for m in ("old api", "LOAD REPORT", "step 1", "careful", "no kernel")] == [True] * 5
+    assert text.index("old api") < text.index("step 1") < text.index("careful")

@@ -1,5 +1,6 @@
 """Integration: every notebook runs through papermill with the tiny profile."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,28 @@ def test_committed_notebooks_are_clean_and_parameterised():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell is not tagged"
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+
+
+def noisy_cells(path: Path) -> list[tuple[int, list[str]]]:
+    """(cell index, first lines) of each cell whose saved stderr carries a warning or more than 3 non-blank lines
+    (a progress bar is kept as its last line; library warnings and load reports belong in the run's logs)."""
+    noisy = []
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stderr")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if re.search(r"warn|error|traceback|load report", text, re.IGNORECASE) or len(lines) > 3:
+            noisy.append((i, lines[:6]))
+    return noisy
+
+
+def test_noisy_cells_are_found(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x") for _ in range(3)]
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stderr", text="PPO steps: 100%|##| 5/5\n")]
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stderr", text="x.py:3: FutureWarning: old\n")]
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", name="stderr", text="a\nb\nc\nd\n")]
+    nbformat.write(nb, tmp_path / "n.ipynb")
+    assert [i for i, _ in noisy_cells(tmp_path / "n.ipynb")] == [1, 2]
 
 
 def test_select():
@@ -43,6 +66,10 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     assert manifest["python_hash_seed"] is not None and seeds == {manifest["python_hash_seed"]}  # kernels' hashing
     assert [n["notebook"] for n in manifest["notebooks"]] == NOTEBOOKS
     assert all((run_dir / "notebooks" / n).exists() for n in NOTEBOOKS)
+    for name in NOTEBOOKS:  # quiet outputs: no warnings, no redraw floods; the stages' logs hold the rest
+        assert noisy_cells(run_dir / "notebooks" / name) == [], name
+    assert {p.name for p in (run_dir / "logs").glob("*.log")} == {"setup.log", "data.log", "sft.log", "reward.log",
+                                                                  "ppo.log"}
     for entry in manifest["notebooks"]:  # each executed notebook also as HTML, its figures embedded
         html = Path(entry["html"]).read_text()
         assert entry["html"] == str(run_dir / "notebooks" / entry["notebook"].replace(".ipynb", ".html"))

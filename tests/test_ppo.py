@@ -865,3 +865,18 @@ def test_the_implicit_reward_check_counts_the_pairs_where_the_policy_raised_the_
     one_by_one = [float(completion_logprobs(policy, tok, [(r["prompt"], r["chosen"])])[0][0]
                         - completion_logprobs(policy, tok, [(r["prompt"], r["rejected"])])[0][0]) for r in rows]
     assert margins.tolist() == pytest.approx(one_by_one, abs=1e-4)
+
+
+def test_sample_views_show_gains_losses_and_random_replies_with_their_length_change():
+    from edgerlhf.ppo_alignment import sample_views
+
+    samples = [{"prompt": f"p{i}", "sft": "a", "ppo": "b", "sft_tokens": 10, "ppo_tokens": 10 + i,
+                "judge_sft": 0.0, "judge_ppo": float(i - 4)} for i in range(10)]
+    views = sample_views(samples, k=2, seed=0)
+    assert [v["shown"] for v in views] == ["largest judge gain"] * 2 + ["largest judge loss"] * 2 + ["random"] * 2
+    assert [v["prompt"] for v in views[:4]] == ["p9", "p8", "p0", "p1"]
+    assert {v["prompt"] for v in views[4:]} <= {f"p{i}" for i in range(2, 8)} and len({v["prompt"] for v in views}) == 6
+    assert views[0]["judge_change"] == 5.0 and views[0]["length_change"] == 9
+    assert [v["prompt"] for v in sample_views(samples[:3], k=2)] == ["p2", "p1", "p0"]  # few samples: none twice
+    with pytest.raises(KeyError):
+        sample_views(samples, judge="judge-tfidf")

@@ -17,7 +17,7 @@ from .config import DEFAULT_PROFILE, PROFILES, SET_HELP, Config, load_config, pa
 from .distributed import is_main_process, main_process_writes, process_info
 from .hardware import resolve_device
 from .lock import ProjectLock
-from .logs import configure_logging
+from .logs import configure_logging, log_to_file, quiet_libraries
 from .memory import apply_vram_budget, available_device_mib, measure
 from .paths import resolve
 from .records import create_run_dir, current_run, make_record, point_current_run, run_finished, write_record
@@ -54,6 +54,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     creates a new ``results/runs/<run_id>`` and makes it current: a finished run is never written into. The
     folder is written back into ``cfg`` so the record names it, and checked writable before the stage changes
     anything.
+    The stage's log (its ``edgerlhf`` records, and library warnings once
+    :func:`edgerlhf.core.logs.quiet_libraries` ran) goes to ``<run folder>/logs/<stage>.log``.
 
     Only a stage that is ``distributed`` (SFT and reward training, whose library trainers shard the work) may
     run in several processes under ``accelerate launch``; its files are written by the main process alone.
@@ -91,6 +93,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
             main_process_writes(run_dir.mkdir, parents=True, exist_ok=True)
         main_process_writes(lock.update, run_dir.name)
         main_process_writes(check_writable, run_dir / "records", run_dir / "figures")
+        rank = processes > 1 and process_info()["process_index"]
+        log_to_file(run_dir / "logs" / f"{stage or 'stage'}{f'.rank{rank}' if rank else ''}.log")
         device = resolve_device(cfg.run.device)
         budget = apply_vram_budget(cfg.run.vram_budget_gib, device)
     except BaseException:
@@ -252,6 +256,7 @@ def cli_main(program: str, description: str, run: Callable[[Config], dict], show
     (main process only). A failure prints one line to stderr, naming the step it reached and the failed record
     that holds the whole traceback, instead of a traceback. Returns the exit status: 0 ok, 1 failed, 130
     interrupted (argparse exits with 2 on bad flags)."""
+    quiet_libraries()  # library warnings and load reports go to the stage's log file
     try:
         results = run(cli_config(description, argv))
     except (Exception, KeyboardInterrupt) as exc:
