@@ -182,7 +182,8 @@ def sample_and_measure(policy, value_head, tokenizer, queries, prompts, cfg: PPO
     measure their KL to the reference. Returns replies, per-reply KL and scores, and their means."""
     out = sample_replies(policy, tokenizer, queries, cfg, seed, value_head)
     scores = {name: fn(prompts, out["replies"]).tolist() for name, fn in scorers.items()}
-    return {"replies": out["replies"], "tokens": out["tokens"], "kl": out["kl"], **{f"{name}_scores": s for name, s in scores.items()},
+    return {"replies": out["replies"], "tokens": out["tokens"], "kl": out["kl"],
+            **{f"{name}_scores": s for name, s in scores.items()},
             **{f"{name}_mean": float(np.mean(s)) for name, s in scores.items()}, "kl_mean": float(np.mean(out["kl"]))}
 
 
@@ -366,8 +367,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "precision": precision, "reward_model": str(rm_folder), "proxy": proxy_name,
         "proxy_verdict": shared["verdicts"]["models"].get(proxy_name),
         "reward_gain": gain, "reward_bias": bias,
-        "before": {"replies": before["replies"], "tokens": before["tokens"], "proxy_scores": proxy_before, "proxy_mean": float(np.mean(proxy_before)),
-                   "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
+        "before": {"replies": before["replies"], "tokens": before["tokens"], "proxy_scores": proxy_before,
+                   "proxy_mean": float(np.mean(proxy_before)), "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
         "after": after, "curve": curve,
         "judges": {name: judge_effect(after[f"{name}_scores"], before[f"{name}_scores"], cfg.run.seed)
                    for name in shared["judges"]},
@@ -376,7 +377,8 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "resumed_from": extra.get("resumed_from"),
         "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "sft_tokens": before["tokens"][i],
-                     "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i], "proxy_ppo": after["proxy_scores"][i],
+                     "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i],
+                     "proxy_ppo": after["proxy_scores"][i],
                      **{f"{name}_{when}": scores[i] for name in shared["judges"]
                         for when, scores in (("sft", before[f"{name}_scores"]), ("ppo", after[f"{name}_scores"]))}}
                     for i, (pr, b, a) in enumerate(zip(eval_prompts, before["replies"], after["replies"]))],

@@ -236,7 +236,7 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     SFT model (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization"). Changes, not raw
     scores, so experiments whose reward models have different scales share the axis. Fewer than
     :data:`MIN_LINE_POINTS` evaluations are drawn as points only."""
-    fig = new_figure((7, 4.6))
+    fig = new_figure((7, 5.4))
     ax = fig.subplots()
     few = 0
     for i, (name, e) in enumerate(experiments.items()):
@@ -254,7 +254,8 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     if few:
         ax.set_title(f"points only: {few} evaluations per experiment (step 0 and the end); ppo.eval_every adds more",
                      fontsize=7)
-    ax.legend(fontsize=7, ncols=max(1, len(experiments)))
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=max(1, len(experiments)),
+               fontsize=7)  # below the axes: a legend inside would hide points
     fig.suptitle("Over-optimisation: proxy (filled) and judges (open) against KL to the SFT model", fontsize=10)
     return save(fig, path)
 
