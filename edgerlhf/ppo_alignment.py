@@ -3,6 +3,11 @@
 For each reward-model precision: the same SFT policy, seed and training prompts ->
 PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_trainer`) -> save -> evaluate on held-out prompts.
 
+Before PPO, best-of-n (:mod:`edgerlhf.core.best_of_n`): ``ppo.best_of_n`` SFT replies to each of
+``ppo.best_of_n_prompts`` held-out prompts, sampled once; every proxy (each precision, trained and post-training
+quantized) picks its best of the first k, every judge scores the picks; gains, fits and paired differences between
+precisions.
+
 Evaluation, the same for every experiment so rows compare:
 
 * the SFT replies to the held-out prompts are sampled once (fixed seed) and shared by all experiments;
@@ -37,6 +42,8 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .core.arms import PLACEBO, net_of_placebo, placebo_scorer
+from .core.best_of_n import curves, describe
 from .core.config import Config, PPOStageConfig
 from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
@@ -44,7 +51,7 @@ from .core.lm import completion_logprobs, fit_prompt
 from .core.logs import tensorboard_writer
 from .core.memory import MIB, free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
-from .core.plots import overoptimisation_figure, ppo_curves_figure
+from .core.plots import best_of_n_figure, overoptimisation_figure, ppo_curves_figure
 from .core.rollout import decode_responses, reference_logprobs, rollout
 from .core.ppo_trainer import build_policy, checkpoint_to_resume, run_signature, train
 from .core.prefs import TEST, TRAIN, check_data_set, read_prefs
@@ -52,7 +59,7 @@ from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
 from .core.reward_scoring import JUDGES, backbone_of, load_reward_model, score, weights_digest
 from .core.stage import begin, cli_main, finish, recorded
-from .core.stats import mde_paired_mean, paired_bootstrap, wilson_interval
+from .core.stats import ALPHA, holm, mde_paired_mean, paired_bootstrap, t_test_p, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
 JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_scoring.JUDGES` are used when present
@@ -199,6 +206,61 @@ def normalisation(policy, value_head, tokenizer, queries, prompts, cfg, scorer, 
     return 1.0 / max(std, 1e-6), -float(s.mean()) / max(std, 1e-6)
 
 
+def proxy_location(rm_dir: Path, name: str) -> tuple[Path, str]:
+    """Folder and precision of a proxy named as in stage 3's table: ``int8`` -> ``(rm_dir/int8, "int8")``;
+    ``int8-ptq`` (post-training quantized) -> ``(rm_dir/bf16, "int8")``."""
+    precision, _, ptq = name.partition("-")
+    return rm_dir / ("bf16" if ptq else precision), precision
+
+
+@torch.no_grad()
+def best_of_n_replies(policy, tokenizer, rows: list[dict], cfg: PPOStageConfig, seed: int) -> dict:
+    """``cfg.best_of_n`` SFT replies to each of ``rows``' prompts (:func:`sample_replies`, one fixed ``seed``),
+    shared by every proxy. Returns ``{"prompts": [P], "replies": [P][n], "tokens": int[P, n]}``."""
+    n = cfg.best_of_n
+    queries, prompts = encode_queries(tokenizer, rows, cfg.max_prompt_length)
+    out = sample_replies(policy, tokenizer, [q for q in queries for _ in range(n)], cfg, seed)
+    return {"prompts": prompts, "replies": [out["replies"][i * n:(i + 1) * n] for i in range(len(rows))],
+            "tokens": np.asarray(out["tokens"]).reshape(len(rows), n)}
+
+
+def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: dict, cfg: Config, ctx) -> dict:
+    """Score every best-of-n reply with every proxy of stage 3's table (``verdicts``: ``evaluation.json``'s
+    ``models``, judges left out; loaded one at a time) and every judge, then :func:`edgerlhf.core.best_of_n.curves`
+    and its words. Adds ``proxy_scores``/``judge_scores`` (``[P][n]``, for
+    re-analysis), the replies to the first 2 prompts, and each scorer's truncation counts.
+
+    Raises:
+        ValueError: a judge is one of the proxies (:func:`judge_is_independent`), or a score is not finite.
+    """
+    p, n = cfg.ppo, cfg.ppo.best_of_n
+    flat_prompts = [pr for pr in samples["prompts"] for _ in range(n)]
+    flat_replies = [r for replies in samples["replies"] for r in replies]
+    shape = (len(samples["prompts"]), n)
+    proxy_scores, truncation = {}, {}
+    for name in (m for m in verdicts if m not in judges):
+        ctx.step = f"best-of-{n}: scoring with {name}"
+        folder, precision = proxy_location(rm_dir, name)
+        for judge in judges.values():
+            judge_is_independent(judge["folder"], folder)
+        model, tok = load_reward_model(folder, precision, resolve_device(p.reward_device))
+        counts = truncation[name] = {}
+        proxy_scores[name] = reward_scorer(model, tok, p, cfg.reward.max_length, counts=counts)(
+            flat_prompts, flat_replies).numpy().reshape(shape)
+        del model
+        free_memory()
+    ctx.step = f"best-of-{n}: scoring with the judges"
+    judge_scores = {name: j["scorer"](flat_prompts, flat_replies).numpy().reshape(shape) for name, j in judges.items()}
+    out = curves(proxy_scores, judge_scores, samples["tokens"], reference="bf16", seed=cfg.run.seed)
+    out["words"] = describe(out, unlearned=tuple(name for name in judges if not verdicts[name]["learned"]))
+    out.update(proxy_scores={k: v.tolist() for k, v in proxy_scores.items()},
+               judge_scores={k: v.tolist() for k, v in judge_scores.items()}, tokens=samples["tokens"].tolist(),
+               truncation=truncation,
+               examples=[{"prompt": pr[-1]["content"], "replies": replies}
+                         for pr, replies in zip(samples["prompts"][:2], samples["replies"][:2])])
+    return out
+
+
 def judge_is_independent(judge_folder: Path, proxy_folder: Path) -> None:
     """Check that the judge is not a proxy: a different folder and different trained weights.
 
@@ -286,15 +348,18 @@ def implicit_reward_check(policy_margins, sft_margins, seed: int) -> dict:
             "mean_nats": paired_bootstrap(policy_margins, sft_margins, seed=seed)}
 
 
-def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
-    """EXP at one reward-model precision: train PPO, evaluate the held-out prompts after training against
-    the shared SFT replies, with every judge, and the implicit-reward check; returns its results.
+def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
+    """One arm, a reward-model precision (EXP-1/2/3) or :data:`~edgerlhf.core.arms.PLACEBO` (random rewards on the
+    bf16 proxy's scale; the bf16 proxy still scores its evaluation): train PPO, evaluate the held-out prompts after
+    training against the shared SFT replies, with every judge, and the implicit-reward check; returns its results.
 
     Raises:
         ValueError: the trained policy adapter or value head holds NaN or inf; the experiment's last good model
             folder is kept as it was.
     """
     p = cfg.ppo
+    placebo = arm == PLACEBO
+    precision = "bf16" if placebo else arm
     rm_dir = ctx.path(cfg.reward.output_dir)
     rm_folder = rm_dir / (precision if p.reward_mode == "trained" else "bf16")
     for judge in shared["judges"].values():
@@ -304,7 +369,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
     eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
     before = shared["before"]
     with measure(ctx.device) as m:
-        ctx.step = f"experiment {precision}: loading"
+        ctx.step = f"experiment {arm}: loading"
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
         policy, value_head, tokenizer = load_policy(sft_location, p, ctx.device)
         shared_mib = {"proxy": share_frozen_weights(proxy_model, policy),
@@ -320,10 +385,14 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         extra = {"curve": [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
                             **{name: float(np.mean(before[f"{name}_scores"])) for name in shared["judges"]}}]}
 
-        board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{precision}")
+        board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{arm}")
+        # the placebo arm's rewards: random, on the scale the proxy's normalised scores of SFT replies have
+        training_reward = (placebo_scorer(gain * float(np.mean(proxy_before)) + bias,
+                                          gain * float(np.std(proxy_before)), cfg.run.seed) if placebo else
+                           reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias, truncation))
 
         def on_step(step, stats):
-            ctx.step = f"experiment {precision}: PPO step {step} of {p.steps} done"
+            ctx.step = f"experiment {arm}: PPO step {step} of {p.steps} done"
             if p.eval_every and step % p.eval_every == 0 and step != p.steps:
                 point = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers,
                                            cfg.run.seed)
@@ -331,41 +400,40 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
                                        **{name: point[f"{name}_mean"] for name in shared["judges"]}})
 
         out_dir = ctx.path(p.output_dir)
-        checkpoints = out_dir / "checkpoints" / precision
-        history = train(policy, value_head, tokenizer, queries, prompts,
-                        reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias, truncation), p,
+        checkpoints = out_dir / "checkpoints" / arm
+        history = train(policy, value_head, tokenizer, queries, prompts, training_reward, p,
                         checkpoints, cfg.run.seed, on_step, cfg.run.max_oom_backoffs, extra, board)
         if board is not None:
             board.close()
         curve = extra["curve"]
-        ctx.step = f"experiment {precision}: evaluation after training"
+        ctx.step = f"experiment {arm}: evaluation after training"
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
                       **{name: after[f"{name}_mean"] for name in shared["judges"]}})
-        ctx.step = f"experiment {precision}: implicit-reward check"
+        ctx.step = f"experiment {arm}: implicit-reward check"
         implicit = implicit_reward_check(preference_margins(policy, tokenizer, shared["labelled"], p.score_batch_size),
                                          shared["sft_margins"], cfg.run.seed)
-        ctx.step = f"experiment {precision}: saving"  # a diverged policy fails here: the last good model stays
-        kept = f"{precision}; {out_dir / precision} is kept as it was"
+        ctx.step = f"experiment {arm}: saving"  # a diverged policy fails here: the last good model stays
+        kept = f"{arm}; {out_dir / arm} is kept as it was"
         try:
             require_finite(get_peft_model_state_dict(policy), f"PPO policy adapter ({kept})")
             require_finite(value_head.state_dict(), f"PPO value head ({kept})")
         except ValueError:  # diverged: its checkpoints would only resume the divergence and block the next run
             shutil.rmtree(checkpoints, ignore_errors=True)
             raise
-        staging = new_staging(out_dir / precision, ctx.run_dir.name)
+        staging = new_staging(out_dir / arm, ctx.run_dir.name)
         policy.save_pretrained(staging / "adapter")
         save_file(value_head.state_dict(), staging / "value_head.safetensors")
         (staging / "ppo_info.json").write_text(json.dumps(
-            {"sft_model": sft_location, "reward_model": str(rm_folder), "reward_precision": precision,
-             "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
-        swap_in_dir(staging, out_dir / precision)
+            {"sft_model": sft_location, "reward_model": None if placebo else str(rm_folder),
+             "reward_precision": arm, "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
+        swap_in_dir(staging, out_dir / arm)
         if not p.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
-        "precision": precision, "reward_model": str(rm_folder), "proxy": proxy_name,
-        "proxy_verdict": shared["verdicts"]["models"].get(proxy_name),
+        "precision": arm, "reward_model": None if placebo else str(rm_folder), "proxy": proxy_name,
+        "placebo": placebo, "proxy_verdict": None if placebo else shared["verdicts"]["models"].get(proxy_name),
         "reward_gain": gain, "reward_bias": bias,
         "before": {"replies": before["replies"], "tokens": before["tokens"], "proxy_scores": proxy_before,
                    "proxy_mean": float(np.mean(proxy_before)), "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
@@ -375,7 +443,7 @@ def run_experiment(precision: str, cfg: Config, ctx, sft_location: str, shared: 
         "implicit_reward": implicit,
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"),
-        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / precision),
+        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / arm),
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "sft_tokens": before["tokens"][i],
                      "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i],
                      "proxy_ppo": after["proxy_scores"][i],
@@ -410,26 +478,24 @@ def direction(ci) -> int:
     return 1 if ci[0] > 0 else (-1 if ci[1] < 0 else 0)
 
 
-def judges_agree(cis: dict[str, list[float]]) -> int:
-    """The direction (+1 / -1) every judge's interval shows, or 0 where one holds 0 or they point apart."""
-    found = {direction(ci) for ci in cis.values()}
-    return found.pop() if len(found) == 1 else 0
-
-
 def _ci(ci, digits: int = 3) -> str:
     return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
-def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int) -> list[str]:
+def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int, net: dict | None = None) -> list[str]:
     """What the PPO table allows one to conclude, in words generated from its numbers.
 
-    A direction (PPO better or worse than SFT; one precision's policy than bf16's) is stated only where every
-    judge's interval shows it (:func:`judges_agree`). Withheld when a judge did not beat the length baseline in
-    stage 3; an experiment whose proxy did not is labelled as having optimised a length proxy. The implicit-reward
-    check (no judge) is stated per experiment.
+    Only comparisons get a verdict: each arm against the placebo (``net``, :func:`edgerlhf.core.arms.net_of_placebo`)
+    and each precision against bf16 after PPO, both per prompt with Holm's correction over the arms inside each
+    judge's family. A direction is stated only where every judge finds it (Holm-adjusted p < 0.05, same sign); a
+    difference that every judge finds but that the length-controlled difference does not is said to be explained by
+    length. A single arm's change from the SFT replies is given as numbers only. Withheld when a judge did not beat
+    the length baseline in stage 3; an arm whose proxy did not is labelled as having optimised a length proxy. The
+    implicit-reward check (no judge) is stated per arm.
 
     Args:
         judges: ``{name: stage 3's verdict}`` (``accuracy``, ``accuracy_ci95``, ``learned``, ``vs_length``).
+        net: the arms against the placebo; None when no placebo arm ran.
     """
     weak = [name for name, j in judges.items() if not j["learned"]]
     if weak:
@@ -444,36 +510,68 @@ def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int
         f"{name} held-out accuracy {j['accuracy']:.3f} [{j['accuracy_ci95'][0]:.3f}, {j['accuracy_ci95'][1]:.3f}], "
         f"better than the length baseline (p = {j['vs_length']['p_value']:.3g})" for name, j in judges.items())
         + ("." if len(judges) > 1 else "; with one judge, the directions below rest on it alone.")]
+    if net is None:
+        out.append("No placebo arm (ppo.placebo = false): a change after PPO mixes the reward model's effect with the "
+                   "drift any PPO run causes, so no arm gets a verdict of its own; only arms are compared.")
     for name, e in experiments.items():
         effects = e["judges"]
         n = next(iter(effects.values()))["change"]["n"]
         text = f"{name}: judge score change per prompt (PPO - SFT reply, n = {n}): " + "; ".join(
-            f"{j} {v['change']['mean_difference']:+.3f} {_ci(v['change']['ci'])}" for j, v in effects.items()) + ": "
-        agreed = judges_agree({j: v["change"]["ci"] for j, v in effects.items()})
-        if agreed:
-            text += f"every judge scores the PPO replies {'higher' if agreed > 0 else 'lower'} than the SFT replies"
-        else:
-            text += ("no conclusion: the judges do not all find a change in the same direction (minimum detectable "
-                     "changes " + ", ".join(f"{j} {v['change_mde']:.3f}" for j, v in effects.items()) + ")")
+            f"{j} {v['change']['mean_difference']:+.3f} {_ci(v['change']['ci'])}" for j, v in effects.items())
+        if net is not None and name in net:
+            text += "; " + _net_sentence(name, net[name], list(effects))
         if (e.get("proxy_verdict") or {}).get("learned") is False:
             text += f"; its proxy {e['proxy']} did NOT learn more than length, so this run optimised a length proxy"
         out += [text, implicit_sentence(name, e["implicit_reward"])]
-    if "bf16" in experiments:
-        for name, e in experiments.items():
-            if name == "bf16":
-                continue
-            e["vs_bf16_after"] = {j: paired_bootstrap(np.asarray(e["after"][f"{j}_scores"]),
-                                                      np.asarray(experiments["bf16"]["after"][f"{j}_scores"]), seed=seed)
-                                  for j in e["judges"]}
-            agreed = judges_agree({j: d["ci"] for j, d in e["vs_bf16_after"].items()})
-            verdict = (f"every judge scores the {name}-aligned policy {'higher' if agreed > 0 else 'lower'}" if agreed
-                       else "no conclusion: the judges do not all find a difference in the same direction (minimum "
-                       "detectable " + ", ".join(f"{j} {mde_paired_mean(d['n'], d['sd_difference']):.3f}"
-                                                 for j, d in e["vs_bf16_after"].items()) + ")")
-            out.append(f"{name} vs bf16 after PPO, same prompts: " + "; ".join(
-                f"{j} {d['mean_difference']:+.3f} {_ci(d['ci'])}" for j, d in e["vs_bf16_after"].items())
+    precisions = [name for name, e in experiments.items() if name != "bf16" and not e.get("placebo")]
+    if "bf16" in experiments and precisions:
+        bf16 = experiments["bf16"]["after"]
+        for j in next(iter(experiments.values()))["judges"]:
+            tests = [{**paired_bootstrap(np.asarray(experiments[a]["after"][f"{j}_scores"]),
+                                         np.asarray(bf16[f"{j}_scores"]), seed=seed),
+                      "p_value": t_test_p(np.asarray(experiments[a]["after"][f"{j}_scores"], float)
+                                          - np.asarray(bf16[f"{j}_scores"], float))} for a in precisions]
+            for a, t, adjusted in zip(precisions, tests, holm([t["p_value"] for t in tests])):
+                experiments[a].setdefault("vs_bf16_after", {})[j] = {**t, "p_holm": adjusted,
+                                                                     "family_size": len(tests)}
+        for a in precisions:
+            d = experiments[a]["vs_bf16_after"]
+            agreed = holm_direction(d)
+            verdict = (f"every judge scores the {a}-aligned policy {'higher' if agreed > 0 else 'lower'}" if agreed
+                       else "no difference detectable by every judge (minimum detectable " + ", ".join(
+                           f"{j} {mde_paired_mean(x['n'], x['sd_difference']):.3f}" for j, x in d.items()) + ")")
+            out.append(f"{a} vs bf16 after PPO, same prompts, Holm over {len(precisions)} precisions: " + "; ".join(
+                f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])} (p_Holm {x['p_holm']:.2g})" for j, x in d.items())
                 + f": {verdict}")
     return out
+
+
+def holm_direction(tests: dict[str, dict], alpha: float = ALPHA) -> int:
+    """+1 / -1 where every judge's test is below ``alpha`` after Holm's correction with the same sign, else 0."""
+    found = {int(np.sign(t["mean_difference"])) if t["p_holm"] < alpha else 0 for t in tests.values()}
+    return found.pop() if len(found) == 1 else 0
+
+
+def _net_sentence(name: str, net: dict, judges: list[str]) -> str:
+    """One arm against the placebo in words (:func:`edgerlhf.core.arms.net_of_placebo`)."""
+    size = net[judges[0]]["family_size"]
+    parts = [f"{j} {net[j]['mean_difference']:+.3f} {_ci(net[j]['ci'])} (p_Holm {net[j]['p_holm']:.2g}; "
+             f"length-controlled {net[j]['length_controlled']['intercept']:+.3f} "
+             f"{_ci(net[j]['length_controlled']['ci'])})" for j in judges]
+    agreed = holm_direction({j: net[j] for j in judges})
+    if agreed:
+        verdict = f"every judge scores the {name} policy {'above' if agreed > 0 else 'below'} the placebo policy"
+        held = [j for j in judges if direction(net[j]["length_controlled"]["ci"]) == agreed]
+        if len(held) < len(judges):
+            verdict += (", but not once length is controlled under " + ", ".join(j for j in judges if j not in held)
+                        + ": the difference is explained by reply length there")
+    else:
+        verdict = "no effect beyond the placebo detectable by every judge (minimum detectable " + ", ".join(
+            f"{j} {net[j]['mde']:.3f}" for j in judges) + ")"
+    length, vs = net["length_change"], net["length_vs_placebo"]
+    return (f"net of the placebo, Holm over {size} arms: " + "; ".join(parts) + f": {verdict}. Reply length "
+            f"{length['mean_difference']:+.1f} {_ci(length['ci'], 1)} tokens from SFT, "
+            f"{vs['mean_difference']:+.1f} {_ci(vs['ci'], 1)} from the placebo")
 
 
 def implicit_sentence(name: str, check: dict) -> str:
@@ -491,20 +589,32 @@ def implicit_sentence(name: str, check: dict) -> str:
             f"{_ci(m['ci'])} nats): {verdict}")
 
 
-def comparison_table(experiments: dict[str, dict]) -> list[dict]:
-    """The research plan's table with its intervals: precision | proxy | per judge: before -> after, the paired
-    change, its minimum detectable change and win rate | implicit-reward share | proxy before -> after | KL |
-    time | peak memory. A judge's columns are prefixed by its name (``judge-tfidf`` -> ``judge_tfidf_``)."""
+def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> list[dict]:
+    """The research plan's table with its intervals: arm | proxy | per judge: before -> after, the paired
+    change, its minimum detectable change and win rate, and (with ``net``, :func:`edgerlhf.core.arms.net_of_placebo`)
+    the difference from the placebo policy, Holm-adjusted p and length-controlled | reply length change (tokens) |
+    implicit-reward share | proxy before -> after | KL | time | peak memory. A judge's columns are prefixed by its
+    name (``judge-tfidf`` -> ``judge_tfidf_``); the placebo's own net columns are None."""
     rows = []
     for name, e in experiments.items():
         verdict = e.get("proxy_verdict") or {}
-        row = {"reward_precision": name, "proxy": e["proxy"], "proxy_learned": verdict.get("learned")}
+        row = {"reward_precision": name, "proxy": f"none: random rewards ({e['proxy']} scores)" if e.get("placebo")
+               else e["proxy"], "proxy_learned": verdict.get("learned")}
+        vs_placebo = (net or {}).get(name)
         for j, v in e["judges"].items():
             key = j.replace("-", "_")
             row.update({f"{key}_before": v["before_mean"], f"{key}_after": v["after_mean"],
                         f"{key}_change": v["change"]["mean_difference"], f"{key}_change_ci95": v["change"]["ci"],
                         f"{key}_change_mde": v["change_mde"], f"{key}_win_rate": v["win_rate"],
                         f"{key}_win_rate_ci95": v["win_rate_ci95"]})
+            if net is not None:
+                x = (vs_placebo or {}).get(j)
+                row.update({f"{key}_net_placebo": x and x["mean_difference"], f"{key}_net_placebo_ci95": x and x["ci"],
+                            f"{key}_net_placebo_p_holm": x and x["p_holm"],
+                            f"{key}_net_length_controlled": x and x["length_controlled"]["intercept"],
+                            f"{key}_net_length_controlled_ci95": x and x["length_controlled"]["ci"]})
+        tokens = paired_bootstrap(e["after"]["tokens"], e["before"]["tokens"])
+        row.update({"length_change_tokens": tokens["mean_difference"], "length_change_tokens_ci95": tokens["ci"]})
         implicit = e["implicit_reward"]
         row.update({
             "implicit_share": implicit["share_chosen_raised"], "implicit_share_ci95": implicit["share_ci95"],
@@ -547,9 +657,9 @@ def run_alignment(cfg: Config) -> dict:
                         {k: inputs[k] for k in (f"{TRAIN}_sha256", f"{TEST}_sha256", "sft_weights_sha256")})
     inputs["reward_models_sha256"] = check_reward_set(rm_dir, verdicts)
     ctx.step = "checkpoints"
-    for precision in p.experiments:  # an unfinished run, or a resume under changed settings: refuse before loading
-        checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / precision, p.resume,
-                             run_signature(p, cfg.run.seed))
+    arms = [*p.experiments, *([PLACEBO] if p.placebo else [])]
+    for arm in arms:  # an unfinished run, or a resume under changed settings: refuse before loading
+        checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / arm, p.resume, run_signature(p, cfg.run.seed))
     test_rows = read_prefs(data_dir / TEST)
     eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
@@ -559,6 +669,10 @@ def run_alignment(cfg: Config) -> dict:
         eval_counts = {}
         eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)
         before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
+        bon_rows = test_rows[: p.best_of_n_prompts] if p.best_of_n else []
+        if bon_rows:
+            ctx.step = f"best-of-{p.best_of_n}: SFT replies to {len(bon_rows)} held-out prompts"
+            bon_samples = best_of_n_replies(policy, tokenizer, bon_rows, p, cfg.run.seed)
         ctx.step = "SFT margins on the held-out labelled pairs"
         with policy.disable_adapter():  # the reference: the SFT model itself
             sft_margins = preference_margins(policy, tokenizer, labelled, p.score_batch_size)
@@ -567,27 +681,33 @@ def run_alignment(cfg: Config) -> dict:
         judges = load_judges(rm_dir, cfg)
         for name, judge in judges.items():
             before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
+        bon = best_of_n_evaluation(bon_samples, rm_dir, verdicts["models"], judges, cfg, ctx) if bon_rows else None
         shared = {"train": read_prefs(data_dir / TRAIN), "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}
-        for precision in p.experiments:
-            experiments[precision] = run_experiment(precision, cfg, ctx, sft_location, shared)
+        for arm in arms:
+            experiments[arm] = run_experiment(arm, cfg, ctx, sft_location, shared)
             free_memory()  # that experiment's policy and proxy are unreferenced now: return their pages
     judge_info = {
         name: {"folder": str(j["folder"]), **verdicts["models"][name], "length_baseline": verdicts["length_baseline"],
                "truncation": j["truncation"],
                "agreement_with_proxies": {e: ((x["proxy_verdict"] or {}).get("judge_agreement") or {}).get(name)
-                                          for e, x in experiments.items()}}
+                                          for e, x in experiments.items() if not x["placebo"]}}
         for name, j in judges.items()}
-    words = conclusions(experiments, judge_info, cfg.run.seed)
+    net = (net_of_placebo(experiments, list(judges), cfg.run.seed) if PLACEBO in experiments and len(experiments) > 1
+           else None)
+    words = conclusions(experiments, judge_info, cfg.run.seed, net)
     figures = {
         "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
                                         kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
         "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
     }
-    results = {"experiments": experiments, "table": comparison_table(experiments), "judges": judge_info,
-               "conclusions": words, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
+    if bon is not None:
+        figures["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
+    results = {"experiments": experiments, "table": comparison_table(experiments, net), "net_of_placebo": net,
+               "judges": judge_info,
+               "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
                "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,

@@ -328,9 +328,21 @@ def section_ppo(records: dict, figures: Path) -> str:
                                      training.get("adaptive_kl_target") if training.get("adaptive_kl") else None)
     overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
     keys = [j.replace("-", "_") for j in judges]
-    rows = [[t["reward_precision"], f"{t['proxy']}" + ("" if t["proxy_learned"] else " (**not learned**)"),
-             *(f"{t[f'{k}_change']:+.3f} {_ci(t[f'{k}_change_ci95'], 3, True)} (MDE {_n(t[f'{k}_change_mde'])}; "
-               f"wins {_n(t[f'{k}_win_rate'], 2)})" for k in keys),
+    net = r.get("net_of_placebo") is not None
+
+    def vs_placebo(t: dict, k: str) -> list[str]:
+        if not net:
+            return []
+        if t[f"{k}_net_placebo"] is None:
+            return ["-"]
+        return [f"{t[f'{k}_net_placebo']:+.3f} {_ci(t[f'{k}_net_placebo_ci95'], 3, True)}, p_Holm = "
+                f"{t[f'{k}_net_placebo_p_holm']:.2g}; length-controlled {t[f'{k}_net_length_controlled']:+.3f} "
+                f"{_ci(t[f'{k}_net_length_controlled_ci95'], 3, True)}"]
+    rows = [[t["reward_precision"], f"{t['proxy']}" + ("" if t["proxy_learned"] is not False else " (**not learned**)"),
+             *(c for k in keys for c in [f"{t[f'{k}_change']:+.3f} {_ci(t[f'{k}_change_ci95'], 3, True)} (MDE "
+                                         f"{_n(t[f'{k}_change_mde'])}; wins {_n(t[f'{k}_win_rate'], 2)})",
+                                         *vs_placebo(t, k)]),
+             f"{t['length_change_tokens']:+.1f} {_ci(t['length_change_tokens_ci95'], 1, True)}",
              f"{_n(t['implicit_share'], 2)} {_ci(t['implicit_share_ci95'], 2)}",
              f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["wall_time_s"], 1),
              _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
@@ -345,22 +357,57 @@ def section_ppo(records: dict, figures: Path) -> str:
         described.append(f"- `{name}` ({j['method']}): held-out accuracy {_n(j['accuracy'])} [{_n(lo)}, {_n(hi)}], "
                          f"{'beats' if j['learned'] else '**does not beat**'} the length baseline; agreement with "
                          f"each proxy on the test pairs (phi of their correctness): {agree}")
+    bon = section_best_of_n(r["best_of_n"], figures) if r.get("best_of_n") else ""
     return ("## PPO alignment\n\n**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
-            + "\n".join(described) + "\n\n"
-            f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
+            + "\n".join(described) + "\n\n" + bon + ("### PPO\n\n" if bon else "")
+            + f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
             "sampled once and shared; a judge's change = its score of the PPO reply − of the SFT reply, per prompt, "
             "with a paired bootstrap interval, the minimum detectable change (MDE, 80% power) and the win rate (ties "
-            "count half). A direction is concluded only where every judge finds it. The implicit-reward column "
+            "count half). The placebo arm runs the same PPO on random rewards; arm − placebo is the judge's score of the "
+            "arm's reply − of the placebo policy's, per prompt (Holm's correction over the arms, t-test), and "
+            "length-controlled is that difference at equal reply length (least-squares intercept on the difference in "
+            "tokens, bootstrap interval). Only comparisons get a verdict, and a direction only where every judge "
+            "finds it. The implicit-reward column "
             f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
             "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "
             "nats per reply.\n\n"
-            + _table(["reward-model precision", "proxy", *(f"{j} change [95% CI]" for j in judges),
+            + _table(["arm", "proxy", *(c for j in judges for c in [f"{j} change [95% CI]", *(
+                          [f"{j}: arm − placebo [95% CI]"] if net else [])]), "reply length change (tokens)",
                       "implicit reward: share [95% CI]", "proxy before → after", "KL", "time (s)",
                       "peak memory (MiB)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
             f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\nSample replies on held-out prompts:\n\n"
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))
+
+
+def section_best_of_n(bon: dict, figures: Path) -> str:
+    """The best-of-n part of the PPO section (:func:`edgerlhf.core.best_of_n.curves` as the stage recorded it)."""
+    fig = plots.best_of_n_figure(bon, figures / "best_of_n.png")
+    judges, n = list(bon["judge_mean"]), bon["n"]
+    gains = {j: {g["proxy"]: g for g in bon["gains_at_n"][j]} for j in judges}
+    rows = []
+    for name, proxy in bon["proxies"].items():
+        first, last = proxy["points"][0], proxy["points"][-1]
+        row = [name, f"{_n(first['proxy_mean'])} → {_n(last['proxy_mean'])}",
+               f"{_n(first['tokens_mean'], 1)} → {_n(last['tokens_mean'], 1)}"]
+        for j in judges:
+            g = gains[j][name]
+            fit = proxy["fits"].get(j)
+            row += [f"{g['mean_difference']:+.3f} {_ci(g['ci'], 3, True)}, p_Holm = {g['p_holm']:.2g}",
+                    f"α {_n(fit['alpha'])} {_ci(fit['alpha_ci95'])}, β {_n(fit['beta'])} {_ci(fit['beta_ci95'])}"
+                    if fit else "-"]
+        rows.append(row)
+    return (f"### Best-of-n\n\n{bon['n']} SFT replies to each of {bon['n_prompts']} held-out prompts, sampled once "
+            "and shared; each proxy picks its best of the first k (k = " + ", ".join(map(str, bon["ks"]))
+            + f"; KL_bon = log k − (k − 1)/k, {bon['kl_bon'][-1]:.2f} nats at k = {n}), every judge scores the pick. "
+            "Gain = the judge's score of the pick − its mean score of all n replies, per prompt (paired bootstrap "
+            "interval; Holm's correction over the proxies, t-test p-values). Fit: Gao et al. (2023)'s "
+            "R(d) = d(α − βd), d = √KL_bon, with bootstrap intervals over prompts.\n\n"
+            + _table(["proxy", f"proxy score of the pick, k = 1 → {n}", f"reply tokens, k = 1 → {n}",
+                      *(c for j in judges for c in (f"{j} gain at k = {n} [95% CI]", f"{j} fit"))], rows)
+            + "\n\n" + "\n".join(f"- {w}" for w in bon["words"])
+            + f"\n\n![best-of-n]({fig.parent.name}/{fig.name})\n\n")
 
 
 def section_memory(records: dict, figures: Path) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgerlhf.core.arms import PLACEBO, net_of_placebo
+from edgerlhf.core.best_of_n import curves, describe
 from edgerlhf.ppo_alignment import comparison_table, conclusions, implicit_reward_check, judge_effect
 from edgerlhf.core import crossfit
 from edgerlhf.core.config import load_config
@@ -82,10 +84,15 @@ def _compute_reward_results() -> dict:
 def _experiment(precision: str, data_dir: Path) -> dict:
     history = [{"step": s, "score": 0.1 * s, "kl": 0.05 * s, "beta": 0.1} for s in (1, 2)]
     before, after = [0.1, 0.2, 0.0, 0.1], [0.3, 0.2, 0.4, 0.3]
+    if precision == PLACEBO:
+        after = [0.1, 0.25, 0.05, 0.1]
     return {"precision": precision, "reward_model": str(data_dir.parent / "models" / "rm" / precision),
-            "proxy": precision, "proxy_verdict": {"learned": True},
-            "before": {"proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before, "judge-tfidf_scores": after},
-            "after": {"proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after, "judge-tfidf_scores": before},
+            "proxy": "bf16" if precision == PLACEBO else precision, "placebo": precision == PLACEBO,
+            "proxy_verdict": None if precision == PLACEBO else {"learned": True},
+            "before": {"proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before, "judge-tfidf_scores": after,
+                       "tokens": [10, 12, 8, 20]},
+            "after": {"proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after, "judge-tfidf_scores": before,
+                      "tokens": [12, 12, 9, 24] if precision != PLACEBO else [10, 13, 8, 19]},
             "judges": {"judge": judge_effect(after, before, 0), "judge-tfidf": judge_effect(before, after, 0)},
             "implicit_reward": implicit_reward_check([0.5, 0.2, -0.1, 0.3], [0.1, 0.1, 0.1, 0.1], 0),
             "curve": [{"step": 0, "kl": 0.0, "proxy": 0.2, "judge": 0.1, "judge-tfidf": 0.2},
@@ -96,15 +103,29 @@ def _experiment(precision: str, data_dir: Path) -> dict:
 
 def _ppo_results(data_dir: Path) -> dict:
     """PPO-stage results built by the stage's own table and conclusion functions."""
-    experiments = {p: _experiment(p, data_dir) for p in ("bf16", "int8")}
+    experiments = {p: _experiment(p, data_dir) for p in ("bf16", "int8", PLACEBO)}
     judges = {name: {"folder": f"models/rm/{name}", "method": method, "accuracy": 0.75,
                      "accuracy_ci95": [0.6, 0.875], "learned": True, "vs_length": {"p_value": 0.01},
                      "length_baseline": "shorter wins",
                      "agreement_with_proxies": {"bf16": {"agreement": 0.9, "phi": 0.6},
                                                 "int8": {"agreement": 0.85, "phi": 0.5}}}
               for name, method in (("judge", "probe"), ("judge-tfidf", "tf-idf"))}
-    return {"experiments": experiments, "table": comparison_table(experiments), "judges": judges,
-            "conclusions": conclusions(experiments, judges, 0), "n_eval_prompts": 4, "n_implicit_reward_pairs": 4}
+    net = net_of_placebo(experiments, list(judges), 0)
+    return {"experiments": experiments, "table": comparison_table(experiments, net), "judges": judges,
+            "net_of_placebo": net, "conclusions": conclusions(experiments, judges, 0, net), "n_eval_prompts": 4,
+            "n_implicit_reward_pairs": 4,
+            "best_of_n": _best_of_n()}
+
+
+def _best_of_n() -> dict:
+    """Best-of-4 on 40 prompts: bf16 tracks the judge, int8 tracks it less; through the stage's own functions."""
+    rng = np.random.default_rng(0)
+    quality = rng.normal(size=(40, 4))
+    out = curves({"bf16": quality + 0.3 * rng.normal(size=quality.shape),
+                  "int8": quality + rng.normal(size=quality.shape)},
+                 {"judge": quality, "judge-tfidf": quality + rng.normal(size=quality.shape)},
+                 rng.integers(5, 30, size=quality.shape), seed=0)
+    return {**out, "words": describe(out)}
 
 
 def stage_results(root: Path) -> dict[str, dict]:

@@ -28,8 +28,10 @@ RESUME_BOOKKEEPING = re.compile(r"resumed_from|num_tokens|^sft\.train_loss$|^sft
 
 #: Longer than the tiny profile's defaults, so that each kill lands well inside its stage: the kill follows the
 #: watched file by the polling and process-gathering latency, and on a busy 2-core machine a 4-step int8
-#: experiment once finished (checkpoints cleaned up) before its kill landed; 8 steps leave 7 steps of margin.
-LONGER = ["sft.max_train_samples=48", "ppo.steps=8", "ppo.experiments=[bf16, int8]"]
+#: experiment once finished (checkpoints cleaned up) before its kill landed; 8 steps leave 7 steps of margin. No
+#: placebo arm and no best-of-n: they resume like any arm, and would only lengthen the test.
+LONGER = ["sft.max_train_samples=48", "ppo.steps=8", "ppo.experiments=[bf16, int8]", "ppo.placebo=false",
+          "ppo.best_of_n=0"]
 
 
 def start(root: Path, only: str, *sets: str) -> subprocess.Popen:

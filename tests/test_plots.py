@@ -180,3 +180,20 @@ def test_length_figure_shows_the_per_pair_difference(tmp_path, figures):
     assert panel(fig, "chosen").get_xlim() == panel(fig, "rejected").get_xlim()
     with pytest.raises(ValueError, match="one length per pair"):
         data_preparation.length_figure({**lengths, "rejected": [1]}, tmp_path / "bad.png")
+
+
+def test_best_of_n_figure_has_a_panel_per_judge_a_line_and_band_per_proxy_and_the_fit(tmp_path, figures):
+    from synthetic_run import _best_of_n
+
+    bon = _best_of_n()
+    path = plots.best_of_n_figure(bon, tmp_path / "bon.png")
+    (fig,) = figures
+    check_truthful(fig, path)
+    assert [ax.get_title() for ax in fig.axes] == ["judged by judge", "judged by judge-tfidf"]
+    ax = fig.axes[0]
+    assert len(ax.collections) == 2  # a 95% band per proxy
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 2  # a fit per proxy
+    marks = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert [m.get_label() for m in marks] == ["bf16", "int8"]
+    assert np.allclose(marks[0].get_xdata(), bon["sqrt_kl"])

@@ -837,13 +837,15 @@ def dataclasses_replace(cfg, **changes):
 
 # ---------------------------------------------------------------- stage 4's evaluation
 
-def test_a_direction_is_concluded_only_where_every_judge_finds_it():
-    from edgerlhf.ppo_alignment import judges_agree
+def test_a_direction_is_concluded_only_where_every_judge_finds_it_after_holm():
+    from edgerlhf.ppo_alignment import holm_direction
 
-    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [0.01, 0.2]}) == 1
-    assert judges_agree({"judge": [-0.3, -0.1], "judge-tfidf": [-0.2, -0.01]}) == -1
-    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [-0.1, 0.2]}) == 0  # one interval holds 0
-    assert judges_agree({"judge": [0.1, 0.3], "judge-tfidf": [-0.3, -0.1]}) == 0  # they point apart
+    def t(diff, p):
+        return {"mean_difference": diff, "p_holm": p}
+    assert holm_direction({"judge": t(0.2, 0.01), "judge-tfidf": t(0.1, 0.04)}) == 1
+    assert holm_direction({"judge": t(-0.2, 0.01), "judge-tfidf": t(-0.1, 0.001)}) == -1
+    assert holm_direction({"judge": t(0.2, 0.01), "judge-tfidf": t(0.1, 0.06)}) == 0  # one not detectable
+    assert holm_direction({"judge": t(0.2, 0.01), "judge-tfidf": t(-0.1, 0.01)}) == 0  # they point apart
 
 
 def test_the_implicit_reward_check_counts_the_pairs_where_the_policy_raised_the_chosen_reply(tiny_gpt2):

@@ -32,10 +32,14 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
                      "| sft | cpu | 900 |", "| shorter wins | baseline |", "0.75 [0.30, 0.95]",
                      "### Cross-fitted evaluation", "**What can be concluded (cross-fitted):**",
                      "- int8-ptq - bf16: ", "Holm-adjusted p = ", "| phi vs bf16 | phi vs int8 |",
-                     "Every link holds", "| reward models built on this SFT model | `5f5f5f5f5f5f` | `5f5f5f5f5f5f` | yes |"):
+                     "Every link holds", "### Best-of-n", "| judge gain at k = 4 [95% CI] | judge fit |",
+                     "Between precisions at k = 4 under judge", "after Holm's correction over 1 comparisons", "### PPO",
+                     "| judge: arm − placebo [95% CI] |", "net of the placebo, Holm over 2 arms",
+                     "| placebo | none: random rewards (bf16 scores) |", "int8 vs bf16 after PPO, same prompts, Holm", "| reward models built on this SFT model | `5f5f5f5f5f5f` | `5f5f5f5f5f5f` | yes |"):
         assert expected in text, expected
     assert "not recorded" not in text and "Not shown" not in text
-    for figure in ("sft_loss", "rm_accuracy", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "memory"):
+    for figure in ("sft_loss", "rm_accuracy", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "best_of_n",
+                   "memory"):
         assert f"(report_figures/{figure}.png)" in text
         assert (run_dir / "report_figures" / f"{figure}.png").stat().st_size > 1000
 

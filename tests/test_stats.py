@@ -129,3 +129,15 @@ def test_pairwise_logistic_recovers_a_direction():
     assert len(curve) < len(DEFAULT_CS) and losses.index(min(losses)) == len(curve) - 3
     with pytest.raises(ValueError, match="at least 10 pairs"):
         fit_pairwise_logistic(diff[:5])
+
+
+def test_t_test_p_matches_scipy_and_handles_differences_without_variance():
+    from scipy.stats import ttest_1samp
+
+    from edgerlhf.core.stats import t_test_p
+
+    d = np.array([0.3, -0.1, 0.5, 0.2, 0.0, 0.4])
+    assert t_test_p(d) == pytest.approx(ttest_1samp(d, 0.0).pvalue)
+    assert t_test_p(np.zeros(5)) == 1.0 and t_test_p(np.full(5, 0.2)) == 0.0  # SciPy gives NaN for both
+    with pytest.raises(ValueError):
+        t_test_p([0.1, float("nan")])

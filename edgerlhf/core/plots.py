@@ -260,6 +260,39 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     return save(fig, path)
 
 
+def best_of_n_figure(bon: dict, path: str | Path) -> Path:
+    """Best-of-n (:func:`edgerlhf.core.best_of_n.curves`): each judge's gain over the mean SFT reply against
+    sqrt(KL_bon), one line per proxy with its 95% bootstrap band over prompts and Gao et al.'s fit
+    ``d (alpha - beta d)`` dashed; one panel per judge."""
+    import numpy as np
+
+    judges = list(bon["judge_mean"])
+    fig = new_figure((4.6 * len(judges), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(judges), squeeze=False)[0])
+    d = np.asarray(bon["sqrt_kl"])
+    grid = np.linspace(0, d.max(), 50)
+    line = "-" if len(d) >= 3 else ""
+    for ax, judge in zip(axes, judges):
+        for i, (name, proxy) in enumerate(bon["proxies"].items()):
+            gains = [pt["judges"][judge]["gain"] for pt in proxy["points"]]
+            mean = [g["mean_difference"] for g in gains]
+            ax.plot(d, mean, "o" + line, color=f"C{i}", label=name, ms=4)
+            ax.fill_between(d, [g["ci"][0] for g in gains], [g["ci"][1] for g in gains], color=f"C{i}", alpha=0.12)
+            fit = proxy["fits"].get(judge)
+            if fit:
+                ax.plot(grid, grid * (fit["alpha"] - fit["beta"] * grid), "--", color=f"C{i}", lw=0.8)
+        ax.axhline(0, color="black", lw=0.6)
+        top = ax.secondary_xaxis("top", functions=(lambda x: x ** 2, lambda k: np.sqrt(np.clip(k, 0, None))))
+        top.set_xlabel("KL_bon (nats)", fontsize=8)
+        ax.set(xlabel="sqrt(KL_bon) (sqrt nats)", ylabel=f"{judge} gain over the mean SFT reply (score)",
+               title=f"judged by {judge}")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(bon["proxies"]),
+               fontsize=8)
+    fig.suptitle(f"Best-of-n, n = {bon['n']}, {bon['n_prompts']} held-out prompts: each proxy picks, the judges "
+                 "score (bands: 95% CI; dashed: Gao et al. fit)", fontsize=9)
+    return save(fig, path)
+
+
 def memory_figure(rows: list[dict], budget_gib: float | None, path: str | Path) -> Path:
     """Peak memory per stage (MiB): CUDA peak allocated where measured, else process peak RSS, with the budget line."""
     fig = new_figure((6, 3.4))

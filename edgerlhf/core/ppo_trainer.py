@@ -211,7 +211,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
                 "moments": moments.state_dict() if moments else None, "rng": rng_state(), "signature": signature,
                 "extra": {k: v for k, v in extra.items() if k != "resumed_from"}}
 
-    bar = progress(total=cfg.steps, initial=start, desc="PPO steps", unit="step")
+    bar = progress(total=cfg.steps, initial=start, desc=f"PPO steps ({checkpoints.name})", unit="step")  # the arm
     for step in range(start, cfg.steps):
         sampler_before = generator.get_state()  # a failed-step save resumes from here: the same prompts again
         idx = torch.randperm(len(queries), generator=generator)[: cfg.batch_size].tolist()

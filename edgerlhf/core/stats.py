@@ -172,6 +172,19 @@ def holm(p_values) -> list[float]:
     return [float(x) for x in multipletests(p, method="holm")[1]]
 
 
+def t_test_p(differences) -> float:
+    """Two-sided one-sample t-test of mean 0 on paired differences ``float[N]`` (``scipy.stats.ttest_1samp``). Where
+    every difference is the same value (no variance) it is 1.0 for 0 and 0.0 otherwise, where SciPy gives NaN."""
+    d = np.asarray(differences, float)
+    if d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(f"t_test_p needs finite differences, got {d.tolist()[:5]}")
+    if np.all(d == d[0]):
+        return 1.0 if d[0] == 0 else 0.0
+    from scipy.stats import ttest_1samp  # imported on use, like binomtest
+
+    return float(ttest_1samp(d, 0.0).pvalue)
+
+
 def mde_paired_mean(n: int, sd_difference: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """Smallest mean paired difference detectable at ``alpha`` with ``power``: ``(z_a + z_b) sd / sqrt(n)``."""
     if n <= 1:

@@ -1,0 +1,70 @@
+"""PPO arms read against each other: the placebo reward, effects net of placebo, length control
+(edgerlhf.core.arms)."""
+import numpy as np
+import pytest
+
+from edgerlhf.core.arms import PLACEBO, length_controlled, net_of_placebo, placebo_scorer
+from edgerlhf.core.hh_rlhf import Pair, parse_pair, read_rows
+
+
+def test_the_placebo_reward_carries_no_preference_signal_on_the_shared_pairs(hh_file):
+    pairs = [p for line, row in read_rows(hh_file) if isinstance(p := parse_pair(row, line), Pair)]
+    assert len(pairs) > 2000
+    scorer = placebo_scorer(mean=-1.3, sd=0.8, seed=42)
+    rewards, labels, wins = [], [], []
+    for start in range(0, len(pairs), 4):  # rollout-sized batches: 4 pairs, chosen and rejected replies mixed
+        batch = pairs[start:start + 4]
+        replies = [p.chosen for p in batch] + [p.rejected for p in batch]
+        r = scorer([p.messages() for p in batch] * 2, replies).numpy()
+        rewards += r.tolist()
+        labels += [1] * len(batch) + [0] * len(batch)
+        wins += (r[:len(batch)] > r[len(batch):]).tolist()
+    n = len(labels)
+    correlation = np.corrcoef(rewards, labels)[0, 1]
+    assert abs(correlation) < 3 / np.sqrt(n)  # ~0: three standard errors of r under independence
+    assert abs(np.mean(wins) - 0.5) < 3 * 0.5 / np.sqrt(len(wins))  # chosen above rejected as often as a coin
+    assert np.mean(rewards) == pytest.approx(-1.3, abs=0.05) and np.std(rewards) == pytest.approx(0.8, abs=0.05)
+    # a real reward model's scale, the same draws for the same batch (a resumed run repeats them)
+    first = pairs[:4]
+    again = scorer([p.messages() for p in first] * 2, [p.chosen for p in first] + [p.rejected for p in first])
+    assert again.tolist() == pytest.approx(rewards[:8])
+    with pytest.raises(ValueError):
+        placebo_scorer(0.0, float("nan"), 0)
+
+
+def test_length_control_removes_what_the_length_difference_predicts():
+    rng = np.random.default_rng(0)
+    length = rng.normal(3, 4, size=300)
+    only_length = 0.1 * length + rng.normal(0, 0.2, size=300)
+    out = length_controlled(only_length, length, seed=0)
+    assert np.mean(only_length) > 0.2 and out["ci"][0] < 0 < out["ci"][1]  # the raw gain is length
+    assert out["slope"] == pytest.approx(0.1, abs=0.02)
+    real = 0.5 + 0.1 * length + rng.normal(0, 0.2, size=300)
+    kept = length_controlled(real, length, seed=0)
+    assert kept["ci"][0] < 0.5 < kept["ci"][1] and kept["ci"][0] > 0.3
+    flat = length_controlled([0.1, 0.3, 0.2], [5, 5, 5])
+    assert flat["slope"] is None and flat["intercept"] == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        length_controlled([1.0, 2.0], [1.0])
+
+
+def _arm(judge, tokens, before_tokens):
+    return {"before": {"tokens": before_tokens}, "after": {"judge_scores": judge, "tokens": tokens}}
+
+
+def test_arms_are_read_against_the_placebo_with_holm_over_the_arms():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=80)
+    tokens = rng.integers(10, 30, size=80)
+    arms = {"bf16": _arm(base + 0.5 + rng.normal(0, 0.3, 80), tokens + 2, tokens),
+            "int4": _arm(base + rng.normal(0, 0.3, 80), tokens, tokens),
+            PLACEBO: _arm(base, tokens, tokens)}
+    net = net_of_placebo(arms, ["judge"], seed=0)
+    assert set(net) == {"bf16", "int4"}
+    assert net["bf16"]["judge"]["p_holm"] < 0.001 and net["bf16"]["judge"]["mean_difference"] > 0.4
+    assert net["int4"]["judge"]["p_holm"] >= net["int4"]["judge"]["p_value"]
+    assert net["bf16"]["judge"]["family_size"] == 2
+    assert net["bf16"]["length_change"]["mean_difference"] == 2 and net["int4"]["length_vs_placebo"]["ci"] == [0, 0]
+    assert net["bf16"]["judge"]["length_controlled"]["slope"] is None  # every bf16 reply is 2 tokens longer
+    with pytest.raises(KeyError):
+        net_of_placebo({"bf16": arms["bf16"]}, ["judge"])
