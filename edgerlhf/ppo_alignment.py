@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .core.arms import PLACEBO, net_of_placebo, placebo_scorer
-from .core.best_of_n import curves, describe
+from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
 from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
@@ -546,6 +546,21 @@ def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int
     return out
 
 
+def rl_fits(curve: list[dict], judges: list[str]) -> dict[str, dict | None]:
+    """Gao et al. (2023)'s RL form ``d (alpha - beta log d)`` (:func:`edgerlhf.core.best_of_n.fit_gao`,
+    ``form="rl"``) of each judge's change since step 0 against ``d = sqrt(KL)`` over an arm's evaluation curve
+    (``[{"kl", <judge>: mean score}]``, KL in nats per reply). Point estimates; None for a judge where fewer than
+    three evaluations have KL > 0 (two parameters need a third point to be a fit, not an interpolation)."""
+    d = np.sqrt(np.clip([c["kl"] for c in curve], 0.0, None))
+    if np.sum(d > 0) < 3:
+        return {j: None for j in judges}
+    out = {}
+    for j in judges:
+        alpha, beta = fit_gao(d, [c[j] - curve[0][j] for c in curve], "rl")
+        out[j] = {"alpha": alpha, "beta": beta, "points": int(np.sum(d > 0))}
+    return out
+
+
 def holm_direction(tests: dict[str, dict], alpha: float = ALPHA) -> int:
     """+1 / -1 where every judge's test is below ``alpha`` after Holm's correction with the same sign, else 0."""
     found = {int(np.sign(t["mean_difference"])) if t["p_holm"] < alpha else 0 for t in tests.values()}
@@ -574,6 +589,55 @@ def _net_sentence(name: str, net: dict, judges: list[str]) -> str:
             f"{vs['mean_difference']:+.1f} {_ci(vs['ci'], 1)} from the placebo")
 
 
+def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], judges: dict[str, dict],
+           steps: int) -> str:
+    """The one paragraph that answers "how does the reward model's precision change alignment?" from this run's
+    numbers: best-of-n's gains per precision at ``k = n`` and each precision − bf16 with its interval, Holm-adjusted
+    p and MDE, per judge; PPO's effects net of the placebo per precision; and the smallest differences this run could
+    have detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
+    weak = [j for j, v in judges.items() if not v["learned"]]
+    parts = ["How does the reward model's precision change alignment? At this run's scale (judges: "
+             + ", ".join(judges) + ")"]
+    if weak:
+        parts.append(f"{', '.join(weak)} did not beat the length baseline, so the scores below say nothing about "
+                     "alignment")
+    mdes = []
+    if bon:
+        for j, diffs in bon["vs_reference"].items():
+            gains = "; ".join(f"{g['proxy']} {g['mean_difference']:+.3f} {_ci(g['ci'])}" for g in bon["gains_at_n"][j])
+            found = [d for d in diffs if d["p_holm"] < ALPHA]
+            verdict = ("detectable after Holm's correction: " + ", ".join(
+                f"{d['proxy']} {d['mean_difference']:+.3f} {_ci(d['ci'])}" for d in found) if found else
+                f"none detectable after Holm's correction over {len(diffs)} comparisons")
+            mdes += [d["mde"] for d in diffs]
+            low, high = min(d["mde"] for d in diffs), max(d["mde"] for d in diffs)
+            parts.append(f"best-of-{bon['n']} on {bon['n_prompts']} held-out prompts (KL {bon['kl_bon'][-1]:.2f} "
+                         f"nats), {j} gain over a random SFT reply: {gains}; differences from bf16: {verdict} "
+                         f"(MDE {low:.3f}" + (f"–{high:.3f})" if high > low else ")"))
+        proxies = [d["proxy"] for d in next(iter(bon["vs_reference"].values()), [])]
+        agreed = {a: holm_direction({j: next(d for d in diffs if d["proxy"] == a)
+                                     for j, diffs in bon["vs_reference"].items()}) for a in proxies}
+        found = [f"{a} {'above' if s > 0 else 'below'} bf16" for a, s in agreed.items() if s]
+        if proxies:
+            parts.append("under best-of-n, " + ("every judge finds " + ", ".join(found) if found else
+                                                "no precision difference from bf16 is found by every judge"))
+    if net:
+        for j in judges:
+            effects = "; ".join(f"{a} {x[j]['mean_difference']:+.3f} {_ci(x[j]['ci'])}" for a, x in net.items())
+            found = [a for a, x in net.items() if x[j]["p_holm"] < ALPHA]
+            parts.append(f"PPO ({steps} steps, one seed), {j} score net of the placebo arm: {effects}; "
+                         + ("detectable after Holm's correction for " + ", ".join(found) if found else
+                            "none detectable after Holm's correction"))
+            mdes += [x[j]["mde"] for x in net.values()]
+    elif experiments:
+        parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
+    if mdes:
+        parts.append(f"differences smaller than {max(mdes):.3f} judge units (the largest minimum detectable "
+                     "difference above) cannot be ruled out, and one PPO seed says nothing about the spread across "
+                     "training runs")
+    return "; ".join(parts) + "."
+
+
 def implicit_sentence(name: str, check: dict) -> str:
     """The implicit-reward check (:func:`implicit_reward_check`) of one experiment in words."""
     lo, hi = check["share_ci95"]
@@ -593,7 +657,7 @@ def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> l
     """The research plan's table with its intervals: arm | proxy | per judge: before -> after, the paired
     change, its minimum detectable change and win rate, and (with ``net``, :func:`edgerlhf.core.arms.net_of_placebo`)
     the difference from the placebo policy, Holm-adjusted p and length-controlled | reply length change (tokens) |
-    implicit-reward share | proxy before -> after | KL | time | peak memory. A judge's columns are prefixed by its
+    implicit-reward share | proxy before -> after with the change's paired interval | KL | time | peak memory. A judge's columns are prefixed by its
     name (``judge-tfidf`` -> ``judge_tfidf_``); the placebo's own net columns are None."""
     rows = []
     for name, e in experiments.items():
@@ -621,6 +685,7 @@ def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> l
             "implicit_sign_test_p": implicit["sign_test_p"], "implicit_pairs": implicit["n"],
             "n_prompts": next(iter(e["judges"].values()))["change"]["n"],
             "proxy_before": e["before"]["proxy_mean"], "proxy_after": e["after"]["proxy_mean"],
+            "proxy_change_ci95": paired_bootstrap(e["after"]["proxy_scores"], e["before"]["proxy_scores"])["ci"],
             "kl": e["after"]["kl_mean"], "wall_time_s": e["wall_time_s"],
             "peak_cpu_rss_mib": e["peak_memory"]["cpu_peak_rss_mib"],
             "peak_cuda_mib": e["peak_memory"]["cuda_peak_allocated_mib"],
@@ -698,6 +763,9 @@ def run_alignment(cfg: Config) -> dict:
     net = (net_of_placebo(experiments, list(judges), cfg.run.seed) if PLACEBO in experiments and len(experiments) > 1
            else None)
     words = conclusions(experiments, judge_info, cfg.run.seed, net)
+    summary = answer(bon, net, experiments, judge_info, p.steps)
+    for e in experiments.values():
+        e["rl_fit"] = rl_fits(e["curve"], list(judges))
     figures = {
         "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
                                         kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
@@ -707,7 +775,7 @@ def run_alignment(cfg: Config) -> dict:
         figures["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
     results = {"experiments": experiments, "table": comparison_table(experiments, net), "net_of_placebo": net,
                "judges": judge_info,
-               "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
+               "answer": summary, "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
                "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,

@@ -344,7 +344,8 @@ def section_ppo(records: dict, figures: Path) -> str:
                                          *vs_placebo(t, k)]),
              f"{t['length_change_tokens']:+.1f} {_ci(t['length_change_tokens_ci95'], 1, True)}",
              f"{_n(t['implicit_share'], 2)} {_ci(t['implicit_share_ci95'], 2)}",
-             f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}", _n(t["kl"]), _n(t["wall_time_s"], 1),
+             f"{_n(t['proxy_before'])} → {_n(t['proxy_after'])}, {t['proxy_after'] - t['proxy_before']:+.3f} "
+             f"{_ci(t['proxy_change_ci95'], 3, True)}", _n(t["kl"]), _n(t["wall_time_s"], 1),
              _peak(experiments[t["reward_precision"]]["peak_memory"])] for t in r["table"]]
     samples = []
     for name, e in experiments.items():
@@ -358,7 +359,8 @@ def section_ppo(records: dict, figures: Path) -> str:
                          f"{'beats' if j['learned'] else '**does not beat**'} the length baseline; agreement with "
                          f"each proxy on the test pairs (phi of their correctness): {agree}")
     bon = section_best_of_n(r["best_of_n"], figures) if r.get("best_of_n") else ""
-    return ("## PPO alignment\n\n**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
+    return ("## PPO alignment\n\n" + (f"**The answer at this scale.** {r['answer']}\n\n" if r.get("answer") else "")
+            + "**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
             + "\n".join(described) + "\n\n" + bon + ("### PPO\n\n" if bon else "")
             + f"On {r['n_eval_prompts']} held-out prompts, the SFT replies are "
             "sampled once and shared; a judge's change = its score of the PPO reply − of the SFT reply, per prompt, "
@@ -373,12 +375,25 @@ def section_ppo(records: dict, figures: Path) -> str:
             "nats per reply.\n\n"
             + _table(["arm", "proxy", *(c for j in judges for c in [f"{j} change [95% CI]", *(
                           [f"{j}: arm − placebo [95% CI]"] if net else [])]), "reply length change (tokens)",
-                      "implicit reward: share [95% CI]", "proxy before → after", "KL", "time (s)",
+                      "implicit reward: share [95% CI]", "proxy before → after, change [95% CI]", "KL", "time (s)",
                       "peak memory (MiB)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
-            f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\nSample replies on held-out prompts:\n\n"
+            f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\n" + _rl_fits(experiments)
+            + "Sample replies on held-out prompts:\n\n"
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))
+
+
+def _rl_fits(experiments: dict) -> str:
+    """Gao et al.'s RL fit per arm and judge (``rl_fit`` in the record), or why there is none."""
+    lines = [f"{name}: " + "; ".join(f"{j} α {f['alpha']:.3f}, β {f['beta']:.3f} ({f['points']} points)"
+                                     for j, f in e["rl_fit"].items() if f)
+             for name, e in experiments.items() if any((e.get("rl_fit") or {}).values())]
+    if not lines:
+        return ("Gao et al.'s RL form d(α − β log d), d = √KL, is not fitted: it needs at least three evaluations "
+                "with KL > 0 per arm (`ppo.eval_every` adds them).\n\n")
+    return "Gao et al.'s RL form d(α − β log d), d = √KL, judge change since step 0:\n\n" + "".join(
+        f"- {line}\n" for line in lines) + "\n"
 
 
 def section_best_of_n(bon: dict, figures: Path) -> str:

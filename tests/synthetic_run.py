@@ -14,7 +14,7 @@ import torch
 
 from edgerlhf.core.arms import PLACEBO, net_of_placebo
 from edgerlhf.core.best_of_n import curves, describe
-from edgerlhf.ppo_alignment import comparison_table, conclusions, implicit_reward_check, judge_effect
+from edgerlhf.ppo_alignment import answer, comparison_table, conclusions, implicit_reward_check, judge_effect
 from edgerlhf.core import crossfit
 from edgerlhf.core.config import load_config
 from edgerlhf.core.memory import apply_vram_budget
@@ -90,8 +90,10 @@ def _experiment(precision: str, data_dir: Path) -> dict:
             "proxy": "bf16" if precision == PLACEBO else precision, "placebo": precision == PLACEBO,
             "proxy_verdict": None if precision == PLACEBO else {"learned": True},
             "before": {"proxy_mean": 0.2, "kl_mean": 0.0, "judge_scores": before, "judge-tfidf_scores": after,
+                       "proxy_scores": [0.1, 0.3, 0.2, 0.2],
                        "tokens": [10, 12, 8, 20]},
             "after": {"proxy_mean": 0.5, "kl_mean": 0.1, "judge_scores": after, "judge-tfidf_scores": before,
+                      "proxy_scores": [0.4, 0.6, 0.5, 0.5],
                       "tokens": [12, 12, 9, 24] if precision != PLACEBO else [10, 13, 8, 19]},
             "judges": {"judge": judge_effect(after, before, 0), "judge-tfidf": judge_effect(before, after, 0)},
             "implicit_reward": implicit_reward_check([0.5, 0.2, -0.1, 0.3], [0.1, 0.1, 0.1, 0.1], 0),
@@ -113,6 +115,7 @@ def _ppo_results(data_dir: Path) -> dict:
     net = net_of_placebo(experiments, list(judges), 0)
     return {"experiments": experiments, "table": comparison_table(experiments, net), "judges": judges,
             "net_of_placebo": net, "conclusions": conclusions(experiments, judges, 0, net), "n_eval_prompts": 4,
+            "answer": answer(_best_of_n(), net, experiments, judges, 2),
             "n_implicit_reward_pairs": 4,
             "best_of_n": _best_of_n()}
 

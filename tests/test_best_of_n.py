@@ -121,3 +121,15 @@ def test_a_post_training_quantized_proxy_is_the_bf16_folder_loaded_at_its_precis
     assert proxy_location(tmp_path, "int8") == (tmp_path / "int8", "int8")
     assert proxy_location(tmp_path, "int4-ptq") == (tmp_path / "bf16", "int4")
     assert proxy_location(tmp_path, "bf16") == (tmp_path / "bf16", "bf16")
+
+
+def test_the_rl_fit_of_a_ppo_curve_needs_three_evaluations_with_positive_kl():
+    from edgerlhf.ppo_alignment import rl_fits
+
+    alpha, beta = 0.9, 0.3
+    kls = [0.0, 0.5, 1.0, 2.0, 4.0]
+    curve = [{"kl": kl, "judge": 1.0 + np.sqrt(kl) * (alpha - beta * np.log(np.sqrt(kl)) if kl else 0.0)} for kl in kls]
+    fit = rl_fits(curve, ["judge"])["judge"]
+    assert (fit["alpha"], fit["beta"]) == pytest.approx((alpha, beta)) and fit["points"] == 4
+    assert rl_fits(curve[:3], ["judge"]) == {"judge": None}
+    assert rl_fits([{**c, "kl": -0.1} for c in curve], ["judge"]) == {"judge": None}  # k1 can be negative

@@ -34,7 +34,9 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
                      "- int8-ptq - bf16: ", "Holm-adjusted p = ", "| phi vs bf16 | phi vs int8 |",
                      "Every link holds", "### Best-of-n", "| judge gain at k = 4 [95% CI] | judge fit |",
                      "Between precisions at k = 4 under judge", "after Holm's correction over 1 comparisons", "### PPO",
-                     "| judge: arm − placebo [95% CI] |", "net of the placebo, Holm over 2 arms",
+                     "| judge: arm − placebo [95% CI] |",
+                     "**The answer at this scale.** How does the reward model's precision change alignment?",
+                     "PPO (2 steps, one seed), judge score net of the placebo arm: bf16 ", "cannot be ruled out", "net of the placebo, Holm over 2 arms",
                      "| placebo | none: random rewards (bf16 scores) |", "int8 vs bf16 after PPO, same prompts, Holm", "| reward models built on this SFT model | `5f5f5f5f5f5f` | `5f5f5f5f5f5f` | yes |"):
         assert expected in text, expected
     assert "not recorded" not in text and "Not shown" not in text
