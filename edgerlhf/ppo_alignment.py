@@ -42,7 +42,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
-from .core.arms import PLACEBO, net_of_placebo, placebo_scorer
+from .core.arms import PLACEBO, compare_arms, net_of_placebo, placebo_scorer
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
 from .core.files import new_staging, swap_in_dir
@@ -59,7 +59,7 @@ from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
 from .core.reward_scoring import JUDGES, backbone_of, load_reward_model, score, weights_digest
 from .core.stage import begin, cli_main, finish, recorded
-from .core.stats import ALPHA, holm, mde_paired_mean, paired_bootstrap, t_test_p, wilson_interval
+from .core.stats import ALPHA, mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 
 JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_scoring.JUDGES` are used when present
@@ -348,16 +348,40 @@ def implicit_reward_check(policy_margins, sft_margins, seed: int) -> dict:
             "mean_nats": paired_bootstrap(policy_margins, sft_margins, seed=seed)}
 
 
-def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) -> dict:
+def checkpoint_folder(out_dir: Path, arm: str, seed: int, first: bool) -> Path:
+    """Where one arm's PPO run under ``seed`` checkpoints: ``checkpoints/<arm>`` for the first seed (the run whose
+    policy is saved), ``checkpoints/<arm>-seed<seed>`` for the others."""
+    return out_dir / "checkpoints" / (arm if first else f"{arm}-seed{seed}")
+
+
+def with_seeds(done: list[dict]) -> dict:
+    """One arm's record from its runs, one per seed: the first seed's record whole, plus, with two or more seeds,
+    ``after_by_seed`` (each run's evaluation, what :func:`edgerlhf.core.arms.compare_arms` pairs) and ``seed_runs``
+    (each other run's judge changes, implicit-reward check, KL, steps, time and peak memory); ``wall_time_s`` is
+    then the sum over seeds."""
+    first = dict(done[0])
+    if len(done) > 1:
+        first["after_by_seed"] = [d["after"] for d in done]
+        first["seed_runs"] = [{k: d[k] for k in ("seed", "judges", "implicit_reward", "history", "wall_time_s",
+                                                 "peak_memory", "resumed_from")} for d in done[1:]]
+        first["wall_time_s"] = float(sum(d["wall_time_s"] for d in done))
+    return first
+
+
+def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, seed: int | None = None,
+                   save: bool = True) -> dict:
     """One arm, a reward-model precision (EXP-1/2/3) or :data:`~edgerlhf.core.arms.PLACEBO` (random rewards on the
-    bf16 proxy's scale; the bf16 proxy still scores its evaluation): train PPO, evaluate the held-out prompts after
-    training against the shared SFT replies, with every judge, and the implicit-reward check; returns its results.
+    bf16 proxy's scale; the bf16 proxy still scores its evaluation), under one training ``seed`` (None:
+    ``run.seed``): train PPO, evaluate the held-out prompts after training against the shared SFT replies, with
+    every judge, and the implicit-reward check; returns its results. ``save``: write the policy to
+    ``models/ppo/<arm>`` (the first seed's run); the others checkpoint under ``<arm>-seed<seed>``.
 
     Raises:
         ValueError: the trained policy adapter or value head holds NaN or inf; the experiment's last good model
             folder is kept as it was.
     """
     p = cfg.ppo
+    seed = cfg.run.seed if seed is None else seed
     placebo = arm == PLACEBO
     precision = "bf16" if placebo else arm
     rm_dir = ctx.path(cfg.reward.output_dir)
@@ -365,7 +389,7 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) 
     for judge in shared["judges"].values():
         judge_is_independent(judge["folder"], rm_folder)
     reward_device = resolve_device(p.reward_device)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)  # the same seed for every experiment
+    seed_everything(seed, cfg.run.deterministic)  # the same seed for every arm: common random numbers
     eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
     before = shared["before"]
     with measure(ctx.device) as m:
@@ -388,26 +412,26 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) 
         board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{arm}")
         # the placebo arm's rewards: random, on the scale the proxy's normalised scores of SFT replies have
         training_reward = (placebo_scorer(gain * float(np.mean(proxy_before)) + bias,
-                                          gain * float(np.std(proxy_before)), cfg.run.seed) if placebo else
+                                          gain * float(np.std(proxy_before)), seed) if placebo else
                            reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, gain, bias, truncation))
 
         def on_step(step, stats):
             ctx.step = f"experiment {arm}: PPO step {step} of {p.steps} done"
             if p.eval_every and step % p.eval_every == 0 and step != p.steps:
                 point = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers,
-                                           cfg.run.seed)
+                                           seed)
                 extra["curve"].append({"step": step, "kl": point["kl_mean"], "proxy": point["proxy_mean"],
                                        **{name: point[f"{name}_mean"] for name in shared["judges"]}})
 
         out_dir = ctx.path(p.output_dir)
-        checkpoints = out_dir / "checkpoints" / arm
+        checkpoints = checkpoint_folder(out_dir, arm, seed, save)
         history = train(policy, value_head, tokenizer, queries, prompts, training_reward, p,
-                        checkpoints, cfg.run.seed, on_step, cfg.run.max_oom_backoffs, extra, board)
+                        checkpoints, seed, on_step, cfg.run.max_oom_backoffs, extra, board)
         if board is not None:
             board.close()
         curve = extra["curve"]
         ctx.step = f"experiment {arm}: evaluation after training"
-        after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, cfg.run.seed)
+        after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, seed)
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
                       **{name: after[f"{name}_mean"] for name in shared["judges"]}})
         ctx.step = f"experiment {arm}: implicit-reward check"
@@ -421,13 +445,14 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) 
         except ValueError:  # diverged: its checkpoints would only resume the divergence and block the next run
             shutil.rmtree(checkpoints, ignore_errors=True)
             raise
-        staging = new_staging(out_dir / arm, ctx.run_dir.name)
-        policy.save_pretrained(staging / "adapter")
-        save_file(value_head.state_dict(), staging / "value_head.safetensors")
-        (staging / "ppo_info.json").write_text(json.dumps(
-            {"sft_model": sft_location, "reward_model": None if placebo else str(rm_folder),
-             "reward_precision": arm, "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
-        swap_in_dir(staging, out_dir / arm)
+        if save:
+            staging = new_staging(out_dir / arm, ctx.run_dir.name)
+            policy.save_pretrained(staging / "adapter")
+            save_file(value_head.state_dict(), staging / "value_head.safetensors")
+            (staging / "ppo_info.json").write_text(json.dumps(
+                {"sft_model": sft_location, "reward_model": None if placebo else str(rm_folder),
+                 "reward_precision": arm, "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
+            swap_in_dir(staging, out_dir / arm)
         if not p.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
@@ -442,8 +467,9 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict) 
                    for name in shared["judges"]},
         "implicit_reward": implicit,
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
-        "resumed_from": extra.get("resumed_from"),
-        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "model_dir": str(out_dir / arm),
+        "resumed_from": extra.get("resumed_from"), "seed": seed,
+        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"],
+        "model_dir": str(out_dir / arm) if save else None,
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "sft_tokens": before["tokens"][i],
                      "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i],
                      "proxy_ppo": after["proxy_scores"][i],
@@ -525,24 +551,18 @@ def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int
         out += [text, implicit_sentence(name, e["implicit_reward"])]
     precisions = [name for name, e in experiments.items() if name != "bf16" and not e.get("placebo")]
     if "bf16" in experiments and precisions:
-        bf16 = experiments["bf16"]["after"]
-        for j in next(iter(experiments.values()))["judges"]:
-            tests = [{**paired_bootstrap(np.asarray(experiments[a]["after"][f"{j}_scores"]),
-                                         np.asarray(bf16[f"{j}_scores"]), seed=seed),
-                      "p_value": t_test_p(np.asarray(experiments[a]["after"][f"{j}_scores"], float)
-                                          - np.asarray(bf16[f"{j}_scores"], float))} for a in precisions]
-            for a, t, adjusted in zip(precisions, tests, holm([t["p_value"] for t in tests])):
-                experiments[a].setdefault("vs_bf16_after", {})[j] = {**t, "p_holm": adjusted,
-                                                                     "family_size": len(tests)}
+        judge_names = list(next(iter(experiments.values()))["judges"])
+        versus = compare_arms(experiments, precisions, "bf16", judge_names, seed)
         for a in precisions:
-            d = experiments[a]["vs_bf16_after"]
+            d = experiments[a]["vs_bf16_after"] = versus[a]
             agreed = holm_direction(d)
             verdict = (f"every judge scores the {a}-aligned policy {'higher' if agreed > 0 else 'lower'}" if agreed
                        else "no difference detectable by every judge (minimum detectable " + ", ".join(
-                           f"{j} {mde_paired_mean(x['n'], x['sd_difference']):.3f}" for j, x in d.items()) + ")")
-            out.append(f"{a} vs bf16 after PPO, same prompts, Holm over {len(precisions)} precisions: " + "; ".join(
-                f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])} (p_Holm {x['p_holm']:.2g})" for j, x in d.items())
-                + f": {verdict}")
+                           f"{j} {x['mde']:.3f}" for j, x in d.items()) + ")")
+            out.append(f"{a} vs bf16 after PPO, same prompts ({d[judge_names[0]]['interval']}), Holm over "
+                       f"{len(precisions)} precisions: " + "; ".join(
+                           f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])} (p_Holm {x['p_holm']:.2g})"
+                           for j, x in d.items()) + f": {verdict}")
     return out
 
 
@@ -584,7 +604,7 @@ def _net_sentence(name: str, net: dict, judges: list[str]) -> str:
         verdict = "no effect beyond the placebo detectable by every judge (minimum detectable " + ", ".join(
             f"{j} {net[j]['mde']:.3f}" for j in judges) + ")"
     length, vs = net["length_change"], net["length_vs_placebo"]
-    return (f"net of the placebo, Holm over {size} arms: " + "; ".join(parts) + f": {verdict}. Reply length "
+    return (f"net of the placebo ({net[judges[0]]['interval']}), Holm over {size} arms: " + "; ".join(parts) + f": {verdict}. Reply length "
             f"{length['mean_difference']:+.1f} {_ci(length['ci'], 1)} tokens from SFT, "
             f"{vs['mean_difference']:+.1f} {_ci(vs['ci'], 1)} from the placebo")
 
@@ -625,16 +645,19 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
         for j in judges:
             effects = "; ".join(f"{a} {x[j]['mean_difference']:+.3f} {_ci(x[j]['ci'])}" for a, x in net.items())
             found = [a for a, x in net.items() if x[j]["p_holm"] < ALPHA]
-            parts.append(f"PPO ({steps} steps, one seed), {j} score net of the placebo arm: {effects}; "
+            seeds = next(iter(net.values()))[j]["seeds"]
+            parts.append(f"PPO ({steps} steps, {seeds} seed{'s' if seeds > 1 else ''}), {j} score net of the "
+                         f"placebo arm: {effects}; "
                          + ("detectable after Holm's correction for " + ", ".join(found) if found else
                             "none detectable after Holm's correction"))
             mdes += [x[j]["mde"] for x in net.values()]
     elif experiments:
         parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
     if mdes:
+        one_seed = not net or next(iter(net.values()))[next(iter(judges))]["seeds"] == 1
         parts.append(f"differences smaller than {max(mdes):.3f} judge units (the largest minimum detectable "
-                     "difference above) cannot be ruled out, and one PPO seed says nothing about the spread across "
-                     "training runs")
+                     "difference above) cannot be ruled out" + (", and one PPO seed says nothing about the spread "
+                                                                "across training runs" if one_seed else ""))
     return "; ".join(parts) + "."
 
 
@@ -722,9 +745,11 @@ def run_alignment(cfg: Config) -> dict:
                         {k: inputs[k] for k in (f"{TRAIN}_sha256", f"{TEST}_sha256", "sft_weights_sha256")})
     inputs["reward_models_sha256"] = check_reward_set(rm_dir, verdicts)
     ctx.step = "checkpoints"
-    arms = [*p.experiments, *([PLACEBO] if p.placebo else [])]
+    arms, seeds = [*p.experiments, *([PLACEBO] if p.placebo else [])], p.seeds or [cfg.run.seed]
     for arm in arms:  # an unfinished run, or a resume under changed settings: refuse before loading
-        checkpoint_to_resume(ctx.path(p.output_dir) / "checkpoints" / arm, p.resume, run_signature(p, cfg.run.seed))
+        for seed in seeds:
+            checkpoint_to_resume(checkpoint_folder(ctx.path(p.output_dir), arm, seed, seed == seeds[0]), p.resume,
+                                 run_signature(p, seed))
     test_rows = read_prefs(data_dir / TEST)
     eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
@@ -752,7 +777,9 @@ def run_alignment(cfg: Config) -> dict:
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}
         for arm in arms:
-            experiments[arm] = run_experiment(arm, cfg, ctx, sft_location, shared)
+            done = [run_experiment(arm, cfg, ctx, sft_location, shared, seed, save=seed == seeds[0])
+                    for seed in seeds]
+            experiments[arm] = with_seeds(done)
             free_memory()  # that experiment's policy and proxy are unreferenced now: return their pages
     judge_info = {
         name: {"folder": str(j["folder"]), **verdicts["models"][name], "length_baseline": verdicts["length_baseline"],

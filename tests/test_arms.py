@@ -68,3 +68,36 @@ def test_arms_are_read_against_the_placebo_with_holm_over_the_arms():
     assert net["bf16"]["judge"]["length_controlled"]["slope"] is None  # every bf16 reply is 2 tokens longer
     with pytest.raises(KeyError):
         net_of_placebo({"bf16": arms["bf16"]}, ["judge"])
+
+
+def test_with_several_seeds_intervals_are_t_intervals_across_the_seeds_paired_by_seed():
+    from scipy.stats import t
+
+    from edgerlhf.core.arms import seed_paired
+
+    rng = np.random.default_rng(2)
+    prompts = rng.normal(size=(3, 50))  # per seed: the same prompts, common random numbers
+    a = [p + 0.2 + shift for p, shift in zip(prompts, (0.05, -0.05, 0.1))]
+    out = seed_paired(a, list(prompts))
+    means = np.array([0.25, 0.15, 0.3])
+    assert out["per_seed"] == pytest.approx(means) and out["seeds"] == 3 and out["n"] == 150
+    half = t.ppf(0.975, 2) * means.std(ddof=1) / np.sqrt(3)
+    assert out["ci"] == pytest.approx([means.mean() - half, means.mean() + half])
+    assert out["interval"] == "t across 3 seeds" and out["mde"] > half
+    one = seed_paired(a[:1], list(prompts[:1]))
+    assert one["seeds"] == 1 and one["interval"] == "paired bootstrap over prompts" and one["n"] == 50
+    with pytest.raises(ValueError):
+        seed_paired(a, list(prompts[:2]))
+
+
+def test_arms_with_seeds_are_compared_seed_by_seed():
+    rng = np.random.default_rng(3)
+    base = [rng.normal(size=40) for _ in range(3)]
+    tokens = rng.integers(10, 30, size=40)
+
+    def arm(shift):
+        runs = [{"judge_scores": b + shift + rng.normal(0, 0.1, 40), "tokens": tokens} for b in base]
+        return {"before": {"tokens": tokens}, "after": runs[0], "after_by_seed": runs}
+    net = net_of_placebo({"bf16": arm(0.5), "int8": arm(0.4), PLACEBO: arm(0.0)}, ["judge"])
+    assert net["bf16"]["judge"]["seeds"] == 3 and net["bf16"]["judge"]["ci"][0] > 0.3
+    assert net["int8"]["length_vs_placebo"]["mean_difference"] == 0

@@ -36,8 +36,11 @@ def test_report_has_every_section_filled_from_the_records(tmp_path):
                      "Between precisions at k = 4 under judge", "after Holm's correction over 1 comparisons", "### PPO",
                      "| judge: arm − placebo [95% CI] |",
                      "**The answer at this scale.** How does the reward model's precision change alignment?",
-                     "PPO (2 steps, one seed), judge score net of the placebo arm: bf16 ", "cannot be ruled out", "net of the placebo, Holm over 2 arms",
-                     "| placebo | none: random rewards (bf16 scores) |", "int8 vs bf16 after PPO, same prompts, Holm", "| reward models built on this SFT model | `5f5f5f5f5f5f` | `5f5f5f5f5f5f` | yes |"):
+                     "PPO (2 steps, 1 seed), judge score net of the placebo arm: bf16 ", "cannot be ruled out",
+                     "net of the placebo (paired bootstrap over prompts), Holm over 2 arms",
+                     "| placebo | none: random rewards (bf16 scores) |",
+                     "int8 vs bf16 after PPO, same prompts (paired bootstrap over prompts), Holm over 1 precisions",
+                     "| reward models built on this SFT model | `5f5f5f5f5f5f` | `5f5f5f5f5f5f` | yes |"):
         assert expected in text, expected
     assert "not recorded" not in text and "Not shown" not in text
     for figure in ("sft_loss", "rm_accuracy", "rm_reliability", "rm_margins", "ppo_curves", "ppo_overopt", "best_of_n",

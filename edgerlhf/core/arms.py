@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import torch
 
-from .stats import holm, mde_paired_mean, paired_bootstrap, percentile_bootstrap, t_test_p
+from .stats import ALPHA, POWER, holm, mde_paired_mean, paired_bootstrap, percentile_bootstrap, t_test_p
 
 PLACEBO = "placebo"
 
@@ -59,36 +59,86 @@ def length_controlled(score_diff, length_diff, seed: int = 0) -> dict:
     return {"intercept": float(a), "ci": ci, "slope": float(slope), "n": int(y.size)}
 
 
-def net_of_placebo(arms: dict[str, dict], judges: list[str], seed: int = 0) -> dict:
-    """Each arm against the placebo, per judge, paired per prompt: the judge's score of the arm's reply − of the
-    placebo policy's reply, with its paired bootstrap interval, t-test p-value Holm-corrected over the arms (one
-    family per judge) and minimum detectable difference; the same difference controlled for length
-    (:func:`length_controlled` on the difference in reply tokens); and the arm's length change from the SFT replies.
+def seed_paired(a_by_seed: list, b_by_seed: list, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``a - b`` over prompts and seeds, with common random numbers: ``a_by_seed[s]`` and ``b_by_seed[s]``
+    are ``float[P]`` on the same prompts under the same seed ``s``.
 
-    Args:
-        arms: ``{name: {"before": {...}, "after": {"<judge>_scores": float[P], "tokens": int[P]}}}`` with a
-            :data:`PLACEBO` entry; the SFT replies' ``tokens`` are under ``"before"``.
-    Returns:
-        ``{arm: {judge: {...difference, "p_value", "p_holm", "family_size", "mde", "length_controlled"},
-        "length_change": paired_bootstrap of (arm − SFT) tokens, "length_vs_placebo": (arm − placebo) tokens}}``.
-    Raises:
-        KeyError: no placebo arm.
+    One seed: the paired bootstrap interval over prompts (:func:`edgerlhf.core.stats.paired_bootstrap`), the t-test
+    over prompts and the normal-approximation MDE. ``R >= 2`` seeds: the per-seed means ``m_s`` carry the training
+    variance, so the interval is the t interval across seeds (``R - 1`` degrees of freedom), the p-value the
+    one-sample t-test of the ``m_s`` and the MDE ``(t_{1-alpha/2} + t_{power}) sd(m) / sqrt(R)``.
+
+    Returns ``{"mean_difference", "ci", "sd_difference", "n" (prompts x seeds), "p_value", "mde", "seeds",
+    "interval", "per_seed"}``. Raises ValueError for lists of different lengths or empty ones.
     """
-    placebo = arms[PLACEBO]["after"]
-    names = [a for a in arms if a != PLACEBO]
-    out = {a: {"length_change": paired_bootstrap(arms[a]["after"]["tokens"], arms[a]["before"]["tokens"], seed=seed),
-               "length_vs_placebo": paired_bootstrap(arms[a]["after"]["tokens"], placebo["tokens"], seed=seed)}
-           for a in names}
+    if len(a_by_seed) != len(b_by_seed) or not a_by_seed:
+        raise ValueError(f"seed_paired needs one run of each side per seed, got {len(a_by_seed)} and {len(b_by_seed)}")
+    diffs = [np.asarray(a, float) - np.asarray(b, float) for a, b in zip(a_by_seed, b_by_seed)]
+    means = np.array([d.mean() for d in diffs])
+    if len(diffs) == 1:
+        out = paired_bootstrap(a_by_seed[0], b_by_seed[0], level=level, seed=seed)
+        return {**out, "p_value": t_test_p(diffs[0]), "mde": mde_paired_mean(out["n"], out["sd_difference"]),
+                "seeds": 1, "interval": "paired bootstrap over prompts", "per_seed": means.tolist()}
+    from scipy.stats import t  # imported on use, like the other scipy.stats users
+
+    r = len(means)
+    sd = float(means.std(ddof=1))
+    se = sd / np.sqrt(r)
+    half = float(t.ppf(1 - (1 - level) / 2, r - 1)) * se
+    return {"mean_difference": float(means.mean()), "ci": [float(means.mean() - half), float(means.mean() + half)],
+            "sd_difference": sd, "n": int(sum(d.size for d in diffs)), "p_value": t_test_p(means),
+            "mde": float((t.ppf(1 - ALPHA / 2, r - 1) + t.ppf(POWER, r - 1)) * se), "seeds": r,
+            "interval": f"t across {r} seeds", "per_seed": means.tolist()}
+
+
+def runs(arm: dict) -> list[dict]:
+    """An arm's evaluations after PPO, one per seed (``after_by_seed``; a one-seed arm has only ``after``)."""
+    return arm.get("after_by_seed") or [arm["after"]]
+
+
+def compare_arms(arms: dict[str, dict], names: list[str], reference: str, judges: list[str], seed: int = 0) -> dict:
+    """Each of ``names`` against ``reference`` after PPO, per judge: :func:`seed_paired` on the judge's scores, its
+    p-value Holm-corrected over ``names`` (one family per judge), and the difference controlled for length
+    (:func:`length_controlled` on the difference in reply tokens, prompts and seeds pooled).
+
+    Returns ``{name: {judge: {...seed_paired, "p_holm", "family_size", "length_controlled"}}}``.
+    Raises KeyError: ``reference`` is not an arm.
+    """
+    ref = runs(arms[reference])
+    out = {a: {} for a in names}
     for j in judges:
         tests = []
         for a in names:
-            after = np.asarray(arms[a]["after"][f"{j}_scores"], float)
-            base = np.asarray(placebo[f"{j}_scores"], float)
-            diff = paired_bootstrap(after, base, seed=seed)
-            length = np.asarray(arms[a]["after"]["tokens"], float) - np.asarray(placebo["tokens"], float)
-            tests.append({**diff, "p_value": t_test_p(after - base),
-                          "mde": mde_paired_mean(diff["n"], diff["sd_difference"]),
-                          "length_controlled": length_controlled(after - base, length, seed)})
-        for a, t, p in zip(names, tests, holm([t["p_value"] for t in tests])):
-            out[a][j] = {**t, "p_holm": p, "family_size": len(tests)}
+            mine = runs(arms[a])
+            diff = seed_paired([r[f"{j}_scores"] for r in mine], [r[f"{j}_scores"] for r in ref], seed)
+            score = np.concatenate([np.asarray(x[f"{j}_scores"], float) - np.asarray(y[f"{j}_scores"], float)
+                                    for x, y in zip(mine, ref)])
+            length = np.concatenate([np.asarray(x["tokens"], float) - np.asarray(y["tokens"], float)
+                                     for x, y in zip(mine, ref)])
+            tests.append({**diff, "length_controlled": length_controlled(score, length, seed)})
+        for a, test, p in zip(names, tests, holm([x["p_value"] for x in tests])):
+            out[a][j] = {**test, "p_holm": p, "family_size": len(tests)}
+    return out
+
+
+def net_of_placebo(arms: dict[str, dict], judges: list[str], seed: int = 0) -> dict:
+    """Each arm against the :data:`PLACEBO` arm (:func:`compare_arms`), with its reply-length change from the SFT
+    replies and from the placebo's replies (tokens, :func:`seed_paired`).
+
+    Args:
+        arms: ``{name: {"before": {"tokens": int[P]}, "after": {"<judge>_scores": float[P], "tokens": int[P]},
+            "after_by_seed": [the same per seed] (optional)}}`` with a :data:`PLACEBO` entry.
+    Returns:
+        ``{arm: {judge: {...}, "length_change": ..., "length_vs_placebo": ...}}``.
+    Raises:
+        KeyError: no placebo arm.
+    """
+    placebo = runs(arms[PLACEBO])
+    names = [a for a in arms if a != PLACEBO]
+    out = compare_arms(arms, names, PLACEBO, judges, seed)
+    for a in names:
+        mine = runs(arms[a])
+        out[a]["length_change"] = seed_paired([r["tokens"] for r in mine], [arms[a]["before"]["tokens"]] * len(mine),
+                                              seed)
+        out[a]["length_vs_placebo"] = seed_paired([r["tokens"] for r in mine], [r["tokens"] for r in placebo], seed)
     return out

@@ -323,6 +323,12 @@ class PPOStageConfig:
     experiments: list = _f(
         ["bf16", "int8", "int4"], "Reward-model precisions to align against, one PPO run each (EXP-1/2/3) (list)."
     )
+    seeds: Optional[list] = _f(
+        None, "PPO training seeds (list of int); None: `run.seed` alone. Every arm runs every seed with common random "
+        "numbers (seed s gives every arm the same prompt order and sampling stream, and its evaluation the same "
+        "sampling seed), comparisons pair prompts and seeds, and with two or more seeds their intervals are t "
+        "intervals across seeds. The first seed's policy is the one saved."
+    )
     placebo: bool = _f(
         True, "Also run a placebo arm (bool): the same PPO, seed and prompts with rewards drawn at random on the bf16 "
         "proxy's scale (`edgerlhf.core.arms.placebo_scorer`), so each arm's judge change is read net of the drift "
@@ -650,8 +656,8 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
     (0, 1].
     Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
-    ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` is a non-empty list of
-    int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.max_new_tokens <=
+    ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and ``ppo.seeds`` (unless None) are
+    non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.max_new_tokens <=
     reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.micro_batch_size <=
     ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key -> where it was set: profile, config file,
     parameter, command-line flag) is named in the message.
@@ -687,10 +693,13 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     search = cfg.reward.probe_layer_search
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in search):
         problems.append(f"reward.probe_layer_search={search!r} must be a list of int >= 1 (transformer blocks)")
-    seeds = cfg.reward.seeds
-    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or _violation(s, SEED_RANGE) for s in seeds):
-        problems.append(f"reward.seeds={seeds!r} must be a non-empty list of int in [{SEED_RANGE[0]}, "
-                        f"{SEED_RANGE[1]}]")
+    for key, seeds in (("reward.seeds", cfg.reward.seeds), ("ppo.seeds", cfg.ppo.seeds)):
+        if key == "ppo.seeds" and seeds is None:
+            continue
+        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or _violation(s, SEED_RANGE) for s in seeds):
+            problems.append(f"{key}={seeds!r} must be a non-empty list of int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        elif len(set(seeds)) < len(seeds):
+            problems.append(f"{key}={seeds!r} must not repeat a seed")
     p = cfg.ppo
     if p.max_prompt_length + p.max_new_tokens > cfg.reward.max_length:
         problems.append(f"ppo.max_prompt_length + ppo.max_new_tokens = {p.max_prompt_length} + "
