@@ -557,6 +557,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.checkpoint_every": 1,
     },
 }
+#: `study`: the quick profile's data and models with the alignment evaluation at the size the alignment issue sets:
+#: best-of-16 on 384 held-out prompts (a between-precision MDE of about 0.05 judge units) and PPO with 3 seeds per arm,
+#: the placebo included, evaluated on 384 prompts. It reuses a quick run's stages 1-3 (`--only 04`).
+PROFILES["study"] = {**PROFILES["quick"], "ppo.best_of_n": 16, "ppo.best_of_n_prompts": 384, "ppo.seeds": [42, 43, 44],
+                     "ppo.steps": 20, "ppo.n_eval_prompts": 384, "ppo.n_implicit_reward_pairs": 384}
 
 
 #: Old field names, refused with the new name: each old one meant something else to TRL and CleanRL readers.
