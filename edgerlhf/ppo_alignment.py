@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -227,13 +228,15 @@ def best_of_n_replies(policy, tokenizer, rows: list[dict], cfg: PPOStageConfig, 
 def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: dict, cfg: Config, ctx) -> dict:
     """Score every best-of-n reply with every proxy of stage 3's table (``verdicts``: ``evaluation.json``'s
     ``models``, judges left out; loaded one at a time) and every judge, then :func:`edgerlhf.core.best_of_n.curves`
-    and its words. Adds ``proxy_scores``/``judge_scores`` (``[P][n]``, for
-    re-analysis), the replies to the first 2 prompts, and each scorer's truncation counts.
+    and its words. Adds ``proxy_scores``/``judge_scores`` (``[P][n]``, for re-analysis), the replies to the first 2
+    prompts, each scorer's truncation counts, and the seconds spent sampling (``samples["sampling_s"]``) and
+    scoring.
 
     Raises:
         ValueError: a judge is one of the proxies (:func:`judge_is_independent`), or a score is not finite.
     """
     p, n = cfg.ppo, cfg.ppo.best_of_n
+    started = time.perf_counter()
     flat_prompts = [pr for pr in samples["prompts"] for _ in range(n)]
     flat_replies = [r for replies in samples["replies"] for r in replies]
     shape = (len(samples["prompts"]), n)
@@ -255,7 +258,7 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
     out["words"] = describe(out, unlearned=tuple(name for name in judges if not verdicts[name]["learned"]))
     out.update(proxy_scores={k: v.tolist() for k, v in proxy_scores.items()},
                judge_scores={k: v.tolist() for k, v in judge_scores.items()}, tokens=samples["tokens"].tolist(),
-               truncation=truncation,
+               truncation=truncation, sampling_s=samples["sampling_s"], scoring_s=time.perf_counter() - started,
                examples=[{"prompt": pr[-1]["content"], "replies": replies}
                          for pr, replies in zip(samples["prompts"][:2], samples["replies"][:2])])
     return out
@@ -762,7 +765,9 @@ def run_alignment(cfg: Config) -> dict:
         bon_rows = test_rows[: p.best_of_n_prompts] if p.best_of_n else []
         if bon_rows:
             ctx.step = f"best-of-{p.best_of_n}: SFT replies to {len(bon_rows)} held-out prompts"
+            started = time.perf_counter()
             bon_samples = best_of_n_replies(policy, tokenizer, bon_rows, p, cfg.run.seed)
+            bon_samples["sampling_s"] = time.perf_counter() - started
         ctx.step = "SFT margins on the held-out labelled pairs"
         with policy.disable_adapter():  # the reference: the SFT model itself
             sft_margins = preference_margins(policy, tokenizer, labelled, p.score_batch_size)
