@@ -58,7 +58,7 @@ from .core.ppo_trainer import build_policy, checkpoint_to_resume, run_signature,
 from .core.prefs import TEST, TRAIN, check_data_set, read_prefs
 from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
-from .core.reward_scoring import JUDGES, backbone_of, load_reward_model, score, weights_digest
+from .core.reward_scoring import HEAD, JUDGES, backbone_of, load_reward_model, read_info, score, weights_digest
 from .core.stage import begin, cli_main, finish, recorded
 from .core.stats import ALPHA, mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
@@ -225,6 +225,21 @@ def best_of_n_replies(policy, tokenizer, rows: list[dict], cfg: PPOStageConfig, 
             "tokens": np.asarray(out["tokens"]).reshape(len(rows), n)}
 
 
+def shared_backbones(rm_dir: Path, proxies: list[str]) -> list[list[tuple[str, Path, str]]]:
+    """``proxies`` (stage 3's names) grouped by the backbone states their heads read: pooled probes on the same
+    backbone folder, precision, block and pooling (``int8`` and ``int8-ptq`` read the same int8 states) share one
+    pass; any other model is a group of its own. Returns groups of ``(name, folder, precision)`` in first-seen
+    order (:func:`proxy_location`)."""
+    groups: dict = {}
+    for name in proxies:
+        folder, precision = proxy_location(rm_dir, name)
+        info = read_info(folder)
+        shareable = info["layout"] == "head" and info.get("pooling", "last") != "last"
+        key = (info["backbone"], precision, info.get("num_layers"), info["pooling"]) if shareable else name
+        groups.setdefault(key, []).append((name, folder, precision))
+    return list(groups.values())
+
+
 def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: dict, cfg: Config, ctx) -> dict:
     """Score every best-of-n reply with every proxy of stage 3's table (``verdicts``: ``evaluation.json``'s
     ``models``, judges left out; loaded one at a time) and every judge, then :func:`edgerlhf.core.best_of_n.curves`
@@ -240,16 +255,26 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
     flat_prompts = [pr for pr in samples["prompts"] for _ in range(n)]
     flat_replies = [r for replies in samples["replies"] for r in replies]
     shape = (len(samples["prompts"]), n)
-    proxy_scores, truncation = {}, {}
-    for name in (m for m in verdicts if m not in judges):
-        ctx.step = f"best-of-{n}: scoring with {name}"
-        folder, precision = proxy_location(rm_dir, name)
-        for judge in judges.values():
-            judge_is_independent(judge["folder"], folder)
-        model, tok = load_reward_model(folder, precision, resolve_device(p.reward_device))
-        counts = truncation[name] = {}
-        proxy_scores[name] = reward_scorer(model, tok, p, cfg.reward.max_length, counts=counts)(
-            flat_prompts, flat_replies).numpy().reshape(shape)
+    proxy_scores, truncation, device = {}, {}, resolve_device(p.reward_device)
+    for members in shared_backbones(rm_dir, [m for m in verdicts if m not in judges]):
+        names = [name for name, _, _ in members]
+        ctx.step = f"best-of-{n}: scoring with {', '.join(names)}"
+        for _, folder, _ in members:
+            for judge in judges.values():
+                judge_is_independent(judge["folder"], folder)
+        heads = {}
+        for name, folder, precision in members[1:]:  # each other head loaded (and checked) whole, one at a time
+            other, _ = load_reward_model(folder, precision, device)
+            heads[name] = getattr(other, HEAD).weight.detach().clone()
+            del other
+        name, folder, precision = members[0]
+        model, tok = load_reward_model(folder, precision, device)
+        counts = {}
+        scores = score(model, tok, flat_prompts, flat_replies, p.score_batch_size, cfg.reward.max_length, counts,
+                       heads={name: getattr(model, HEAD).weight, **heads} if heads else None)
+        for name in names:
+            proxy_scores[name] = (scores[name] if heads else scores).numpy().reshape(shape)
+            truncation[name] = counts
         del model
         free_memory()
     ctx.step = f"best-of-{n}: scoring with the judges"

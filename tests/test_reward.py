@@ -193,6 +193,34 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
 
 
+def test_extra_heads_read_the_same_pooled_states_as_their_own_model(models_dir):
+    # best-of-n scores int8 and int8-ptq (two heads on the same int8 states) in one pass
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.reward_scoring import POOLING_ATTRIBUTE
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model("tiny-llama", models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    model, _ = load_backbone(location, "int8", "cpu")
+    model.config.pad_token_id = tok.pad_token_id
+    model.score = torch.nn.Linear(2 * model.config.hidden_size, 1, bias=False)
+    setattr(model, POOLING_ATTRIBUTE, "last+mean")
+    torch.manual_seed(0)
+    other = torch.randn(1, 2 * model.config.hidden_size)
+    prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
+    replies = ["yes sure " * (i % 3 + 1) for i in range(5)]
+    own = score(model.eval(), tok, prompts, replies, batch_size=2)
+    both = score(model, tok, prompts, replies, batch_size=2, heads={"own": model.score.weight, "other": other})
+    assert torch.equal(both["own"], own)
+    with torch.no_grad():
+        model.score.weight.copy_(other)
+    assert torch.allclose(both["other"], score(model, tok, prompts, replies, batch_size=2), atol=1e-6)
+    with pytest.raises(ValueError, match="width"):
+        score(model, tok, prompts, replies, heads={"wrong": torch.randn(1, 3)})
+
+
 def test_nf4_layers_keep_the_compute_dtype_in_eval_mode(models_dir):
     # bitsandbytes would otherwise repack NF4 weights on a CPU with AVX512-BF16 and round activations to bf16
     from edgerlhf.core.models import prepare_base_model

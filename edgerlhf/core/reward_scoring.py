@@ -407,7 +407,7 @@ def position_limit(model) -> int | None:
 
 @torch.inference_mode()
 def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 8,
-          max_length: int = 512, counts: dict | None = None) -> torch.Tensor:
+          max_length: int = 512, counts: dict | None = None, heads: dict | None = None):
     """Rewards of ``replies`` to ``prompts`` (chat messages) under a reward model.
 
     Over-long items are fitted from the left (:func:`encode_pairs`), never dropped, and counted into
@@ -424,13 +424,17 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
         replies: ``N`` reply strings.
         batch_size: items per forward pass (int >= 1).
         max_length: tokens of prompt + reply (int >= 1).
+        heads: ``{name: FloatTensor[1, D]}``, other heads fitted on the same backbone states (e.g. the bf16 head
+            of a ``-ptq`` model beside the int8-trained one): the pooled states are computed once and every head
+            reads them. Only for a pooled probe (:func:`pooling_of` not ``last``).
     Returns:
-        ``FloatTensor[N]`` (float32, on the CPU).
+        ``FloatTensor[N]`` (float32, on the CPU); with ``heads``, ``{name: FloatTensor[N]}`` instead.
     Raises:
         ValueError: different numbers of prompts and replies; an unknown role; ``batch_size`` or ``max_length``
             below 1, or ``max_length`` beyond the model's positions.
         TypeError: prompts that are not lists of message dicts (a prompt given as a str), replies that are not a
             list of ``str``, or a ``batch_size`` / ``max_length`` that is not an int.
+        ValueError: ``heads`` for a ``last``-pooled model, or a head whose width is not the pooled states'.
     """
     check_prompts(prompts)
     if not isinstance(replies, (list, tuple)):
@@ -443,12 +447,20 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
         raise ValueError(f"max_length={max_length} (reward.max_length) exceeds the reward model's {limit} positions")
     device = next(model.parameters()).device
     pooling = pooling_of(model)
+    if heads is not None:
+        width = getattr(model, HEAD).weight.shape[1]
+        if pooling == "last" or any(w.numel() != width for w in heads.values()):
+            raise ValueError(f"extra heads need a pooled probe reward model and width {width}, got pooling "
+                             f"{pooling!r} and widths { {k: w.numel() for k, w in heads.items()} }")
+    weights = {None: getattr(model, HEAD).weight} if heads is None else heads
+    weights = {k: w.detach().float().reshape(-1).to(device) for k, w in weights.items()}
     encoded, starts, cut = encode_pairs(tokenizer, prompts, replies, max_length, reply_starts=pooling != "last")
     if counts is not None:
         for key, value in cut.items():
             counts[key] = counts.get(key, 0) + value
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    rewards = torch.empty(len(encoded), dtype=torch.float32)
+    out = {k: torch.empty(len(encoded), dtype=torch.float32) for k in weights}
+    rewards = out[next(iter(weights))]
     for start in progress(range(0, len(order), batch_size), min_total=8, desc="scoring", unit="batch", leave=False):
         idx = order[start:start + batch_size]
         ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
@@ -462,9 +474,10 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
         width = ids.shape[1]
         read = last_real_token(ids, tokenizer.pad_token_id)
         first = torch.tensor([width - len(encoded[i]) + starts[i] for i in idx], device=device)
-        head = getattr(model, HEAD)
-        rewards[idx] = (pool_states(states, first, read, pooling).float() @ head.weight.float()[0]).cpu()
-    return rewards
+        pooled = pool_states(states, first, read, pooling).float()
+        for k, w in weights.items():
+            out[k][idx] = (pooled @ w).cpu()
+    return rewards if heads is None else out
 
 
 def last_real_token(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
