@@ -226,18 +226,24 @@ def best_of_n_replies(policy, tokenizer, rows: list[dict], cfg: PPOStageConfig, 
 
 
 def shared_backbones(rm_dir: Path, proxies: list[str]) -> list[list[tuple[str, Path, str]]]:
-    """``proxies`` (stage 3's names) grouped by the backbone states their heads read: pooled probes on the same
-    backbone folder, precision, block and pooling (``int8`` and ``int8-ptq`` read the same int8 states) share one
-    pass; any other model is a group of its own. Returns groups of ``(name, folder, precision)`` in first-seen
+    """``proxies`` (stage 3's names) grouped by the backbone states their heads read (:func:`states_key`): pooled
+    probes on the same backbone folder, precision, block and pooling (``int8`` and ``int8-ptq`` read the same int8
+    states) share one pass; any other model is a group of its own. Returns groups of ``(name, folder, precision)`` in first-seen
     order (:func:`proxy_location`)."""
     groups: dict = {}
     for name in proxies:
         folder, precision = proxy_location(rm_dir, name)
-        info = read_info(folder)
-        shareable = info["layout"] == "head" and info.get("pooling", "last") != "last"
-        key = (info["backbone"], precision, info.get("num_layers"), info["pooling"]) if shareable else name
-        groups.setdefault(key, []).append((name, folder, precision))
+        groups.setdefault(states_key(folder, precision) or name, []).append((name, folder, precision))
     return list(groups.values())
+
+
+def states_key(folder: Path, precision: str) -> tuple | None:
+    """What a pooled probe's head reads: ``(backbone folder, precision, blocks, pooling)``; None for a model whose
+    head cannot share a pass (a LoRA model, a merged model, or ``last`` pooling through the model's own head)."""
+    info = read_info(folder)
+    if info["layout"] != "head" or info.get("pooling", "last") == "last":
+        return None
+    return info["backbone"], precision, info.get("num_layers"), info["pooling"]
 
 
 def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: dict, cfg: Config, ctx) -> dict:
@@ -255,7 +261,8 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
     flat_prompts = [pr for pr in samples["prompts"] for _ in range(n)]
     flat_replies = [r for replies in samples["replies"] for r in replies]
     shape = (len(samples["prompts"]), n)
-    proxy_scores, truncation, device = {}, {}, resolve_device(p.reward_device)
+    proxy_scores, judge_scores, truncation, device = {}, {}, {}, resolve_device(p.reward_device)
+    riders = {name: states_key(j["folder"], "bf16") for name, j in judges.items() if j["model"] is not None}
     for members in shared_backbones(rm_dir, [m for m in verdicts if m not in judges]):
         names = [name for name, _, _ in members]
         ctx.step = f"best-of-{n}: scoring with {', '.join(names)}"
@@ -268,6 +275,9 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
             heads[name] = getattr(other, HEAD).weight.detach().clone()
             del other
         name, folder, precision = members[0]
+        key = states_key(folder, precision)
+        riding = [j for j, k in riders.items() if key is not None and k == key and j not in judge_scores]
+        heads.update({f"judge {j}": getattr(judges[j]["model"], HEAD).weight for j in riding})  # same states
         model, tok = load_reward_model(folder, precision, device)
         counts = {}
         scores = score(model, tok, flat_prompts, flat_replies, p.score_batch_size, cfg.reward.max_length, counts,
@@ -275,10 +285,14 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
         for name in names:
             proxy_scores[name] = (scores[name] if heads else scores).numpy().reshape(shape)
             truncation[name] = counts
+        for j in riding:
+            judge_scores[j] = scores[f"judge {j}"].numpy().reshape(shape)
         del model
         free_memory()
     ctx.step = f"best-of-{n}: scoring with the judges"
-    judge_scores = {name: j["scorer"](flat_prompts, flat_replies).numpy().reshape(shape) for name, j in judges.items()}
+    judge_scores.update({name: j["scorer"](flat_prompts, flat_replies).numpy().reshape(shape)
+                         for name, j in judges.items() if name not in judge_scores})
+    judge_scores = {name: judge_scores[name] for name in judges}
     out = curves(proxy_scores, judge_scores, samples["tokens"], reference="bf16", seed=cfg.run.seed)
     out["words"] = describe(out, unlearned=tuple(name for name in judges if not verdicts[name]["learned"]))
     out.update(proxy_scores={k: v.tolist() for k, v in proxy_scores.items()},
