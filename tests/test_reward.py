@@ -193,18 +193,11 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
 
 
-def test_extra_heads_read_the_same_pooled_states_as_their_own_model(models_dir):
+def test_extra_heads_read_the_same_pooled_states_as_their_own_model(tiny_llama_scorer):
     # best-of-n scores int8 and int8-ptq (two heads on the same int8 states) in one pass
-    from edgerlhf.core.models import load_tokenizer, prepare_base_model
     from edgerlhf.core.reward_scoring import POOLING_ATTRIBUTE
-    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
 
-    location = prepare_base_model("tiny-llama", models_dir)
-    tok = load_tokenizer(location)
-    ensure_chat_template(tok)
-    ensure_pad_token(tok)
-    model, _ = load_backbone(location, "int8", "cpu")
-    model.config.pad_token_id = tok.pad_token_id
+    model, tok = tiny_llama_scorer
     model.score = torch.nn.Linear(2 * model.config.hidden_size, 1, bias=False)
     setattr(model, POOLING_ATTRIBUTE, "last+mean")
     torch.manual_seed(0)
