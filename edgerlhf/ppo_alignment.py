@@ -228,8 +228,8 @@ def best_of_n_replies(policy, tokenizer, rows: list[dict], cfg: PPOStageConfig, 
 def shared_backbones(rm_dir: Path, proxies: list[str]) -> list[list[tuple[str, Path, str]]]:
     """``proxies`` (stage 3's names) grouped by the backbone states their heads read (:func:`states_key`): pooled
     probes on the same backbone folder, precision, block and pooling (``int8`` and ``int8-ptq`` read the same int8
-    states) share one pass; any other model is a group of its own. Returns groups of ``(name, folder, precision)`` in first-seen
-    order (:func:`proxy_location`)."""
+    states) share one pass; any other model is a group of its own. Returns groups of ``(name, folder, precision)``
+    in first-seen order (:func:`proxy_location`)."""
     groups: dict = {}
     for name in proxies:
         folder, precision = proxy_location(rm_dir, name)
@@ -646,7 +646,8 @@ def _net_sentence(name: str, net: dict, judges: list[str]) -> str:
         verdict = "no effect beyond the placebo detectable by every judge (minimum detectable " + ", ".join(
             f"{j} {net[j]['mde']:.3f}" for j in judges) + ")"
     length, vs = net["length_change"], net["length_vs_placebo"]
-    return (f"net of the placebo ({net[judges[0]]['interval']}), Holm over {size} arms: " + "; ".join(parts) + f": {verdict}. Reply length "
+    return (f"net of the placebo ({net[judges[0]]['interval']}), Holm over {size} arms: " + "; ".join(parts)
+            + f": {verdict}. Reply length "
             f"{length['mean_difference']:+.1f} {_ci(length['ci'], 1)} tokens from SFT, "
             f"{vs['mean_difference']:+.1f} {_ci(vs['ci'], 1)} from the placebo")
 
@@ -722,8 +723,9 @@ def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> l
     """The research plan's table with its intervals: arm | proxy | per judge: before -> after, the paired
     change, its minimum detectable change and win rate, and (with ``net``, :func:`edgerlhf.core.arms.net_of_placebo`)
     the difference from the placebo policy, Holm-adjusted p and length-controlled | reply length change (tokens) |
-    implicit-reward share | proxy before -> after with the change's paired interval | KL | time | peak memory. A judge's columns are prefixed by its
-    name (``judge-tfidf`` -> ``judge_tfidf_``); the placebo's own net columns are None."""
+    implicit-reward share | proxy before -> after with the change's paired interval | KL | time | peak memory. A
+    judge's columns are prefixed by its name (``judge-tfidf`` -> ``judge_tfidf_``); the placebo's own net columns
+    are None."""
     rows = []
     for name, e in experiments.items():
         verdict = e.get("proxy_verdict") or {}
@@ -846,7 +848,8 @@ def run_alignment(cfg: Config) -> dict:
         figures["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
     results = {"experiments": experiments, "table": comparison_table(experiments, net), "net_of_placebo": net,
                "judges": judge_info,
-               "answer": summary, "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts), "eval_prompts": eval_counts,
+               "answer": summary, "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts),
+               "eval_prompts": eval_counts,
                "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,

@@ -444,7 +444,8 @@ class PPOStageConfig:
     best_of_n: int = _f(
         16, "SFT replies sampled per held-out prompt for best-of-n (int): each proxy picks its best of the first k, "
         "k = 1, 2, 4, ..., n, and every judge scores the picks (Stiennon et al. 2020; Gao et al. 2023 use n up to "
-        "thousands; 16 reaches KL 2.0 nats). 0 turns best-of-n off; otherwise at least 2.", limit=(0, None),
+        "thousands; 16 reaches KL_bon = log 16 - 15/16 = 1.84 nats). 0 turns best-of-n off; otherwise at least 2.",
+        limit=(0, None),
     )
     best_of_n_prompts: int = _f(
         384, "Held-out prompts for best-of-n (int): the first N test prompts, the PPO evaluation's among them. 384 "
@@ -661,11 +662,11 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
     (0, 1].
     Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
-    ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and ``ppo.seeds`` (unless None) are
-    non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.max_new_tokens <=
-    reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.micro_batch_size <=
-    ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key -> where it was set: profile, config file,
-    parameter, command-line flag) is named in the message.
+    ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and ``ppo.seeds`` (unless
+    None) are non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1;
+    ``ppo.max_prompt_length + ppo.max_new_tokens <= reward.max_length`` (tokens), so every PPO reply fits the
+    reward model; ``ppo.micro_batch_size <= ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key ->
+    where it was set: profile, config file, parameter, command-line flag) is named in the message.
 
     Raises:
         ValueError: one message listing every offending key with its value, origin and the allowed range.

@@ -431,10 +431,10 @@ def score(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch
         ``FloatTensor[N]`` (float32, on the CPU); with ``heads``, ``{name: FloatTensor[N]}`` instead.
     Raises:
         ValueError: different numbers of prompts and replies; an unknown role; ``batch_size`` or ``max_length``
-            below 1, or ``max_length`` beyond the model's positions.
+            below 1, or ``max_length`` beyond the model's positions; ``heads`` for a ``last``-pooled model, or a
+            head whose width is not the pooled states'.
         TypeError: prompts that are not lists of message dicts (a prompt given as a str), replies that are not a
             list of ``str``, or a ``batch_size`` / ``max_length`` that is not an int.
-        ValueError: ``heads`` for a ``last``-pooled model, or a head whose width is not the pooled states'.
     """
     check_prompts(prompts)
     if not isinstance(replies, (list, tuple)):
