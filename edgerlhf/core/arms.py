@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import torch
 
-from .stats import ALPHA, POWER, holm, mde_paired_mean, paired_bootstrap, percentile_bootstrap, t_test_p
+from .stats import ALPHA, POWER, holm_family, mde_paired_mean, paired_bootstrap, percentile_bootstrap, t_test_p
 
 PLACEBO = "placebo"
 
@@ -116,8 +116,8 @@ def compare_arms(arms: dict[str, dict], names: list[str], reference: str, judges
             length = np.concatenate([np.asarray(x["tokens"], float) - np.asarray(y["tokens"], float)
                                      for x, y in zip(mine, ref)])
             tests.append({**diff, "length_controlled": length_controlled(score, length, seed)})
-        for a, test, p in zip(names, tests, holm([x["p_value"] for x in tests])):
-            out[a][j] = {**test, "p_holm": p, "family_size": len(tests)}
+        for a, test in zip(names, holm_family(tests)):
+            out[a][j] = test
     return out
 
 

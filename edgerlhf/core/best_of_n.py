@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from .stats import ALPHA, holm, mde_paired_mean, paired_bootstrap, t_test_p
+from .arms import seed_paired
+from .stats import ALPHA, holm_family, paired_bootstrap
 
 #: Gao et al. 2023's functional forms of the gold reward against ``d = sqrt(KL)``: ``R(d) = d (alpha - beta f(d))``
 #: with ``f(d) = d`` for best-of-n and ``f(d) = log d`` for RL (their eq. 1 and 2).
@@ -107,7 +108,8 @@ def curves(proxy_scores: dict[str, np.ndarray], judge_scores: dict[str, np.ndarr
         mean reply with its paired bootstrap interval) and ``fits`` (per judge, :func:`bootstrap_fit` with
         ``form="bon"``, where ``n >= 4`` gives two points with ``d > 0``); ``gains_at_n`` and ``vs_reference``, per
         judge, the tests at ``k = n`` (each proxy's gain; each proxy's pick minus the reference's), each family
-        Holm-corrected (:func:`edgerlhf.core.stats.t_test_p`) with the minimum detectable difference (80% power).
+        Holm-corrected (:func:`edgerlhf.core.arms.seed_paired` with one seed: paired bootstrap interval, t-test, minimum
+        detectable difference at 80% power).
 
     Raises:
         ValueError: arrays of different shapes, fewer than 2 replies per prompt, or non-finite scores.
@@ -150,23 +152,14 @@ def curves(proxy_scores: dict[str, np.ndarray], judge_scores: dict[str, np.ndarr
         out["proxies"][name] = {"points": points, "fits": fits}
     out["gains_at_n"], out["vs_reference"] = {}, {}
     for j in judge_scores:
-        gains = [{"proxy": name, **out["proxies"][name]["points"][-1]["judges"][j]["gain"],
-                  "p_value": t_test_p(picked_at_n[name][j] - judge_mean[j])} for name in proxy_scores]
-        out["gains_at_n"][j] = _with_holm(gains)
+        out["gains_at_n"][j] = holm_family([{"proxy": name, **seed_paired([picked_at_n[name][j]], [judge_mean[j]],
+                                                                          seed)} for name in proxy_scores])
         if reference in proxy_scores:
-            diffs = [{"proxy": name, "reference": reference,
-                      **paired_bootstrap(picked_at_n[name][j], picked_at_n[reference][j], seed=seed),
-                      "p_value": t_test_p(picked_at_n[name][j] - picked_at_n[reference][j])}
-                     for name in proxy_scores if name != reference]
-            out["vs_reference"][j] = _with_holm(diffs)
+            out["vs_reference"][j] = holm_family([
+                {"proxy": name, "reference": reference,
+                 **seed_paired([picked_at_n[name][j]], [picked_at_n[reference][j]], seed)}
+                for name in proxy_scores if name != reference])
     return out
-
-
-def _with_holm(tests: list[dict]) -> list[dict]:
-    """Each test with ``p_holm`` (Holm over the list), ``family_size`` and ``mde`` (paired mean, 80% power)."""
-    adjusted = holm([t["p_value"] for t in tests])
-    return [{**t, "p_holm": p, "family_size": len(tests), "mde": mde_paired_mean(t["n"], t["sd_difference"])}
-            for t, p in zip(tests, adjusted)]
 
 
 def describe(bon: dict, unlearned: tuple[str, ...] = (), alpha: float = ALPHA) -> list[str]:

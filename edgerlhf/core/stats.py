@@ -172,6 +172,13 @@ def holm(p_values) -> list[float]:
     return [float(x) for x in multipletests(p, method="holm")[1]]
 
 
+def holm_family(tests: list[dict]) -> list[dict]:
+    """The tests of one family (each a dict with ``p_value``), each with ``p_holm`` (:func:`holm` over the list) and
+    ``family_size`` added, in the order given."""
+    adjusted = holm([t["p_value"] for t in tests])
+    return [{**t, "p_holm": p, "family_size": len(tests)} for t, p in zip(tests, adjusted)]
+
+
 def t_test_p(differences) -> float:
     """Two-sided one-sample t-test of mean 0 on paired differences ``float[N]`` (``scipy.stats.ttest_1samp``). Where
     every difference is the same value (no variance) it is 1.0 for 0 and 0.0 otherwise, where SciPy gives NaN."""
