@@ -42,7 +42,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .core.adapters import frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .core.arms import PLACEBO, compare_arms, net_of_placebo, placebo_scorer
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
@@ -71,9 +71,10 @@ def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
     PPO adapter and a zero value head; the adapter disabled is the reference model.
 
     For an int8/int4 policy the merged full-precision weights are quantized on load (merge first,
-    then quantize). Returns ``(policy, value_head, tokenizer)``.
+    then quantize); the frozen base in :func:`edgerlhf.core.adapters.frozen_dtype`. Returns
+    ``(policy, value_head, tokenizer)``.
     """
-    dtype = compute_dtype(device)
+    dtype = frozen_dtype(device)
     qc = quantization_config(cfg.policy_precision, dtype)
     if qc is None:
         model = load_causal_lm(sft_location, dtype).to(device)
@@ -853,7 +854,8 @@ def run_alignment(cfg: Config) -> dict:
                "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
-        model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
+        model_config={"policy": sft_location, "policy_precision": p.policy_precision,
+                      "policy_dtype": str(frozen_dtype(ctx.device)).replace("torch.", ""), "lora_rank": p.lora_r,
                       "reward_mode": p.reward_mode, "judges": [str(j["folder"]) for j in judges.values()]},
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",

@@ -88,7 +88,7 @@ def reward_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[
 def build_reward_model(sft_location: str, precision: str, cfg: RewardStageConfig, pad_token_id: int,
                        device: torch.device):
     """SFT backbone at ``precision`` with a one-output head, LoRA on top; the head is trained in full."""
-    model, _ = load_backbone(sft_location, precision, device)
+    model, _ = load_backbone(sft_location, precision, device, dtype=compute_dtype(device))
     model.config.pad_token_id = pad_token_id
     if precision != "bf16":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)

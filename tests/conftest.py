@@ -15,6 +15,16 @@ HH_FILE = shared_dir() / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 GPT2_TOKENIZER = shared_dir() / "tokenizers" / "distilgpt2"
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every in-process test runs as on a CPU without native bf16 (reward models in float32, whatever
+    ``run.cpu_bf16`` says), so the arithmetic identities tested hold on any CI machine; the bf16 path's tests
+    patch :func:`edgerlhf.core.adapters.cpu_bf16_native` back to True."""
+    import edgerlhf.core.adapters as adapters
+
+    monkeypatch.setattr(adapters, "cpu_bf16_native", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def hh_file() -> Path:
     assert HH_FILE.exists(), f"the shared HH-RLHF file is missing at {HH_FILE}"

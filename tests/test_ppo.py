@@ -368,8 +368,10 @@ def toy_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
 
 
-def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
-    """A tiny policy learns to say "good" more often; the KL to the reference stays bounded."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path, dtype):
+    """A tiny policy learns to say "good" more often; the KL to the reference stays bounded. In bf16 (the frozen
+    base on a GPU, or on a CPU with native bf16) the adapter and value head still train in float32."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = toy_tokenizer()
@@ -378,11 +380,12 @@ def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path):
     # anything but a near-uniform next-token distribution, whatever the adapter learns
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                        initializer_range=0.1, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id)).eval()
+                                       pad_token_id=tok.pad_token_id)).eval().to(dtype)
     cfg = PPOStageConfig(steps=30, batch_size=16, micro_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=4,
                     max_new_tokens=8, learning_rate=3e-3, value_learning_rate=3e-3, temperature=1.0,
                     init_kl_coef=0.05, adaptive_kl=False, lora_r=8, lora_alpha=16, checkpoint_every=100)
     policy, head = build_policy(model, cfg)
+    assert {p.dtype for p in policy.parameters() if p.requires_grad} | {head.weight.dtype} == {torch.float32}
     queries = [tok(q, add_special_tokens=False)["input_ids"] for q in ["hi there", "what", "why there", "hi"] * 4]
     prompts = [[{"role": "user", "content": "x"}]] * len(queries)
     history = train(policy, head, tok, queries, prompts, token_share_scorer(tok, "good"), cfg, tmp_path, 0)

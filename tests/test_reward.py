@@ -193,6 +193,43 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int4"])
+def test_a_cpu_with_native_bf16_scores_in_bf16_unless_run_cpu_bf16_is_off(precision, models_dir, monkeypatch):
+    # run.cpu_bf16: bf16 weights / NF4 compute on a CPU that multiplies bf16 natively; the probe's features and
+    # score() then agree to bf16's rounding and stay close to the float32 scores; training keeps float32
+    import edgerlhf.core.adapters as adapters
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.probe import pair_features
+    from edgerlhf.core.reward_scoring import dtype_that_ran
+
+    location = prepare_base_model("tiny-llama", models_dir)
+    tok = load_tokenizer(location)
+    prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
+    chosen, rejected = ["yes sure " * (i % 3 + 1) for i in range(5)], ["no" + " way" * i for i in range(5)]
+    scores = {}
+    monkeypatch.setattr(adapters, "cpu_bf16_native", lambda: True)
+    for on in (True, False):
+        adapters.use_cpu_bf16(on)
+        try:
+            model, _ = load_backbone(location, precision, "cpu")
+            dtype = adapters.frozen_dtype("cpu")
+            assert dtype == (torch.bfloat16 if on else torch.float32)
+            assert dtype_that_ran(precision, "cpu").count(str(dtype).replace("torch.", "")) == 1
+            assert adapters.compute_dtype(torch.device("cpu")) == torch.float32
+        finally:
+            adapters.use_cpu_bf16(True)
+        assert model.model.norm.weight.dtype == dtype
+        model.config.pad_token_id = tok.pad_token_id
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.score.weight)
+        scores[on] = score(model.eval(), tok, prompts, chosen, batch_size=2)
+        fc, _ = pair_features(model, tok, prompts, chosen, rejected, batch_size=3)
+        tol = 0.05 * scores[on].abs().max().item() if on else 1e-4
+        assert torch.allclose(fc @ model.score.weight.detach().float()[0], scores[on], atol=tol)
+    assert torch.allclose(scores[True], scores[False], atol=0.05 * scores[False].abs().max().item())
+    assert not torch.equal(scores[True], scores[False])  # bf16 really ran
+
+
 def test_extra_heads_read_the_same_pooled_states_as_their_own_model(tiny_llama_scorer):
     # best-of-n scores int8 and int8-ptq (two heads on the same int8 states) in one pass
     from edgerlhf.core.reward_scoring import POOLING_ATTRIBUTE

@@ -49,8 +49,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16_native() -> bool:
+    """True when this CPU multiplies bf16 in hardware (Intel AMX tiles or AVX512-BF16, as torch detects them)."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def hardware_report(device: str = "auto", disk_path: str | os.PathLike = ".") -> dict:
-    """Describe the machine: device, GPU name, VRAM (MiB), driver, CUDA, CPU, RAM (MiB), free disk (MiB).
+    """Describe the machine: device, GPU name, VRAM (MiB), driver, CUDA, CPU (and whether it multiplies bf16
+    natively: AMX or AVX512-BF16), RAM (MiB), free disk (MiB).
 
     GPU fields are None on a CPU-only machine.
     """
@@ -64,6 +70,7 @@ def hardware_report(device: str = "auto", disk_path: str | os.PathLike = ".") ->
         "driver_version": _nvidia_driver(),  # also when torch cannot use CUDA: recommend() says so
         "bf16_supported": False,
         "cpu": _cpu_name(),
+        "cpu_bf16_native": cpu_bf16_native(),
         "cpu_count": os.cpu_count(),
         "ram_total_mib": round(psutil.virtual_memory().total / MIB),
         "disk_free_mib": round(shutil.disk_usage(disk_path).free / MIB),

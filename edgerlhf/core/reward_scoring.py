@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .adapters import frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .config import PRECISIONS, PROBE_POOLINGS
 from .files import folder_digest, sha256_file
 from .logs import progress
@@ -53,19 +53,21 @@ class RewardModelError(ValueError):
     """A reward-model folder is incomplete or does not match what was asked of it."""
 
 
-def load_backbone(location: str, precision: str, device: torch.device | str, num_layers: int | None = None):
+def load_backbone(location: str, precision: str, device: torch.device | str, num_layers: int | None = None,
+                  dtype: torch.dtype | None = None):
     """A one-output sequence-classification model from ``location`` at ``precision``; head in full precision.
 
     ``num_layers`` keeps only the first N transformer blocks (the final norm then reads block N's output;
     the checkpoint's later blocks are not loaded); None keeps them all.
 
     Returns ``(model, missing_keys)``; ``missing_keys`` lists weights the checkpoint lacked
-    (``score.weight`` when starting from a causal LM).
+    (``score.weight`` when starting from a causal LM). ``dtype``: the weights' and arithmetic's dtype; None:
+    :func:`edgerlhf.core.adapters.frozen_dtype` (scoring), training passes its compute dtype.
     Raises:
         ValueError: ``num_layers`` outside ``[1, blocks of the checkpoint]``.
     """
     device = torch.device(device)
-    dtype = compute_dtype(device)
+    dtype = dtype or frozen_dtype(device)
     extra = {}
     if num_layers is not None:
         blocks = AutoConfig.from_pretrained(location, trust_remote_code=False).num_hidden_layers
@@ -185,7 +187,8 @@ def folder_mib(path: Path) -> float:
 
 
 def dtype_that_ran(precision: str, device) -> str:
-    """What the backbone's weights and arithmetic really were: on a CPU, "bf16" runs in float32; LLM.int8
+    """What the backbone's weights and arithmetic really were when scoring (:func:`edgerlhf.core.adapters.
+    frozen_dtype`: on a CPU, "bf16" runs in float32 unless the CPU has native bf16); LLM.int8
     quantizes activations to int8 by way of float16 (outlier columns in float16); NF4 weights are dequantized to
     the compute dtype (:func:`edgerlhf.core.adapters.nf4_in_compute_dtype`). Stage 3 records it as
     ``rm_info.json``'s ``dtype``.
@@ -193,7 +196,7 @@ def dtype_that_ran(precision: str, device) -> str:
     Raises:
         KeyError: ``precision`` is not one of :data:`edgerlhf.core.config.PRECISIONS`.
     """
-    compute = str(compute_dtype(torch.device(device))).replace("torch.", "")
+    compute = str(frozen_dtype(device)).replace("torch.", "")
     return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
                                      f"{compute} elsewhere",
             "int4": f"nf4 (double quant), {compute} compute"}[precision]

@@ -96,6 +96,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
         rank = processes > 1 and process_info()["process_index"]
         log_to_file(run_dir / "logs" / f"{stage or 'stage'}{f'.rank{rank}' if rank else ''}.log")
         device = resolve_device(cfg.run.device)
+        from .adapters import use_cpu_bf16  # transformers and bitsandbytes load only once a stage begins
+        use_cpu_bf16(cfg.run.cpu_bf16)
         budget = apply_vram_budget(cfg.run.vram_budget_gib, device)
     except BaseException:
         lock.release()
