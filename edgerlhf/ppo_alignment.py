@@ -43,7 +43,8 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .core.adapters import frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
-from .core.arms import PLACEBO, compare_arms, net_of_placebo, placebo_scorer
+from .core.arms import (MOVED_KL, PLACEBO, compare_arms, movement_sentence, net_of_placebo, placebo_scorer,
+                         policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
 from .core.files import new_staging, swap_in_dir
@@ -654,11 +655,12 @@ def _net_sentence(name: str, net: dict, judges: list[str]) -> str:
 
 
 def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], judges: dict[str, dict],
-           steps: int) -> str:
+           steps: int, movement: dict | None = None) -> str:
     """The one paragraph that answers "how does the reward model's precision change alignment?" from this run's
     numbers: best-of-n's gains per precision at ``k = n`` and each precision − bf16 with its interval, Holm-adjusted
-    p and MDE, per judge; PPO's effects net of the placebo per precision; and the smallest differences this run could
-    have detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
+    p and MDE, per judge; PPO's effects net of the placebo per precision; whether PPO moved the policies
+    (``movement``, :func:`edgerlhf.core.arms.policy_movement`); and the smallest differences this run could have
+    detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
     weak = [j for j, v in judges.items() if not v["learned"]]
     parts = ["How does the reward model's precision change alignment? At this run's scale (judges: "
              + ", ".join(judges) + ")"]
@@ -697,6 +699,10 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
             mdes += [x[j]["mde"] for x in net.values()]
     elif experiments:
         parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
+    if movement and not movement["moved"]:
+        top = max(x["kl"] for x in movement["arms"].values())
+        parts.append(f"PPO moved no policy {MOVED_KL:g} nat from the SFT model (at most {top:.2f} nats per reply), "
+                     "so its effects are those of a small step")
     if mdes:
         one_seed = not net or next(iter(net.values()))[next(iter(judges))]["seeds"] == 1
         parts.append(f"differences smaller than {max(mdes):.3f} judge units (the largest minimum detectable "
@@ -836,8 +842,9 @@ def run_alignment(cfg: Config) -> dict:
         for name, j in judges.items()}
     net = (net_of_placebo(experiments, list(judges), cfg.run.seed) if PLACEBO in experiments and len(experiments) > 1
            else None)
-    words = conclusions(experiments, judge_info, cfg.run.seed, net)
-    summary = answer(bon, net, experiments, judge_info, p.steps)
+    movement = policy_movement(experiments, p.steps, p.batch_size, p.adaptive_kl, p.kl_horizon)
+    words = conclusions(experiments, judge_info, cfg.run.seed, net) + [movement_sentence(movement)]
+    summary = answer(bon, net, experiments, judge_info, p.steps, movement)
     for e in experiments.values():
         e["rl_fit"] = rl_fits(e["curve"], list(judges))
     figures = {
@@ -848,7 +855,7 @@ def run_alignment(cfg: Config) -> dict:
     if bon is not None:
         figures["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
     results = {"experiments": experiments, "table": comparison_table(experiments, net), "net_of_placebo": net,
-               "judges": judge_info,
+               "judges": judge_info, "policy_movement": movement,
                "answer": summary, "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts),
                "eval_prompts": eval_counts,
                "n_implicit_reward_pairs": len(labelled), "figures": figures}

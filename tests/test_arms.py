@@ -101,3 +101,24 @@ def test_arms_with_seeds_are_compared_seed_by_seed():
     net = net_of_placebo({"bf16": arm(0.5), "int8": arm(0.4), PLACEBO: arm(0.0)}, ["judge"])
     assert net["bf16"]["judge"]["seeds"] == 3 and net["bf16"]["judge"]["ci"][0] > 0.3
     assert net["int8"]["length_vs_placebo"]["mean_difference"] == 0
+
+
+def test_policy_movement_says_whether_every_arm_reached_one_nat_and_what_the_controller_could_do():
+    from edgerlhf.core.arms import movement_sentence, policy_movement
+
+    def arm(kl, betas):
+        return {"after": {"kl_mean": kl}, "history": [{"beta": b} for b in betas]}
+
+    arms = {"bf16": arm(0.43, [0.1, 0.09992]), "placebo": arm(1.5, [0.1, 0.09995])}
+    m = policy_movement(arms, steps=5, batch_size=8, adaptive=True, horizon=10_000)
+    assert not m["moved"] and m["samples"] == 40
+    assert m["max_beta_change"] == pytest.approx(1.00016 ** 5 - 1)  # (1 + 0.2 * 8 / 10,000) ** 5 - 1
+    assert m["arms"]["bf16"] == {"kl": 0.43, "beta_first": 0.1, "beta_last": 0.09992}
+    words = movement_sentence(m)
+    assert "bf16 0.43, placebo 1.50" in words and "40 samples (5 steps of 8 prompts)" in words
+    assert "at most 0.1% in this run" in words and "bf16 0.1 -> 0.09992" in words
+    fixed = policy_movement(arms, steps=5, batch_size=8, adaptive=False, horizon=10_000)
+    assert fixed["max_beta_change"] == 0 and "fixed KL coefficient" in movement_sentence(fixed)
+    moved = policy_movement({"bf16": arm(1.2, [0.1, 0.08])}, steps=100, batch_size=32, adaptive=True, horizon=320)
+    assert moved["moved"] and movement_sentence(moved).endswith("every policy moved at least 1 nat")
+    assert moved["max_beta_change"] == pytest.approx(1.02 ** 100 - 1)

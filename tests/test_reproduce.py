@@ -42,9 +42,16 @@ def test_runs_on_different_processors_are_named_but_compared_as_usual(tmp_path, 
         record["hardware"]["cpu"] = "Other CPU 9000"
         path.write_text(json.dumps(record))
     note = hardware_note(latest_records(a), latest_records(b))
-    assert note is not None and "'Other CPU 9000'" in note
+    assert note is not None and "'Other CPU 9000'" in note and "bf16" not in note
     assert main([str(a), str(b)]) == 0
     assert note in capsys.readouterr().out
+    for run, native in ((a, False), (b, True)):  # only run B on a CPU whose native bf16 ran its frozen weights
+        for path in (run / "records").glob("*.json"):
+            record = json.loads(path.read_text())
+            record["hardware"].update(device="cpu", cpu_bf16_native=native)
+            record["config"]["run"]["cpu_bf16"] = True
+            path.write_text(json.dumps(record))
+    assert "float32 in run A and bf16 in run B" in hardware_note(latest_records(a), latest_records(b))
 
 
 def test_a_metric_beyond_tolerance_fails_and_is_named(tmp_path, capsys):

@@ -142,3 +142,40 @@ def net_of_placebo(arms: dict[str, dict], judges: list[str], seed: int = 0) -> d
                                               seed)
         out[a]["length_vs_placebo"] = seed_paired([r["tokens"] for r in mine], [r["tokens"] for r in placebo], seed)
     return out
+
+
+#: KL to the SFT model, in nats per reply, that the alignment issue asks of "a policy that moves" (full profile).
+MOVED_KL = 1.0
+
+
+def policy_movement(arms: dict[str, dict], steps: int, batch_size: int, adaptive: bool, horizon: int) -> dict:
+    """How far PPO moved each arm's policy, and whether the adaptive KL controller could act.
+
+    Per arm (its first seed): ``kl`` the mean KL to the SFT model over the held-out prompts after training
+    (nats per reply, the evaluation's ``kl_mean``), ``beta_first`` / ``beta_last`` the KL coefficient at the
+    first and last step. ``samples`` = ``steps * batch_size``; ``max_beta_change``: the largest relative change
+    Ziegler et al. (2019)'s controller can make in this run, ``(1 + 0.2 * batch_size / horizon) ** steps - 1``
+    (its error is clipped to ±0.2), 0 without it. ``moved``: every arm reached :data:`MOVED_KL`.
+    """
+    per_arm = {name: {"kl": float(a["after"]["kl_mean"]), "beta_first": float(a["history"][0]["beta"]),
+                      "beta_last": float(a["history"][-1]["beta"])} for name, a in arms.items()}
+    bound = (1 + 0.2 * batch_size / horizon) ** steps - 1 if adaptive else 0.0
+    return {"arms": per_arm, "moved": all(x["kl"] >= MOVED_KL for x in per_arm.values()),
+            "samples": steps * batch_size, "steps": steps, "batch_size": batch_size, "adaptive": adaptive,
+            "horizon": horizon, "max_beta_change": bound}
+
+
+def movement_sentence(m: dict) -> str:
+    """:func:`policy_movement` in words: the KL each arm reached against :data:`MOVED_KL` and, where short of it,
+    what held it back (the run's samples, and how far the controller could move beta)."""
+    kls = ", ".join(f"{name} {x['kl']:.2f}" for name, x in m["arms"].items())
+    betas = ", ".join(f"{name} {x['beta_first']:.4g} -> {x['beta_last']:.4g}" for name, x in m["arms"].items())
+    text = f"KL to the SFT model after PPO (nats per reply, held-out prompts): {kls}"
+    if m["moved"]:
+        return text + f"; every policy moved at least {MOVED_KL:g} nat"
+    text += (f"; below the {MOVED_KL:g} nat a policy that moves reaches: this run drew {m['samples']} samples "
+             f"({m['steps']} steps of {m['batch_size']} prompts)")
+    if not m["adaptive"]:
+        return text + f", with a fixed KL coefficient ({betas})"
+    return text + (f"; the adaptive KL controller (horizon {m['horizon']:,} samples) could change beta by at most "
+                   f"{m['max_beta_change']:.1%} in this run, and moved it {betas}")
