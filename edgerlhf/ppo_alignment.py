@@ -75,7 +75,7 @@ def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
     then quantize); the frozen base in :func:`edgerlhf.core.adapters.frozen_dtype`. Returns
     ``(policy, value_head, tokenizer)``.
     """
-    dtype = frozen_dtype(device)
+    dtype = frozen_dtype(device, cfg.policy_precision)
     qc = quantization_config(cfg.policy_precision, dtype)
     if qc is None:
         model = load_causal_lm(sft_location, dtype).to(device)
@@ -861,8 +861,8 @@ def run_alignment(cfg: Config) -> dict:
                "n_implicit_reward_pairs": len(labelled), "figures": figures}
     results["record"] = str(finish(
         ctx, "ppo", results, m,
-        model_config={"policy": sft_location, "policy_precision": p.policy_precision,
-                      "policy_dtype": str(frozen_dtype(ctx.device)).replace("torch.", ""), "lora_rank": p.lora_r,
+        model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
+                      "policy_dtype": str(frozen_dtype(ctx.device, p.policy_precision)).replace("torch.", ""),
                       "reward_mode": p.reward_mode, "judges": [str(j["folder"]) for j in judges.values()]},
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",

@@ -216,6 +216,7 @@ def test_a_cpu_with_native_bf16_scores_in_bf16_unless_run_cpu_bf16_is_off(precis
             assert dtype == (torch.bfloat16 if on else torch.float32)
             assert dtype_that_ran(precision, "cpu").count(str(dtype).replace("torch.", "")) == 1
             assert adapters.compute_dtype(torch.device("cpu")) == torch.float32
+            assert adapters.frozen_dtype("cpu", "int8") == torch.float32  # LLM.int8 stays float32 on a CPU
         finally:
             adapters.use_cpu_bf16(True)
         assert model.model.norm.weight.dtype == dtype

@@ -75,8 +75,9 @@ class RunConfig:
     device: str = _f("auto", "Device (str): `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`.")
     cpu_bf16: bool = _f(
         True, "On a CPU with native bf16 (Intel AMX or AVX512-BF16), frozen weights run in bf16 as on a GPU (bool): "
-        "reward models' backbones (scores, probe features) and the PPO policy's frozen base; LoRA adapters and "
-        "value heads stay float32, and SFT and reward training run in float32 on a CPU either way. 2-4x faster "
+        "reward models' backbones (scores, probe features) and the PPO policy's frozen base, except LLM.int8 "
+        "(float32: in bf16 its scores moved with batching); LoRA adapters and value heads stay float32, and SFT and "
+        "reward training run in float32 on a CPU either way. 2-4x faster "
         "there than float32 (docs/measurements.md). False: float32 on every CPU, as a CPU without native bf16 "
         "runs. Records name the dtype that ran."
     )

@@ -352,7 +352,7 @@ def check_saved_probe(folder: Path, precision: str, rows: list[dict], expected: 
     model, tokenizer, cost = loading_cost(folder, precision, device)
     got = score(model, tokenizer, [e["prompt"] for e in rows[:n]], [e["chosen"][0]["content"] for e in rows[:n]],
                 r.score_batch_size, r.max_length).numpy()
-    tol = 0.1 if precision == "int8" else 0.02 if frozen_dtype(device) == torch.bfloat16 else 1e-3
+    tol = 0.1 if precision == "int8" else 0.02 if frozen_dtype(device, precision) == torch.bfloat16 else 1e-3
     if not np.all(np.abs(got - expected[:n]) <= tol * (1 + np.abs(expected[:n]))):
         raise RuntimeError(f"{folder}: the saved reward model scores {got.tolist()} where its features gave "
                            f"{expected[:n].tolist()}")

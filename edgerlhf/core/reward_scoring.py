@@ -67,7 +67,7 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
         ValueError: ``num_layers`` outside ``[1, blocks of the checkpoint]``.
     """
     device = torch.device(device)
-    dtype = dtype or frozen_dtype(device)
+    dtype = dtype or frozen_dtype(device, precision)
     extra = {}
     if num_layers is not None:
         blocks = AutoConfig.from_pretrained(location, trust_remote_code=False).num_hidden_layers
@@ -196,7 +196,7 @@ def dtype_that_ran(precision: str, device) -> str:
     Raises:
         KeyError: ``precision`` is not one of :data:`edgerlhf.core.config.PRECISIONS`.
     """
-    compute = str(frozen_dtype(device)).replace("torch.", "")
+    compute = str(frozen_dtype(device, precision)).replace("torch.", "")
     return {"bf16": compute, "int8": f"int8 (LLM.int8: int8 weights and activations, outliers in float16), "
                                      f"{compute} elsewhere",
             "int4": f"nf4 (double quant), {compute} compute"}[precision]
