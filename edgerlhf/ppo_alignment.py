@@ -42,7 +42,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .core.adapters import frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .core.arms import (MOVED_KL, PLACEBO, compare_arms, movement_sentence, net_of_placebo, placebo_scorer,
                          policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
@@ -72,10 +72,12 @@ def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
     PPO adapter and a zero value head; the adapter disabled is the reference model.
 
     For an int8/int4 policy the merged full-precision weights are quantized on load (merge first,
-    then quantize); the frozen base in :func:`edgerlhf.core.adapters.frozen_dtype`. Returns
-    ``(policy, value_head, tokenizer)``.
+    then quantize). Returns ``(policy, value_head, tokenizer)``.
+
+    The frozen base stays in :func:`edgerlhf.core.adapters.compute_dtype` (float32 on a CPU): in bf16 on an AMX CPU
+    a quick-profile PPO arm took as long (docs/measurements.md).
     """
-    dtype = frozen_dtype(device, cfg.policy_precision)
+    dtype = compute_dtype(device)
     qc = quantization_config(cfg.policy_precision, dtype)
     if qc is None:
         model = load_causal_lm(sft_location, dtype).to(device)
@@ -862,7 +864,7 @@ def run_alignment(cfg: Config) -> dict:
     results["record"] = str(finish(
         ctx, "ppo", results, m,
         model_config={"policy": sft_location, "policy_precision": p.policy_precision, "lora_rank": p.lora_r,
-                      "policy_dtype": str(frozen_dtype(ctx.device, p.policy_precision)).replace("torch.", ""),
+                      "policy_dtype": str(compute_dtype(ctx.device)).replace("torch.", ""),
                       "reward_mode": p.reward_mode, "judges": [str(j["folder"]) for j in judges.values()]},
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",

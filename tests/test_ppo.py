@@ -370,8 +370,8 @@ def toy_tokenizer():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ppo_learns_a_scripted_reward_with_bounded_kl(tmp_path, dtype):
-    """A tiny policy learns to say "good" more often; the KL to the reference stays bounded. In bf16 (the frozen
-    base on a GPU, or on a CPU with native bf16) the adapter and value head still train in float32."""
+    """A tiny policy learns to say "good" more often; the KL to the reference stays bounded. With its frozen base
+    in bf16 (as on a GPU) the adapter and value head still train in float32."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = toy_tokenizer()

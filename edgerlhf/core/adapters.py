@@ -67,19 +67,18 @@ _CPU_BF16 = [True]  # run.cpu_bf16, set by edgerlhf.core.stage.begin through use
 
 
 def use_cpu_bf16(on: bool) -> None:
-    """Set ``run.cpu_bf16`` for this process (:func:`edgerlhf.core.stage.begin` calls it): whether frozen weights
+    """Set ``run.cpu_bf16`` for this process (:func:`edgerlhf.core.stage.begin` calls it): whether reward models
     run in bf16 on a CPU that multiplies bf16 natively (:func:`frozen_dtype`)."""
     _CPU_BF16[0] = bool(on)
 
 
 def frozen_dtype(device: torch.device | str, precision: str = "bf16") -> torch.dtype:
-    """The dtype of frozen pretrained weights at ``precision`` and their arithmetic: reward models' backbones
-    (scoring and probe features) and the PPO policy's frozen base, as bf16 weights or NF4's compute dtype.
-    :func:`compute_dtype` on CUDA; on a CPU, bf16 where the CPU multiplies it natively
-    (:func:`edgerlhf.core.hardware.cpu_bf16_native`) and ``run.cpu_bf16`` is on, else float32; LLM.int8 stays float32
-    on a CPU (with bf16 around it its scores moved with batching by up to 0.25, and it ran no faster). LoRA adapters
-    and value heads stay float32 (peft), and stages 2-3 train in :func:`compute_dtype`. Why: bf16 as on the GPU,
-    2-4x faster than float32 on an AMX CPU (docs/measurements.md)."""
+    """The dtype a reward model's frozen backbone at ``precision`` is loaded and run in (scoring and probe features:
+    bf16 weights, NF4's compute dtype, LLM.int8's layers outside the int8 matmuls). :func:`compute_dtype` on CUDA; on
+    a CPU, bf16 where the CPU multiplies it natively (:func:`edgerlhf.core.hardware.cpu_bf16_native`) and
+    ``run.cpu_bf16`` is on, else float32; LLM.int8 stays float32 on a CPU (with bf16 around it its scores moved with
+    batching by up to 0.25, and it ran no faster). Training, and the PPO policy, keep :func:`compute_dtype`. Why:
+    bf16 as on the GPU, 2-4x faster than float32 on an AMX CPU (docs/measurements.md)."""
     device = torch.device(device)
     if device.type == "cpu":
         native = _CPU_BF16[0] and cpu_bf16_native() and precision != "int8"

@@ -74,12 +74,10 @@ class RunConfig:
     )
     device: str = _f("auto", "Device (str): `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`.")
     cpu_bf16: bool = _f(
-        True, "On a CPU with native bf16 (Intel AMX or AVX512-BF16), frozen weights run in bf16 as on a GPU (bool): "
-        "reward models' backbones (scores, probe features) and the PPO policy's frozen base, except LLM.int8 "
-        "(float32: in bf16 its scores moved with batching); LoRA adapters and value heads stay float32, and SFT and "
-        "reward training run in float32 on a CPU either way. 2-4x faster "
-        "there than float32 (docs/measurements.md). False: float32 on every CPU, as a CPU without native bf16 "
-        "runs. Records name the dtype that ran."
+        True, "On a CPU with native bf16 (Intel AMX or AVX512-BF16), reward models score and read probe features in "
+        "bf16 as on a GPU (bool), except LLM.int8 (float32: in bf16 its scores moved with batching); 2-4x faster "
+        "there than float32 (docs/measurements.md). Training and the PPO policy run in float32 on a CPU either way. "
+        "False: float32 on every CPU, as a CPU without native bf16 runs. Records name the dtype that ran."
     )
     vram_budget_gib: Optional[float] = _f(
         8.0, "Device-memory cap in GiB (float) applied on CUDA so any card behaves like an 8 GB one; None: no cap.",
@@ -522,7 +520,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.n_implicit_reward_pairs": 96,  # a sample: each pair costs passes of the policy and the SFT model
         "ppo.best_of_n": 4,
         "ppo.best_of_n_prompts": 64,
-        "ppo.seeds": [42, 43],  # every arm twice, with common random numbers: the seed machinery at small scale
         "ppo.eval_every": 0,
         "ppo.checkpoint_every": 3,
     },
