@@ -183,8 +183,8 @@ def compare_records(recs_a: dict[str, dict], recs_b: dict[str, dict]) -> list[Di
 def hardware_note(recs_a: dict[str, dict], recs_b: dict[str, dict]) -> str | None:
     """A warning line when two runs' data-stage records name different processors, else ``None``.
 
-    The processor is the GPU name on CUDA, else the CPU model (``records.hardware``); where one CPU run had its
-    frozen weights in bf16 (``run.cpu_bf16`` on a CPU with native bf16) and the other in float32, the line says so.
+    The processor is the GPU name on CUDA, else the CPU model (``records.hardware``); where one CPU run scored with
+    its reward models in bf16 (``run.cpu_bf16`` on a CPU with native bf16) and the other in float32, the line says so.
     """
     names = [recs["data"]["hardware"]["gpu_name"] or recs["data"]["hardware"]["cpu"] for recs in (recs_a, recs_b)]
     if names[0] == names[1]:
@@ -192,7 +192,7 @@ def hardware_note(recs_a: dict[str, dict], recs_b: dict[str, dict]) -> str | Non
     bf16 = [recs["data"]["hardware"]["device"] == "cpu" and recs["data"]["hardware"].get("cpu_bf16_native", False)
             and recs["data"]["config"]["run"].get("cpu_bf16", False) for recs in (recs_a, recs_b)]
     dtypes = ("" if bf16[0] == bf16[1] else
-              f"; frozen weights ran in {'bf16' if bf16[0] else 'float32'} in run A and "
+              f"; reward models ran in {'bf16' if bf16[0] else 'float32'} in run A and "
               f"{'bf16' if bf16[1] else 'float32'} in run B, so every reward and PPO number differs (set "
               "run.cpu_bf16=false for both to compare in float32)")
     return (f"note: the runs ran on different processors ({names[0]!r} vs {names[1]!r}); quantized (int8/int4) "

@@ -45,7 +45,7 @@ def test_runs_on_different_processors_are_named_but_compared_as_usual(tmp_path, 
     assert note is not None and "'Other CPU 9000'" in note and "bf16" not in note
     assert main([str(a), str(b)]) == 0
     assert note in capsys.readouterr().out
-    for run, native in ((a, False), (b, True)):  # only run B on a CPU whose native bf16 ran its frozen weights
+    for run, native in ((a, False), (b, True)):  # only run B's reward models ran in bf16
         for path in (run / "records").glob("*.json"):
             record = json.loads(path.read_text())
             record["hardware"].update(device="cpu", cpu_bf16_native=native)
