@@ -173,7 +173,8 @@ def movement_sentence(m: dict) -> str:
     text = f"KL to the SFT model after PPO (nats per reply, held-out prompts): {kls}"
     if m["moved"]:
         return text + f"; every policy moved at least {MOVED_KL:g} nat"
-    text += (f"; below the {MOVED_KL:g} nat a policy that moves reaches: this run drew {m['samples']} samples "
+    text += (f"; not every policy reached the {MOVED_KL:g} nat a policy that moves reaches: this run drew "
+             f"{m['samples']} samples "
              f"({m['steps']} steps of {m['batch_size']} prompts)")
     if not m["adaptive"]:
         return text + f", with a fixed KL coefficient ({betas})"
