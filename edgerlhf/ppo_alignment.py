@@ -4,7 +4,8 @@ For each reward-model precision: the same SFT policy, seed and training prompts 
 PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_trainer`) -> save -> evaluate on held-out prompts.
 
 Before PPO, best-of-n (:mod:`edgerlhf.core.best_of_n`): ``ppo.best_of_n`` SFT replies to each of
-``ppo.best_of_n_prompts`` held-out prompts, sampled once; every proxy (each precision, trained and post-training
+``ppo.best_of_n_prompts`` held-out prompts, sampled once (the SFT model in the reward models' dtype,
+:func:`edgerlhf.core.adapters.frozen_dtype`: no PPO reply is compared with them); every proxy (each precision, trained and post-training
 quantized) picks its best of the first k, every judge scores the picks; gains, fits and paired differences between
 precisions.
 
@@ -42,7 +43,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .core.adapters import compute_dtype, nf4_in_compute_dtype, quantization_config, require_finite
+from .core.adapters import compute_dtype, frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
 from .core.arms import (MOVED_KL, PLACEBO, compare_arms, movement_sentence, net_of_placebo, placebo_scorer,
                          policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
@@ -67,17 +68,17 @@ from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
 JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_scoring.JUDGES` are used when present
 
 
-def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device):
+def load_policy(sft_location: str, cfg: PPOStageConfig, device: torch.device, dtype: torch.dtype | None = None):
     """The SFT model (its LoRA already merged in stage 2) at ``cfg.policy_precision`` with a fresh
     PPO adapter and a zero value head; the adapter disabled is the reference model.
 
     For an int8/int4 policy the merged full-precision weights are quantized on load (merge first,
     then quantize). Returns ``(policy, value_head, tokenizer)``.
 
-    The frozen base stays in :func:`edgerlhf.core.adapters.compute_dtype` (float32 on a CPU): in bf16 on an AMX CPU
-    a quick-profile PPO arm took as long (docs/measurements.md).
+    ``dtype`` of the frozen base; None: :func:`edgerlhf.core.adapters.compute_dtype` (float32 on a CPU: in bf16 on an
+    AMX CPU a quick-profile PPO arm took as long, docs/measurements.md).
     """
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     qc = quantization_config(cfg.policy_precision, dtype)
     if qc is None:
         model = load_causal_lm(sft_location, dtype).to(device)
@@ -301,7 +302,8 @@ def best_of_n_evaluation(samples: dict, rm_dir: Path, verdicts: dict, judges: di
     out["words"] = describe(out, unlearned=tuple(name for name in judges if not verdicts[name]["learned"]))
     out.update(proxy_scores={k: v.tolist() for k, v in proxy_scores.items()},
                judge_scores={k: v.tolist() for k, v in judge_scores.items()}, tokens=samples["tokens"].tolist(),
-               truncation=truncation, sampling_s=samples["sampling_s"], scoring_s=time.perf_counter() - started,
+               truncation=truncation, sampling_s=samples["sampling_s"], sampling_dtype=samples.get("sampling_dtype"),
+               scoring_s=time.perf_counter() - started,
                examples=[{"prompt": pr[-1]["content"], "replies": replies}
                          for pr, replies in zip(samples["prompts"][:2], samples["replies"][:2])])
     return out
@@ -807,17 +809,20 @@ def run_alignment(cfg: Config) -> dict:
     eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
         # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
-        ctx.step = "SFT replies to the held-out prompts"
+        bon_rows = test_rows[: p.best_of_n_prompts] if p.best_of_n else []
+        if bon_rows:  # no PPO reply is compared with these: the SFT model runs as the reward models do
+            ctx.step = f"best-of-{p.best_of_n}: SFT replies to {len(bon_rows)} held-out prompts"
+            started, sampling_dtype = time.perf_counter(), frozen_dtype(ctx.device, p.policy_precision)
+            policy, _, tokenizer = load_policy(sft_location, p, ctx.device, sampling_dtype)
+            bon_samples = best_of_n_replies(policy, tokenizer, bon_rows, p, cfg.run.seed)
+            bon_samples.update(sampling_s=time.perf_counter() - started,
+                               sampling_dtype=str(sampling_dtype).replace("torch.", ""))
+            del policy
+        ctx.step = "SFT replies to the held-out prompts"  # in the PPO policy's dtype, as the PPO replies
         policy, _, tokenizer = load_policy(sft_location, p, ctx.device)
         eval_counts = {}
         eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)
         before = sample_replies(policy, tokenizer, eval_queries, p, cfg.run.seed)
-        bon_rows = test_rows[: p.best_of_n_prompts] if p.best_of_n else []
-        if bon_rows:
-            ctx.step = f"best-of-{p.best_of_n}: SFT replies to {len(bon_rows)} held-out prompts"
-            started = time.perf_counter()
-            bon_samples = best_of_n_replies(policy, tokenizer, bon_rows, p, cfg.run.seed)
-            bon_samples["sampling_s"] = time.perf_counter() - started
         ctx.step = "SFT margins on the held-out labelled pairs"
         with policy.disable_adapter():  # the reference: the SFT model itself
             sft_margins = preference_margins(policy, tokenizer, labelled, p.score_batch_size)

@@ -419,7 +419,9 @@ def section_best_of_n(bon: dict, figures: Path) -> str:
             "Gain = the judge's score of the pick − its mean score of all n replies, per prompt (paired bootstrap "
             "interval; Holm's correction over the proxies, t-test p-values). Fit: Gao et al. (2023)'s "
             "R(d) = d(α − βd), d = √KL_bon, with bootstrap intervals over prompts."
-            + (f" Time: {bon['sampling_s']:,.0f} s sampling, {bon['scoring_s']:,.0f} s scoring."
+            + (f" Time: {bon['sampling_s']:,.0f} s sampling"
+               + (f" (the SFT model in {bon['sampling_dtype']})" if bon.get("sampling_dtype") else "")
+               + f", {bon['scoring_s']:,.0f} s scoring."
                if "sampling_s" in bon else "") + "\n\n"
             + _table(["proxy", f"proxy score of the pick, k = 1 → {n}", f"reply tokens, k = 1 → {n}",
                       *(c for j in judges for c in (f"{j} gain at k = {n} [95% CI]", f"{j} fit"))], rows)

@@ -76,6 +76,24 @@ def synthetic_pool(n=300, d=8, seed=0):
     return diff, noisy, chosen, rejected
 
 
+@pytest.mark.parametrize("fitter", ["probe", "tf-idf"])
+def test_fits_in_worker_processes_give_the_same_margins_as_one_process(fitter):
+    diff, _, chosen, rejected = synthetic_pool(n=120)
+    assignments = crossfit.fold_draws(len(diff), folds=5, draws=2, seed=0)
+    fit = crossfit.probe_fitter(diff, {"bf16": diff}) if fitter == "probe" else crossfit.tfidf_fitter(chosen, rejected)
+    one, two = (crossfit.out_of_fold(*fit, assignments, n_jobs=jobs) for jobs in (1, 2))
+    assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+    assert all(np.isfinite(v).all() for v in one.values())
+
+
+def test_crossfit_n_jobs_is_minus_one_or_positive():
+    from edgerlhf.core.config import load_config
+
+    assert load_config(overrides={"reward.crossfit_n_jobs": 2}).reward.crossfit_n_jobs == 2
+    with pytest.raises(ValueError, match=r"reward.crossfit_n_jobs=0 must be -1 \(every core\) or >= 1"):
+        load_config(overrides={"reward.crossfit_n_jobs": 0})
+
+
 def test_cross_fitted_probes_beat_the_baselines_and_are_compared_in_holm_families():
     diff, noisy, chosen, rejected = synthetic_pool()
     assignments = crossfit.fold_draws(len(diff), folds=5, draws=3, seed=0)

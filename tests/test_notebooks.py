@@ -80,6 +80,8 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     assert [row["reward_precision"] for row in ppo["table"]] == ["bf16", "int8", "int4", "placebo"]
     assert set(ppo["net_of_placebo"]) == {"bf16", "int8", "int4"}
     assert list(ppo["best_of_n"]["proxies"]) == ["bf16", "int8", "int8-ptq", "int4", "int4-ptq"]
+    native = json.loads((run_dir / "records" / "ppo.json").read_text())["hardware"]["cpu_bf16_native"]
+    assert ppo["best_of_n"]["sampling_dtype"] == ("bfloat16" if native else "float32")  # as the reward models
     assert (tmp_path / "a" / "data" / "prefs" / "train_prefs.jsonl").exists()
     # a whole run ends with its report, built from the run's real records
     report = (run_dir / "REPORT.md").read_text()

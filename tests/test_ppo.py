@@ -426,6 +426,25 @@ def test_encode_queries_truncates_from_the_left(gpt2_tokenizer):
         encode_queries(gpt2_tokenizer, rows[:1], 8)
 
 
+def test_best_of_n_replies_come_from_the_sft_model_in_the_dtype_it_is_loaded_in(tiny_gpt2, monkeypatch):
+    """Stage 4 samples the best-of-n replies from the SFT model in the reward models' frozen dtype: bf16 on a CPU
+    that multiplies bf16 natively, float32 elsewhere; n replies per prompt, token counts including EOS."""
+    from edgerlhf.core import adapters
+    from edgerlhf.ppo_alignment import best_of_n_replies, load_policy
+
+    cfg = PPOStageConfig(best_of_n=3, max_new_tokens=4, max_prompt_length=32)
+    assert adapters.frozen_dtype("cpu", cfg.policy_precision) == torch.float32  # the suite's CPU: no native bf16
+    monkeypatch.setattr(adapters, "cpu_bf16_native", lambda: True)
+    dtype = adapters.frozen_dtype("cpu", cfg.policy_precision)
+    assert dtype == torch.bfloat16
+    policy, _, tok = load_policy(tiny_gpt2, cfg, torch.device("cpu"), dtype)
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
+    rows = [{"prompt": [{"role": "user", "content": q}]} for q in ("hello there", "why")]
+    out = best_of_n_replies(policy, tok, rows, cfg, seed=0)
+    assert [len(r) for r in out["replies"]] == [3, 3] and out["tokens"].shape == (2, 3)
+    assert ((out["tokens"] >= 1) & (out["tokens"] <= 4)).all()
+
+
 def test_a_step_that_runs_out_of_memory_is_retried_with_a_smaller_micro_batch(tiny_gpt2, tmp_path, monkeypatch):
     from edgerlhf.core import ppo_trainer
 

@@ -267,6 +267,10 @@ class RewardStageConfig:
         "corrected repeated k-fold t interval over the K * R folds (Bouckaert & Frank 2004 use 10 x 10).",
         limit=_POSITIVE,
     )
+    crossfit_n_jobs: int = _f(
+        -1, "Cross-fitted heads fitted at once, each in its own process (int; joblib's n_jobs, -1: one per core); "
+        "the results do not depend on it.", limit=(-1, None),
+    )
     per_device_train_batch_size: int = _f(4, "Pairs per device per step (int). Research plan: 4.", limit=_POSITIVE)
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step (int). Research plan: 4.",
         limit=_POSITIVE)
@@ -670,7 +674,7 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     float field may be NaN or +-inf (NaN passes any comparison-based range check). ``run.seed`` and every
     ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
     (0, 1].
-    Cross-field rules: ``sft.max_steps``/``reward.max_steps`` are -1 or >= 1; ``reward.precisions`` and
+    Cross-field rules: ``sft.max_steps``/``reward.max_steps``/``reward.crossfit_n_jobs`` are -1 or >= 1; ``reward.precisions`` and
     ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and ``ppo.seeds`` (unless
     None) are non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1;
     ``ppo.max_prompt_length + ppo.max_new_tokens <= reward.max_length`` (tokens), so every PPO reply fits the
@@ -697,10 +701,12 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         why = _violation(value, rule)
         if why:
             problems.append(f"{key}={value!r} ({origins.get(key, 'default')}) {why}")
-    for key in ("sft.max_steps", "reward.max_steps"):
-        value = getattr(getattr(cfg, key.split(".")[0]), "max_steps")
+    for key in ("sft.max_steps", "reward.max_steps", "reward.crossfit_n_jobs"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
         if value != -1 and value < 1:
-            problems.append(f"{key}={value!r} must be -1 (no limit) or >= 1")
+            problems.append(f"{key}={value!r} must be -1 ({'no limit' if name == 'max_steps' else 'every core'}) "
+                            "or >= 1")
     for key in ("reward.precisions", "ppo.experiments"):
         value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
         if not value or any(v not in PRECISIONS for v in value):

@@ -41,28 +41,32 @@ def fold_draws(n: int, folds: int = 5, draws: int = 10, seed: int = 0) -> np.nda
     return out
 
 
-def out_of_fold(fit, scorers: dict, assignments: np.ndarray) -> dict[str, np.ndarray]:
+def out_of_fold(fit, scorers: dict, assignments: np.ndarray, n_jobs: int = 1) -> dict[str, np.ndarray]:
     """Out-of-fold margins of the models one fit serves: ``{name: float[draws, n]}``.
 
     For each draw and fold ``k``, ``model = fit(train_idx)`` on the pairs outside fold ``k``, and each
     ``scorers[name](model, test_idx)`` gives margins (``r_chosen - r_rejected``, ``float[len(test_idx)]``) of
     the pairs in it: several scorers share a fit (a bf16 head also scores int8/int4 features, ``-ptq``).
+    ``n_jobs`` fits run at once in worker processes (``joblib.Parallel``; -1: one per core); each fit is
+    deterministic, so the margins do not depend on it.
 
     Raises:
         ValueError: a scorer returned a non-finite margin or the wrong number of them.
     """
+    from joblib import Parallel, delayed
+
     draws, n = assignments.shape
     out = {name: np.full((draws, n), np.nan) for name in scorers}
-    for d in range(draws):
-        for k in np.unique(assignments[d]):
-            test = np.flatnonzero(assignments[d] == k)
-            model = fit(np.flatnonzero(assignments[d] != k))
-            for name, score in scorers.items():
-                margins = np.asarray(score(model, test), float)
-                if margins.shape != test.shape or not np.all(np.isfinite(margins)):
-                    raise ValueError(f"{name}, draw {d}, fold {k}: expected {test.size} finite margins, "
-                                     f"got {margins[:5]}...")
-                out[name][d, test] = margins
+    folds = [(d, k) for d in range(draws) for k in np.unique(assignments[d])]
+    models = Parallel(n_jobs=n_jobs)(delayed(fit)(np.flatnonzero(assignments[d] != k)) for d, k in folds)
+    for (d, k), model in zip(folds, models):
+        test = np.flatnonzero(assignments[d] == k)
+        for name, score in scorers.items():
+            margins = np.asarray(score(model, test), float)
+            if margins.shape != test.shape or not np.all(np.isfinite(margins)):
+                raise ValueError(f"{name}, draw {d}, fold {k}: expected {test.size} finite margins, "
+                                 f"got {margins[:5]}...")
+            out[name][d, test] = margins
     return out
 
 

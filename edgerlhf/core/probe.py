@@ -390,16 +390,17 @@ def crossfit_evaluation(features: dict[str, dict], ex: dict[str, list[dict]], sf
             for p, f in features.items()}
     assignments = fold_draws(len(chosen), r.crossfit_folds, r.crossfit_draws, seed)
     margins = length_margins(chosen, rejected, r.crossfit_draws)
-    margins.update(out_of_fold(*tfidf_fitter(chosen, rejected, seed), assignments))
+    jobs = r.crossfit_n_jobs
+    margins.update(out_of_fold(*tfidf_fitter(chosen, rejected, seed), assignments, jobs))
     for p in r.precisions:
         ptq = {f"{q}-ptq": diff[q] for q in diff if q != "bf16"} if p == "bf16" and r.post_training_quantization else {}
-        margins.update(out_of_fold(*probe_fitter(diff[p], {p: diff[p], **ptq}, seed), assignments))
+        margins.update(out_of_fold(*probe_fitter(diff[p], {p: diff[p], **ptq}, seed), assignments, jobs))
     candidates = {}  # judge candidates beyond tf-idf and the judge's own recipe (bf16): one half of the features
     if r.probe_pooling == "last+mean":
         width = diff["bf16"].shape[1] // 2
         for name, cols in ((JUDGE_CANDIDATES[0], slice(None, width)), (JUDGE_CANDIDATES[1], slice(width, None))):
             candidates[name] = out_of_fold(*probe_fitter(diff["bf16"][:, cols], {name: diff["bf16"][:, cols]}, seed),
-                                           assignments)[name]
+                                           assignments, jobs)[name]
     order = ["shorter wins", "longer wins", "tf-idf", *r.precisions]  # the -ptq models, then the candidates, last
     margins = {name: margins[name] for name in sorted(margins, key=lambda m: order.index(m) if m in order else 99)}
     out = crossfit_assess({**margins, **candidates}, order[:3], assignments, candidates=tuple(candidates))
