@@ -50,7 +50,7 @@ from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
 from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
-from .core.lm import completion_logprobs, fit_prompt
+from .core.lm import fit_prompt, pair_logprobs
 from .core.logs import tensorboard_writer
 from .core.memory import MIB, free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
@@ -374,10 +374,13 @@ def judge_effect(after, before, seed: int) -> dict:
 
 def preference_margins(model, tokenizer, rows: list[dict], batch_size: int) -> np.ndarray:
     """``log pi(chosen | prompt) - log pi(rejected | prompt)`` of each labelled pair under ``model`` (temperature
-    1), ``float[N]`` nats (:func:`edgerlhf.core.lm.completion_logprobs`)."""
-    logprobs, _ = completion_logprobs(model, tokenizer, [(r["prompt"], r["chosen"]) for r in rows]
-                                      + [(r["prompt"], r["rejected"]) for r in rows], batch_size)
-    return (logprobs[:len(rows)] - logprobs[len(rows):]).numpy()
+    1), ``float[N]`` nats (:func:`edgerlhf.core.lm.pair_logprobs`: the prompt run once per pair). ``batch_size``
+    replies per batch on a GPU; one pair at a time on a CPU, where padding replies together cost more than
+    batching saved (docs/measurements.md)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    chosen, rejected = pair_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                     [r["rejected"] for r in rows], 1 if on_cpu else max(1, batch_size // 2))
+    return (chosen - rejected).numpy()
 
 
 def implicit_reward_check(policy_margins, sft_margins, seed: int) -> dict:

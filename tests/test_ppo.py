@@ -891,6 +891,32 @@ def test_the_implicit_reward_check_counts_the_pairs_where_the_policy_raised_the_
     assert margins.tolist() == pytest.approx(one_by_one, abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_pair_log_probs_with_the_prompt_run_once_equal_two_full_passes(name, models_dir):
+    """The shared prompt's cache reused for both replies gives each reply the log-probability of its own full
+    pass, also for replies that begin alike, prompts of unequal length and odd batch sizes; the adapter is on."""
+    from edgerlhf.core.models import prepare_base_model
+    from edgerlhf.core.templates import ensure_chat_template
+
+    location = prepare_base_model(name, models_dir)
+    policy, _ = tiny_policy(location)
+    for module in policy.modules():  # a non-zero adapter, so the pass must go through it
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+    tok = gpt2_tokenizer_with_pad(location)
+    ensure_chat_template(tok)
+    prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(5)]
+    chosen = ["yes sure " * (i % 3 + 1) for i in range(5)]
+    rejected = ["no" + " way" * i for i in range(4)] + ["yes sure no"]  # the last pair begins alike
+    for batch_size in (1, 3, 4):
+        c, r = lm.pair_logprobs(policy, tok, prompts, chosen, rejected, batch_size)
+        full_c, _ = lm.completion_logprobs(policy, tok, list(zip(prompts, chosen)), batch_size=1)
+        full_r, _ = lm.completion_logprobs(policy, tok, list(zip(prompts, rejected)), batch_size=1)
+        assert torch.allclose(c, full_c, atol=1e-4) and torch.allclose(r, full_r, atol=1e-4), batch_size
+    with pytest.raises(ValueError, match="one of each per prompt"):
+        lm.pair_logprobs(policy, tok, prompts, chosen, rejected[:4])
+
+
 def test_sample_views_show_gains_losses_and_random_replies_with_their_length_change():
     from edgerlhf.ppo_alignment import sample_views
 

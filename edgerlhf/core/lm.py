@@ -107,6 +107,63 @@ def completion_logprobs(model, tokenizer, examples: list[tuple[list[dict], str]]
     return logprobs, tokens
 
 
+@torch.no_grad()
+def pair_logprobs(model, tokenizer, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
+                  batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` of both replies of each preference pair, the shared prompt run once: its KV
+    cache is repeated for the two replies (as :func:`edgerlhf.core.probe.pair_features` does), so a pair costs
+    one prompt and two replies instead of two prompts and two replies.
+
+    Each pair's shared part stops one token before the earlier reply starts, so every logit read comes from the
+    reply pass. Pairs are batched by length (shared part + longer reply), ``batch_size`` pairs at a time; replies
+    are right-padded to the longest of the batch, so large batches pay for padding.
+
+    Args:
+        prompts: ``N`` chat prompts; chosen, rejected: ``N`` reply strings each.
+    Returns:
+        ``(logprobs_chosen, logprobs_rejected)``, each ``DoubleTensor[N]`` (nats, temperature 1).
+    Raises:
+        ValueError: lengths differ.
+    """
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected replies: "
+                         "one of each per prompt expected")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = []
+    for messages, c, r in zip(prompts, chosen, rejected):
+        (ids_c, start_c), (ids_r, start_r) = (encode_prompt_completion(tokenizer, messages, reply) for reply in (c, r))
+        k = max(0, min(common_prefix(ids_c, ids_r), start_c, start_r) - 1)
+        pairs.append((ids_c[:k], (ids_c[k:], ids_r[k:]), (start_c - k, start_r - k)))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + max(map(len, pairs[i][1])))
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        suffixes = [pairs[i][1][j] for i in rows for j in (0, 1)]
+        width = max(map(len, suffixes))
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in suffixes], device=device)
+        suffix_mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in suffixes])[:, None]).long()
+        prefix, prefix_mask = pad_left([pairs[i][0] for i in rows], pad_id)
+        cache = None
+        if prefix.shape[1]:
+            prefix, prefix_mask = prefix.to(device), prefix_mask.to(device)
+            cache = model(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                          use_cache=True, logits_to_keep=1).cache
+            cache.batch_repeat_interleave(2)  # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
+        mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1).to(device)
+        positions = prefix_mask.sum(1).repeat_interleave(2)[:, None].to(device) + torch.arange(width, device=device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=False).logits[:, :-1]  # the logits at t predict token t + 1
+        logp = logprobs_and_entropy(logits, ids[:, 1:])[0]
+        for row, (i, j) in enumerate((i, j) for i in rows for j in (0, 1)):
+            first, end = pairs[i][2][j], len(pairs[i][1][j])  # the reply's tokens: suffix[first:end]
+            out[i, j] = logp[row, first - 1:end - 1].sum().item()
+    model.train(was_training)
+    return out[:, 0], out[:, 1]
+
+
 def completion_nll(model, tokenizer, examples: list[tuple[list[dict], str]], batch_size: int = 4) -> dict:
     """Summed negative log-likelihood (nats) of each reply given its prompt (:func:`completion_logprobs`).
 
