@@ -148,7 +148,9 @@ def section_run(records: dict, manifest: dict | None) -> str:
     rows = [["run", _get(setup, "run_id")], ["profile", _get(setup, "profile")], ["seed", _get(setup, "seed")],
             ["git commit", (manifest or {}).get("git_commit") or "-"], ["device", device],
             ["VRAM (MiB)", _get(hw, "vram_total_mib", _n)], ["RAM (MiB)", _get(hw, "ram_total_mib", _n)],
-            ["bf16 supported", _get(hw, "bf16_supported", _n)], ["platform", _get(hw, "platform")],
+            ["GPU supports bf16", _get(hw, "bf16_supported", _n)],
+            ["CPU multiplies bf16 natively (AMX or AVX512-BF16)", _get(hw, "cpu_bf16_native", _n)],
+            ["platform", _get(hw, "platform")],
             ["base model", _get(base, "name") + ORIGIN_NOTE.get(base.get("init"), "")], ["base model source", source],
             ["base model architecture", _get(base, "architecture")],
             ["base model parameters", _get(base, "parameters", _n)], ["base model dtype", _get(base, "dtype")]]
