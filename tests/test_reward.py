@@ -193,6 +193,38 @@ def test_pair_features_are_what_the_head_reads(name, precision, pooling, models_
     assert torch.allclose(fr @ w, score(model, tok, prompts, rejected, batch_size=5), atol=1e-4)
 
 
+def test_a_truncated_backbone_loads_without_a_load_report_and_anything_unexpected_is_one_warning(models_dir, tmp_path):
+    # the blocks cut by num_layers and the new score head are expected: transformers' multi-line report of them
+    # stays out of the logs; a weight that fits neither is named in one line
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from edgerlhf.core.models import prepare_base_model
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger("transformers.modeling_utils"), logging.getLogger("edgerlhf.core.reward_scoring")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        location = prepare_base_model("tiny-llama", models_dir)
+        model, missing = load_backbone(location, "bf16", "cpu", num_layers=1)
+        assert len(model.model.layers) == 1 and missing == {"score.weight"}
+        assert [r for r in records if r.levelno >= logging.WARNING] == []
+        odd = tmp_path / "odd"
+        shutil.copytree(location, odd)
+        weights = load_file(odd / "model.safetensors")
+        save_file({**weights, "model.extra.weight": torch.zeros(2)}, odd / "model.safetensors")
+        load_backbone(str(odd), "bf16", "cpu", num_layers=1)
+        warned = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "1 checkpoint weights unused (model.extra.weight)" in warned[0], warned
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int4"])
 def test_a_cpu_with_native_bf16_scores_in_bf16_unless_run_cpu_bf16_is_off(precision, models_dir, monkeypatch):
     # run.cpu_bf16: bf16 weights / NF4 compute on a CPU that multiplies bf16 natively; the probe's features and

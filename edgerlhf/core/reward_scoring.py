@@ -24,6 +24,8 @@ check are in :mod:`edgerlhf.core.probe`; once saved it loads and scores here lik
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ from .models import load_tokenizer
 from .prefs import ROLES
 from .templates import ensure_chat_template, ensure_pad_token, render_dialogue
 
+logger = logging.getLogger(__name__)
 HEAD = "score"
 INFO = "rm_info.json"
 #: Stage 3's judges (folders under ``models/rm``): the proxies' recipe at bf16, and TF-IDF of the reply.
@@ -74,11 +77,27 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
         if not 1 <= num_layers <= blocks:
             raise ValueError(f"num_layers={num_layers} (reward.probe_layer) must be in [1, {blocks}] for {location}")
         extra["num_hidden_layers"] = num_layers
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        location, num_labels=1, dtype=dtype, quantization_config=quantization_config(precision, dtype, [HEAD]),
-        device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-        **extra,
-    )
+    report = logging.getLogger("transformers.modeling_utils")  # its load report lists every expected key below
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            location, num_labels=1, dtype=dtype, quantization_config=quantization_config(precision, dtype, [HEAD]),
+            device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+            **extra,
+        )
+    finally:
+        report.setLevel(level)
+
+    def cut(key: str) -> bool:  # a weight of a block left out by num_layers (model.layers.<i>. , transformer.h.<i>.)
+        block = re.search(r"\.(\d+)\.", key)
+        return num_layers is not None and block is not None and int(block[1]) >= num_layers
+
+    unexpected = [k for k in info["unexpected_keys"] if not cut(k)]
+    fresh = [k for k in info["missing_keys"] if k.split(".")[0] != HEAD]
+    if unexpected or fresh:  # what transformers' report would have said beyond the cut blocks and the new head
+        logger.warning("%s: %d checkpoint weights unused (%s), %d weights newly initialised (%s)", location,
+                       len(unexpected), ", ".join(unexpected[:5]) or "-", len(fresh), ", ".join(fresh[:5]) or "-")
     return nf4_in_compute_dtype(model), set(info["missing_keys"])
 
 
