@@ -5,9 +5,9 @@ PPO (:mod:`edgerlhf.core.ppo`, :mod:`edgerlhf.core.ppo_trainer`) -> save -> eval
 
 Before PPO, best-of-n (:mod:`edgerlhf.core.best_of_n`): ``ppo.best_of_n`` SFT replies to each of
 ``ppo.best_of_n_prompts`` held-out prompts, sampled once (the SFT model in the reward models' dtype,
-:func:`edgerlhf.core.adapters.frozen_dtype`: no PPO reply is compared with them); every proxy (each precision, trained and post-training
-quantized) picks its best of the first k, every judge scores the picks; gains, fits and paired differences between
-precisions.
+:func:`edgerlhf.core.adapters.frozen_dtype`: no PPO reply is compared with them); every proxy (each precision,
+trained and post-training quantized) picks its best of the first k, every judge scores the picks; gains, fits and
+paired differences between precisions.
 
 Evaluation, the same for every experiment so rows compare:
 
@@ -811,7 +811,6 @@ def run_alignment(cfg: Config) -> dict:
     test_rows = read_prefs(data_dir / TEST)
     eval_rows, labelled = test_rows[: p.n_eval_prompts], test_rows[: p.n_implicit_reward_pairs]
     with measure(ctx.device) as m:
-        # the SFT replies to the held-out prompts: sampled once, judged once, shared by every experiment
         bon_rows = test_rows[: p.best_of_n_prompts] if p.best_of_n else []
         if bon_rows:  # no PPO reply is compared with these: the SFT model runs as the reward models do
             ctx.step = f"best-of-{p.best_of_n}: SFT replies to {len(bon_rows)} held-out prompts"
@@ -821,7 +820,9 @@ def run_alignment(cfg: Config) -> dict:
             bon_samples.update(sampling_s=time.perf_counter() - started,
                                sampling_dtype=str(sampling_dtype).replace("torch.", ""))
             del policy
-        ctx.step = "SFT replies to the held-out prompts"  # in the PPO policy's dtype, as the PPO replies
+        # the SFT replies to the held-out prompts: sampled once (in the PPO policy's dtype), judged once, shared by
+        # every experiment
+        ctx.step = "SFT replies to the held-out prompts"
         policy, _, tokenizer = load_policy(sft_location, p, ctx.device)
         eval_counts = {}
         eval_queries, eval_prompts = encode_queries(tokenizer, eval_rows, p.max_prompt_length, eval_counts)

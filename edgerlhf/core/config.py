@@ -674,9 +674,9 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     float field may be NaN or +-inf (NaN passes any comparison-based range check). ``run.seed`` and every
     ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
     (0, 1].
-    Cross-field rules: ``sft.max_steps``/``reward.max_steps``/``reward.crossfit_n_jobs`` are -1 or >= 1; ``reward.precisions`` and
-    ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and ``ppo.seeds`` (unless
-    None) are non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1;
+    Cross-field rules: ``sft.max_steps``/``reward.max_steps``/``reward.crossfit_n_jobs`` are -1 or >= 1;
+    ``reward.precisions`` and ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and
+    ``ppo.seeds`` (unless None) are non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1;
     ``ppo.max_prompt_length + ppo.max_new_tokens <= reward.max_length`` (tokens), so every PPO reply fits the
     reward model; ``ppo.micro_batch_size <= ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key ->
     where it was set: profile, config file, parameter, command-line flag) is named in the message.
