@@ -707,9 +707,10 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
     elif experiments:
         parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
     if movement and not movement["moved"]:
-        kls = [x["kl"] for x in movement["arms"].values()]
-        parts.append(f"PPO did not move every policy {MOVED_KL:g} nat from the SFT model ({min(kls):.2f} to "
-                     f"{max(kls):.2f} nats per reply), so its effects are those of a small step")
+        lo, hi = (f"{f(x['kl'] for x in movement['arms'].values()):.2f}" for f in (min, max))
+        parts.append(f"PPO did not move every policy {MOVED_KL:g} nat from the SFT model ("
+                     + (lo if lo == hi else f"{lo} to {hi}") + " nats per reply), so its effects are those of a "
+                     "small step")
     if mdes:
         one_seed = not net or next(iter(net.values()))[next(iter(judges))]["seeds"] == 1
         parts.append(f"differences smaller than {max(mdes):.3f} judge units (the largest minimum detectable "

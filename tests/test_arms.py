@@ -122,3 +122,14 @@ def test_policy_movement_says_whether_every_arm_reached_one_nat_and_what_the_con
     moved = policy_movement({"bf16": arm(1.2, [0.1, 0.08])}, steps=100, batch_size=32, adaptive=True, horizon=320)
     assert moved["moved"] and movement_sentence(moved).endswith("every policy moved at least 1 nat")
     assert moved["max_beta_change"] == pytest.approx(1.02 ** 100 - 1)
+
+
+def test_the_answer_says_how_far_the_policies_moved_when_not_every_one_reached_one_nat():
+    from edgerlhf.ppo_alignment import answer
+
+    judges = {"judge": {"learned": True}}
+    one = {"moved": False, "arms": {"bf16": {"kl": 0.042}}}
+    two = {"moved": False, "arms": {"bf16": {"kl": 0.042}, "int4": {"kl": 0.3}}}
+    assert "from the SFT model (0.04 nats per reply)" in answer(None, None, {}, judges, 1, one)
+    assert "from the SFT model (0.04 to 0.30 nats per reply)" in answer(None, None, {}, judges, 1, two)
+    assert "did not move" not in answer(None, None, {}, judges, 1, {**two, "moved": True})
