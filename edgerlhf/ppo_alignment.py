@@ -168,7 +168,8 @@ def isolated_rng(seed: int, device: torch.device):
 
 @torch.no_grad()
 def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, value_head=None) -> dict:
-    """Sample one reply per held-out prompt (training's sampling, fixed ``seed``, isolated RNG).
+    """Sample one reply per held-out prompt (training's sampling, fixed ``seed``, isolated RNG), ``cfg.eval_batch_size``
+    prompts per ``generate`` call (None: ``cfg.batch_size``).
 
     With ``value_head`` given, also the KL of each reply to the reference (adapter disabled):
     ``sum_t log pi - log pi_ref`` over its tokens (k1, nats per reply). Returns ``{"replies", "tokens", "kl"}``
@@ -177,8 +178,9 @@ def sample_replies(policy, tokenizer, queries, cfg: PPOStageConfig, seed: int, v
     device = next(policy.parameters()).device
     replies, tokens, kls = [], [], []
     with isolated_rng(seed, device):
-        for start in range(0, len(queries), cfg.batch_size):
-            ro = rollout(policy, queries[start:start + cfg.batch_size], tokenizer.pad_token_id,
+        batch = cfg.eval_batch_size or cfg.batch_size
+        for start in range(0, len(queries), batch):
+            ro = rollout(policy, queries[start:start + batch], tokenizer.pad_token_id,
                          tokenizer.eos_token_id, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                          min_new_tokens=cfg.min_new_tokens, value_head=value_head)
             if value_head is not None:
@@ -414,7 +416,7 @@ def with_seeds(done: list[dict]) -> dict:
     if len(done) > 1:
         first["after_by_seed"] = [d["after"] for d in done]
         first["seed_runs"] = [{k: d[k] for k in ("seed", "judges", "implicit_reward", "history", "wall_time_s",
-                                                 "peak_memory", "resumed_from")} for d in done[1:]]
+                                                 "phase_s", "peak_memory", "resumed_from")} for d in done[1:]]
         first["wall_time_s"] = float(sum(d["wall_time_s"] for d in done))
     return first
 
@@ -443,6 +445,13 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
     seed_everything(seed, cfg.run.deterministic)  # the same seed for every arm: common random numbers
     eval_queries, eval_prompts = shared["eval_queries"], shared["eval_prompts"]
     before = shared["before"]
+    phase_s, clock = {}, [time.perf_counter()]
+
+    def lap(name: str) -> None:  # seconds since the previous lap, recorded under ``name``
+        now = time.perf_counter()
+        phase_s[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     with measure(ctx.device) as m:
         ctx.step = f"experiment {arm}: loading"
         proxy_model, proxy_tok = load_reward_model(rm_folder, precision, reward_device)
@@ -460,6 +469,7 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
         extra = {"curve": [{"step": 0, "kl": 0.0, "proxy": float(np.mean(proxy_before)),
                             **{name: float(np.mean(before[f"{name}_scores"])) for name in shared["judges"]}}]}
 
+        lap("loading_s")
         board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{arm}")
         # the placebo arm's rewards: random, on the scale the proxy's normalised scores of SFT replies have
         training_reward = (placebo_scorer(gain * float(np.mean(proxy_before)) + bias,
@@ -481,13 +491,16 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
         if board is not None:
             board.close()
         curve = extra["curve"]
+        lap("ppo_s")
         ctx.step = f"experiment {arm}: evaluation after training"
         after = sample_and_measure(policy, value_head, tokenizer, eval_queries, eval_prompts, p, scorers, seed)
+        lap("evaluation_s")
         curve.append({"step": p.steps, "kl": after["kl_mean"], "proxy": after["proxy_mean"],
                       **{name: after[f"{name}_mean"] for name in shared["judges"]}})
         ctx.step = f"experiment {arm}: implicit-reward check"
         implicit = implicit_reward_check(preference_margins(policy, tokenizer, shared["labelled"], p.score_batch_size),
                                          shared["sft_margins"], cfg.run.seed)
+        lap("implicit_reward_s")
         ctx.step = f"experiment {arm}: saving"  # a diverged policy fails here: the last good model stays
         kept = f"{arm}; {out_dir / arm} is kept as it was"
         try:
@@ -506,6 +519,7 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
             swap_in_dir(staging, out_dir / arm)
         if not p.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
+        lap("saving_s")
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
         "precision": arm, "reward_model": None if placebo else str(rm_folder), "proxy": proxy_name,
@@ -519,7 +533,7 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
         "implicit_reward": implicit,
         "training_prompts": prompt_counts, "reward_truncation": truncation, "weights_shared_mib": shared_mib,
         "resumed_from": extra.get("resumed_from"), "seed": seed,
-        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"],
+        "history": history, "peak_memory": m, "wall_time_s": m["wall_time_s"], "phase_s": phase_s,
         "model_dir": str(out_dir / arm) if save else None,
         "samples": [{"prompt": pr[-1]["content"], "sft": b, "ppo": a, "sft_tokens": before["tokens"][i],
                      "ppo_tokens": after["tokens"][i], "proxy_sft": proxy_before[i],

@@ -361,6 +361,12 @@ def section_ppo(records: dict, figures: Path) -> str:
                          f"{'beats' if j['learned'] else '**does not beat**'} the length baseline; agreement with "
                          f"each proxy on the test pairs (phi of their correctness): {agree}")
     bon = section_best_of_n(r["best_of_n"], figures) if r.get("best_of_n") else ""
+    first = next(iter(experiments.values()))
+    n_seeds = len(first.get("after_by_seed") or [first["after"]])
+    seeds = (f" Each arm ran {n_seeds} seeds under common random numbers: the arm − placebo columns pool prompts and "
+             f"seeds, with the t interval across the {n_seeds} seeds' mean differences ({n_seeds - 1} degree"
+             f"{'s' if n_seeds > 2 else ''} of freedom) and its t-test; the other columns are the first seed's run "
+             f"(seed {first.get('seed')}), and the time is the sum over seeds." if n_seeds > 1 else "")
     return ("## PPO alignment\n\n" + (f"**The answer at this scale.** {r['answer']}\n\n" if r.get("answer") else "")
             + "**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
             + "\n".join(described) + "\n\n" + bon + ("### PPO\n\n" if bon else "")
@@ -374,7 +380,7 @@ def section_ppo(records: dict, figures: Path) -> str:
             "finds it. The implicit-reward column "
             f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
             "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "
-            "nats per reply.\n\n"
+            f"nats per reply.{seeds}\n\n"
             + _table(["arm", "proxy", *(c for j in judges for c in [f"{j} change [95% CI]", *(
                           [f"{j}: arm − placebo [95% CI]"] if net else [])]), "reply length change (tokens)",
                       "implicit reward: share [95% CI]", "proxy before → after, change [95% CI]", "KL", "time (s)",

@@ -301,7 +301,7 @@ def test_a_config_changed_in_code_is_type_checked_and_the_seed_range_is_numpys()
 
 
 def test_ppo_seeds_are_none_or_distinct_seeds():
-    assert load_config("tiny").ppo.seeds is None
+    assert load_config("tiny").ppo.seeds == [42, 43]
     assert load_config("tiny", overrides=[{"ppo.seeds": [1, 2, 3]}]).ppo.seeds == [1, 2, 3]
     for bad in ([], [1, 1], [-1], ["a"]):
         with pytest.raises(ValueError, match=r"ppo\.seeds="):

@@ -79,6 +79,10 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     ppo = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]
     assert [row["reward_precision"] for row in ppo["table"]] == ["bf16", "int8", "int4", "placebo"]
     assert set(ppo["net_of_placebo"]) == {"bf16", "int8", "int4"}
+    for arm in ppo["experiments"].values():  # every arm ran every seed; comparisons are t intervals across them
+        assert arm["seed"] == 42 and [r["seed"] for r in arm["seed_runs"]] == [43] and len(arm["after_by_seed"]) == 2
+    assert {j["interval"] for a in ppo["net_of_placebo"].values() for j in a.values() if "interval" in j} == {
+        "t across 2 seeds"}
     assert list(ppo["best_of_n"]["proxies"]) == ["bf16", "int8", "int8-ptq", "int4", "int4-ptq"]
     native = json.loads((run_dir / "records" / "ppo.json").read_text())["hardware"]["cpu_bf16_native"]
     assert ppo["best_of_n"]["sampling_dtype"] == ("bfloat16" if native else "float32")  # as the reward models

@@ -446,6 +446,11 @@ class PPOStageConfig:
         128, "Held-out prompts for the before/after evaluation (int); 128 detects a mean judge change of 0.25 "
         "standard deviations (paired, 80% power).", limit=_POSITIVE,
     )
+    eval_batch_size: Optional[int] = _f(
+        None, "Prompts per `generate` call when sampling evaluation replies: the SFT and PPO replies to the held-out "
+        "prompts and best-of-n's (int); None: `batch_size`. Generation reads every weight once per token for the "
+        "whole batch, so larger batches sample faster (docs/measurements.md).", limit=_POSITIVE,
+    )
     n_implicit_reward_pairs: int = _f(
         1000, "Held-out labelled pairs for the implicit-reward check (int): the share where the policy raises "
         "log pi(chosen) - log pi(rejected) over the SFT model (Rafailov et al. 2023's implicit reward). Plan: all 1,000.",
@@ -520,8 +525,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.learning_rate": 1e-4,
         "ppo.max_new_tokens": 32,
         "ppo.max_prompt_length": 192,
-        "ppo.n_eval_prompts": 64,
-        "ppo.n_implicit_reward_pairs": 96,  # a sample: each pair costs passes of the policy and the SFT model
+        # two seeds per arm within the 45-minute budget: 48 prompts and pairs per seed (per arm and seed: 73 s of PPO,
+        # 51 s to sample and score 64 replies in batches of 8, 36 s for 96 pairs' check; docs/measurements.md)
+        "ppo.seeds": [42, 43],
+        "ppo.n_eval_prompts": 48,
+        "ppo.eval_batch_size": 48,
+        "ppo.n_implicit_reward_pairs": 48,  # a sample: each pair costs passes of the policy and the SFT model
         "ppo.best_of_n": 4,
         "ppo.best_of_n_prompts": 64,
         "ppo.eval_every": 0,
@@ -563,6 +572,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.learning_rate": 1e-3,
         "ppo.max_new_tokens": 8,
         "ppo.max_prompt_length": 128,
+        "ppo.seeds": [42, 43],  # as the quick profile: the end-to-end test runs the seeds' comparisons
         "ppo.n_eval_prompts": 4,
         "ppo.n_implicit_reward_pairs": 4,
         "ppo.best_of_n": 2,
