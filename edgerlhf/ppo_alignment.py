@@ -27,7 +27,10 @@ Evaluation, the same for every experiment so rows compare:
 
 Outputs: ``models/ppo/<precision>/`` (LoRA adapter and value head), the stage record with
 per-step statistics, the comparison table, and figures. Run without the notebook:
-``python -m edgerlhf.ppo_alignment --profile quick``.
+``python -m edgerlhf.ppo_alignment --profile quick``; in N processes (GPUs, or gloo on CPUs):
+``accelerate launch --num_processes N -m edgerlhf.ppo_alignment``: each PPO step's prompts are split among the
+processes and its gradients summed (:func:`edgerlhf.core.ppo.ppo_update`), every process repeats the evaluations
+(the same numbers), and the main process alone writes.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from .core.arms import (MOVED_KL, PLACEBO, compare_arms, movement_sentence, net_
                          policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
+from .core.distributed import is_main_process, main_process_writes
 from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
 from .core.lm import fit_prompt, pair_logprobs
@@ -470,7 +474,7 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
                             **{name: float(np.mean(before[f"{name}_scores"])) for name in shared["judges"]}}]}
 
         lap("loading_s")
-        board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{arm}")
+        board = tensorboard_writer(cfg.run.report_to, ctx.run_dir, f"ppo/{arm}") if is_main_process() else None
         # the placebo arm's rewards: random, on the scale the proxy's normalised scores of SFT replies have
         training_reward = (placebo_scorer(gain * float(np.mean(proxy_before)) + bias,
                                           gain * float(np.std(proxy_before)), seed) if placebo else
@@ -507,9 +511,10 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
             require_finite(get_peft_model_state_dict(policy), f"PPO policy adapter ({kept})")
             require_finite(value_head.state_dict(), f"PPO value head ({kept})")
         except ValueError:  # diverged: its checkpoints would only resume the divergence and block the next run
-            shutil.rmtree(checkpoints, ignore_errors=True)
+            main_process_writes(shutil.rmtree, checkpoints, ignore_errors=True)
             raise
-        if save:
+
+        def write_policy():  # every process holds the same policy: the main one writes it
             staging = new_staging(out_dir / arm, ctx.run_dir.name)
             policy.save_pretrained(staging / "adapter")
             save_file(value_head.state_dict(), staging / "value_head.safetensors")
@@ -517,8 +522,11 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
                 {"sft_model": sft_location, "reward_model": None if placebo else str(rm_folder),
                  "reward_precision": arm, "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
             swap_in_dir(staging, out_dir / arm)
+
+        if save:
+            main_process_writes(write_policy)
         if not p.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
+            main_process_writes(shutil.rmtree, checkpoints, ignore_errors=True)
         lap("saving_s")
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
@@ -799,7 +807,7 @@ def run_alignment(cfg: Config) -> dict:
         FileNotFoundError: missing SFT model, judge, reward models, their evaluation or preference files.
     """
     p = cfg.ppo
-    ctx = begin(cfg)
+    ctx = begin(cfg, distributed=True)  # under accelerate launch the processes share PPO's rollouts and gradients
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
         raise FileNotFoundError(f"{sft_location}: no SFT model; run 02_SFT_Finetuning "
@@ -873,13 +881,16 @@ def run_alignment(cfg: Config) -> dict:
     summary = answer(bon, net, experiments, judge_info, p.steps, movement)
     for e in experiments.values():
         e["rl_fit"] = rl_fits(e["curve"], list(judges))
-    figures = {
-        "curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
-                                        kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
-        "overoptimisation": str(overoptimisation_figure(experiments, ctx.run_dir / "figures" / "ppo_overopt.png")),
-    }
-    if bon is not None:
-        figures["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
+    def draw() -> dict[str, str]:
+        out = {"curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
+                                               kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
+               "overoptimisation": str(overoptimisation_figure(experiments,
+                                                               ctx.run_dir / "figures" / "ppo_overopt.png"))}
+        if bon is not None:
+            out["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
+        return out
+
+    figures = main_process_writes(draw)
     results = {"experiments": experiments, "table": comparison_table(experiments, net), "net_of_placebo": net,
                "judges": judge_info, "policy_movement": movement,
                "answer": summary, "conclusions": words, "best_of_n": bon, "n_eval_prompts": len(eval_prompts),

@@ -1,9 +1,10 @@
-"""Stages 2 and 3 under ``accelerate launch``: which of several processes writes, and what the record says about
+"""Stages 2-4 under ``accelerate launch``: which of several processes writes, and what the record says about
 them.
 
 A stage launched as ``accelerate launch --multi_gpu --num_processes N -m edgerlhf.sft_finetuning`` runs once per
 process; the library trainers (TRL's ``SFTTrainer`` and ``RewardTrainer``) shard the batches across the processes and
-average the gradients (DDP: NCCL on GPUs, gloo on CPUs). Everything that writes a file (models, figures,
+average the gradients (DDP: NCCL on GPUs, gloo on CPUs), and PPO shares its rollouts and sums its gradients itself
+(:func:`edgerlhf.core.ppo.ppo_step`, :func:`edgerlhf.core.ppo.ppo_update`). Everything that writes a file (models, figures,
 ``evaluation.json``, the run record, the current-run pointer) runs on the main process only, through
 :func:`main_process_writes`; the other processes wait and receive its result. With one process (a notebook,
 ``python -m``) every function here is a plain call.

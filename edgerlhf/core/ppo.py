@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .memory import returning_freed_memory, trim_heap
-from .rollout import decode_responses, forward_logprobs, reference_logprobs, rollout
+from .rollout import decode_responses, forward_logprobs, gather_rollouts, reference_logprobs, rollout
 
 # --------------------------------------------------------------------------------------------
 # 1. masked statistics
@@ -247,13 +248,17 @@ class Batch:
     returns: torch.Tensor
     extra: dict = field(default_factory=dict)
 
-    def select(self, idx: torch.Tensor) -> dict:
-        """The rows ``idx`` (CPU ``LongTensor``) as the dict :func:`~edgerlhf.core.rollout.forward_logprobs` takes,
-        plus the PPO targets and the rows' real lengths as lists (``query_lengths``, ``response_lengths``, read
-        from the device once per batch), so cutting a micro-batch does not wait for the device."""
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """Each row's real prompt and reply lengths in tokens, read from the device once per batch."""
         if "lengths" not in self.extra:  # one device-to-host copy per batch, not one per micro-batch
             self.extra["lengths"] = (self.query_mask.sum(dim=1).tolist(), self.response_mask.sum(dim=1).long().tolist())
-        query_lengths, response_lengths = self.extra["lengths"]
+        return self.extra["lengths"]
+
+    def select(self, idx: torch.Tensor) -> dict:
+        """The rows ``idx`` (CPU ``LongTensor``) as the dict :func:`~edgerlhf.core.rollout.forward_logprobs` takes,
+        plus the PPO targets and the rows' real lengths as lists (``query_lengths``, ``response_lengths``,
+        :meth:`lengths`), so cutting a micro-batch does not wait for the device."""
+        query_lengths, response_lengths = self.lengths()
         rows, on_device = idx.tolist(), idx.to(self.query.device)
         return {**{k: getattr(self, k)[on_device] for k in ("query", "query_mask", "response", "response_mask",
                                                             "logprobs", "values", "advantages", "returns")},
@@ -265,18 +270,45 @@ class Batch:
 UPDATE_STATS = ("pg_loss", "vf_loss", "loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")
 
 
+def data_parallel() -> tuple[int, int]:
+    """``(rank, number of processes)`` of torch.distributed's default process group (the one ``accelerate launch``
+    sets up); ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum each of ``tensors`` over the processes, in place: one ``all_reduce`` per dtype over the tensors
+    flattened together (gloo on CPUs, NCCL on GPUs)."""
+    by_dtype: dict = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch.distributed.all_reduce(flat)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
+
+
 def micro_batch_backward(model, value_head, batch: Batch, micro: torch.Tensor, cfg, weight: float) -> torch.Tensor:
     """Forward and backward of one micro-batch, the rows ``micro`` (CPU ``LongTensor[m]``) of ``batch``: its loss
     ``pg_loss + vf_coef * vf_loss`` is a token mean over its real reply tokens, and ``weight`` (its share of the
     minibatch's rows) times its gradient is added to ``.grad``.
 
     The rows go through the model ``cfg.rows_per_pass`` at a time (None: all, packed by ``cfg.padding_free``), each
-    pass's loss weighted by its share of the reply tokens, so the passes' gradients sum to the micro-batch's: only
-    memory and time change. Returns ``FloatTensor[7]``, the :data:`UPDATE_STATS` (token means).
+    pass's loss weighted by its share of the micro-batch's reply tokens, so the passes' gradients sum to the
+    micro-batch's: only memory and time change. With several processes (:func:`data_parallel`) each runs every
+    N-th row of the micro-batch, and :func:`ppo_update` sums their gradients and statistics. Returns
+    ``FloatTensor[7]``, the :data:`UPDATE_STATS` (token means; this process's part of them).
     """
-    passes = [batch.select(rows) for rows in micro.split(cfg.rows_per_pass or len(micro))]
-    tokens = sum(sum(mb["response_lengths"]) for mb in passes)
-    total = None
+    rank, world = data_parallel()
+    response_lengths = batch.lengths()[1]
+    tokens = sum(response_lengths[i] for i in micro.tolist())
+    mine = micro[rank::world]
+    passes = [batch.select(rows) for rows in mine.split(cfg.rows_per_pass or max(len(mine), 1))] if len(mine) else []
+    total = torch.zeros(len(UPDATE_STATS), device=batch.query.device)
     for mb in passes:
         share = sum(mb["response_lengths"]) / tokens
         new = forward_logprobs(model, value_head, mb, cfg.temperature, with_entropy=True,
@@ -287,8 +319,7 @@ def micro_batch_backward(model, value_head, batch: Batch, micro: torch.Tensor, c
         loss = pg["pg_loss"] + cfg.vf_coef * vf["vf_loss"]
         (loss * share * weight).backward()
         stats = {**pg, **vf, "loss": loss, "entropy": masked_mean(new["entropy"], mask)}
-        part = torch.stack([stats[k].detach().float() for k in UPDATE_STATS]) * share
-        total = part if total is None else total + part
+        total = total + torch.stack([stats[k].detach().float() for k in UPDATE_STATS]) * share
     return total
 
 
@@ -300,7 +331,10 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
     gradient_accumulation_steps`` rows (a minibatch) in micro-batches of ``micro_batch_size``. Before every step
     the losses and the clipped gradient norm (``max_grad_norm``) must be finite; a minibatch whose mean approximate
     KL exceeds ``approx_kl_stop`` (None: never) is dropped and ends the update (TRL's ``early_stopping``). One
-    host-device synchronisation per optimizer step.
+    host-device synchronisation per optimizer step. With several processes (:func:`data_parallel`), each holding the
+    whole ``batch`` and the same ``generator`` state, each runs its share of every micro-batch's rows and the
+    gradients and statistics are summed over the processes before each optimizer step (DDP's all-reduce), so every
+    process takes the step one process would.
 
     Raises:
         FloatingPointError: a loss or the gradient norm is not finite (nothing is stepped with it).
@@ -311,6 +345,7 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     stats: list[torch.Tensor] = []  # one [micro-batches, len(UPDATE_STATS)] block per optimizer step
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    world = data_parallel()[1]
     model.eval()  # dropout off: log-probs must match the rollout's
     steps = epochs = 0
     stopped = False
@@ -325,6 +360,11 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
                 share = len(micro) / len(step_idx)
                 step_stats.append(micro_batch_backward(model, value_head, batch, micro, cfg, share))
             block = torch.stack(step_stats)
+            if world > 1:  # each process holds part of the minibatch's gradient and statistics: sum them
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                all_reduce_sum([p.grad for p in params] + [block])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             checks = torch.cat([block[:, :3].flatten(), grad_norm.reshape(1).float().to(block.device),
                                 block[:, 3].mean().reshape(1)]).tolist()  # the one synchronisation
@@ -348,6 +388,21 @@ def ppo_update(model, value_head, optimizer, batch: Batch, cfg, generator: torch
 # 8. one PPO iteration
 
 
+@contextmanager
+def sampling_stream(rank: int, world: int):
+    """With several processes, sample on a stream of this process's own (seeded by one draw from the global torch
+    RNG, the same draw in every process, plus ``rank``), so the processes sample independently while their global
+    RNG states stay equal (a checkpoint's RNG state then serves every process). One process: the global stream."""
+    if world == 1:
+        yield
+        return
+    seed = int(torch.randint(2**62, (1,)))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + rank)
+        yield
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite score, KL, reward, loss or gradient in a PPO step; ``rollout`` holds the step's tensors
     (query, response, masks, scores, log-probs, values where computed) for inspection."""
@@ -367,9 +422,13 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
         scorer: ``scorer(prompts, replies) -> FloatTensor[B]`` (a reward model, or a scripted reward).
         cfg: a :class:`edgerlhf.core.config.PPOStageConfig`.
         moments: running statistics for score normalisation (``cfg.score_norm``); None: off.
+    With several processes (:func:`data_parallel`), process ``r`` samples, scores and runs the reference on prompts
+    ``r, r + N, ...`` (on its own sampling stream, :func:`sampling_stream`); every process then holds the whole batch
+    (:func:`edgerlhf.core.rollout.gather_rollouts`) and :func:`ppo_update` sums their gradients.
+
     Raises:
         NonFiniteError: a non-finite score, KL, reward, loss or gradient (carries the rollout's tensors).
-        ValueError: the tokenizer has no pad or no EOS token.
+        ValueError: the tokenizer has no pad or no EOS token; fewer prompts than processes.
     Returns:
         The step's statistics (score, KL, rewards, beta, explained variance, reply length, EOS share, the
         :func:`ppo_update` means, timings in seconds) and ``"batch"``: the rollout as a :class:`Batch`.
@@ -378,23 +437,31 @@ def ppo_step(model, value_head, optimizer, kl_ctl: KLController, tokenizer, quer
     if pad_id is None or eos_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} needs a pad and an EOS token for PPO")
     timing = {}
+    rank, world = data_parallel()  # with several processes each samples, scores and runs the reference on every
+    if len(queries) < world:  # world-th prompt, and every process then holds the whole batch
+        raise ValueError(f"{len(queries)} prompts per PPO step (ppo.batch_size) cannot be shared among {world} "
+                         "processes: use at least one per process")
     step_start = t = time.perf_counter()
-    ro = rollout(model, queries, pad_id, eos_id, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                 cfg.generation_batch_size, cfg.min_new_tokens, value_head, cfg.logprobs_from_generation)
+    with sampling_stream(rank, world):
+        ro = rollout(model, queries[rank::world], pad_id, eos_id, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                     cfg.top_p, cfg.generation_batch_size, cfg.min_new_tokens, value_head, cfg.logprobs_from_generation)
     trim_heap()  # the KV cache and decoding buffers, freed, would otherwise stay resident under the update's peak
     timing["time_generation_s"] = time.perf_counter() - t - ro["time_old_logprobs_s"]  # the reply pass: forward
-    mask = ro["response_mask"]
     t = time.perf_counter()
-    replies = decode_responses(tokenizer, ro["response"], mask, eos_id)
-    raw_scores = scorer(prompts, replies).float().to(mask.device)
+    replies = decode_responses(tokenizer, ro["response"], ro["response_mask"], eos_id)
+    raw_scores = scorer(prompts[rank::world], replies).float().to(ro["response_mask"].device)
     timing["time_scoring_s"] = time.perf_counter() - t
-    scores = final_scores(raw_scores, ro["ended"], cfg.missing_eos_penalty, moments)
     t = time.perf_counter()
     chunk = cfg.generation_batch_size or cfg.micro_batch_size * cfg.gradient_accumulation_steps
     with returning_freed_memory():  # large freed activations go back to the OS (not during generation: slower)
-        lp = {"logprobs": ro["logprobs"], "values": ro["values"],
-              "ref_logprobs": reference_logprobs(model, ro, cfg.temperature, chunk)}
+        ro["ref_logprobs"] = reference_logprobs(model, ro, cfg.temperature, chunk)
     timing["time_forward_s"] = time.perf_counter() - t + ro["time_old_logprobs_s"]
+    if world > 1:
+        ro = gather_rollouts({**ro, "raw_scores": raw_scores, "replies": replies, "pad_id": pad_id}, world)
+        raw_scores, replies = ro["raw_scores"], ro["replies"]
+    mask = ro["response_mask"]
+    scores = final_scores(raw_scores, ro["ended"], cfg.missing_eos_penalty, moments)
+    lp = {k: ro[k] for k in ("logprobs", "values", "ref_logprobs")}
     rewards, kl = compute_rewards(scores, lp["logprobs"], lp["ref_logprobs"], mask, kl_ctl.beta, cfg.kl_estimator)
     tensors = {**{k: ro[k] for k in ("query", "query_mask", "response", "response_mask")}, "raw_scores": raw_scores,
                "scores": scores, **lp, "kl": kl, "rewards": rewards}

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .files import swap_in_dir
 from .logs import progress
 from .memory import halve_on_oom, measure
-from .ppo import KLController, NonFiniteError, RunningMoments, ppo_step
+from .ppo import KLController, NonFiniteError, RunningMoments, data_parallel, ppo_step
 from .reproducibility import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,11 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
     (:func:`edgerlhf.core.memory.halve_on_oom`, at most ``max_backoffs`` times); the back-offs are in
     the step's statistics and the smaller sizes are kept for the rest of the run.
 
+    Under ``accelerate launch`` (several processes, :func:`edgerlhf.core.ppo.data_parallel`) every process runs
+    this loop on the same prompts and holds the same weights; :func:`edgerlhf.core.ppo.ppo_step` shares each
+    step's sampling and gradients among them. Only the main process writes checkpoints, and an out-of-memory
+    error is not retried (the processes would fall out of step).
+
     Raises:
         FloatingPointError: non-finite score, KL, reward, loss or gradient; the state from before the
             failing step (adapter, value head, optimiser, beta, RNG and prompt-sampler states) and the
@@ -188,6 +193,10 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         FileExistsError: checkpoints exist but ``cfg.resume`` is False.
         ValueError: resuming a checkpoint written under other settings.
     """
+    rank, world = data_parallel()
+    writes = rank == 0
+    if world > 1:
+        max_backoffs = 0
     optimizer = make_optimizer(model, value_head, cfg)
     generator = torch.Generator().manual_seed(seed)
     kl_ctl = KLController(cfg.init_kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.kl_horizon)
@@ -234,8 +243,10 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
         except NonFiniteError as exc:  # save the state the step started from, then fail loudly
             restore_state(snapshot, model, value_head, optimizer, kl_ctl, moments, generator)
             generator.set_state(sampler_before)
-            failed = save_checkpoint(checkpoints / f"failed-step-{step}", model, value_head, optimizer,
-                                     loop_state(step) | {"prompt_indices": idx}, exc.rollout)
+            failed = checkpoints / f"failed-step-{step}"
+            if writes:
+                save_checkpoint(failed, model, value_head, optimizer, loop_state(step) | {"prompt_indices": idx},
+                                exc.rollout)
             raise FloatingPointError(f"step {step}: {exc}; state before the step and its rollout saved to "
                                      f"{failed}") from exc
         batch, peak, step_cfg = stats.pop("batch"), stats.pop("peak"), stats.pop("cfg")
@@ -257,7 +268,7 @@ def train(model, value_head, tokenizer, queries: list[list[int]], prompts: list,
             writer.flush()
         if on_step is not None:
             on_step(step + 1, stats)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if writes and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(checkpoints / f"checkpoint-{step + 1}", model, value_head, optimizer, loop_state(step + 1))
             for old in checkpoints.glob("checkpoint-*"):
                 if old.name != f"checkpoint-{step + 1}":

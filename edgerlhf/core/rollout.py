@@ -347,3 +347,33 @@ def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eos_
         tokens = [t for t, keep in zip(row, m) if keep and t != eos_id]
         texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     return texts
+
+
+def gather_rollouts(local: dict, world: int) -> dict:
+    """Every process's rollout as one batch in the prompts' order, on this process's device: process ``r`` of
+    ``world`` sampled prompts ``r, r + world, r + 2 world, ...`` (``torch.distributed.all_gather_object``, so any
+    backend; a rollout batch is small).
+
+    Args:
+        local: this process's ``query``/``query_mask`` ``[b, P]`` (left-padded), ``response``/``response_mask``/
+            ``logprobs``/``values``/``ref_logprobs`` ``[b, R]`` (right-padded), ``ended``/``raw_scores`` ``[b]``
+            and ``replies`` (``list[str]``); ``pad_id`` (int) fills the token ids.
+    Returns:
+        The same keys over all rows: prompts padded on the left and replies on the right to the widest process's
+        (masks 0, log-probs and values 0 there), rows put back in the prompts' order.
+    """
+    device = local["query"].device
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, {k: v.cpu() if torch.is_tensor(v) else v for k, v in local.items()})
+    width_q, width_r = max(p["query"].shape[1] for p in parts), max(p["response"].shape[1] for p in parts)
+    out = {}
+    for key in ("query", "query_mask", "response", "response_mask", "logprobs", "values", "ref_logprobs"):
+        fill = local["pad_id"] if key in ("query", "response") else 0
+        out[key] = torch.cat([torch.nn.functional.pad(
+            p[key], (width_q - p[key].shape[1], 0) if key.startswith("query") else (0, width_r - p[key].shape[1]),
+            value=fill) for p in parts])
+    out.update(ended=torch.cat([p["ended"] for p in parts]), raw_scores=torch.cat([p["raw_scores"] for p in parts]))
+    origin = torch.cat([torch.arange(len(p["ended"])) * world + r for r, p in enumerate(parts)])
+    order = torch.argsort(origin)
+    replies = [reply for p in parts for reply in p["replies"]]
+    return {**{k: v[order].to(device) for k, v in out.items()}, "replies": [replies[i] for i in order.tolist()]}

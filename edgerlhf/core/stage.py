@@ -57,8 +57,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     The stage's log (its ``edgerlhf`` records, and library warnings once
     :func:`edgerlhf.core.logs.quiet_libraries` ran) goes to ``<run folder>/logs/<stage>.log``.
 
-    Only a stage that is ``distributed`` (SFT and reward training, whose library trainers shard the work) may
-    run in several processes under ``accelerate launch``; its files are written by the main process alone.
+    Only a stage that is ``distributed`` (SFT and reward training, whose library trainers shard the work, and PPO)
+    may run in several processes under ``accelerate launch``; its files are written by the main process alone.
 
     Raises:
         ValueError: a config value out of range (:func:`edgerlhf.core.config.validate`), or a current-run
@@ -72,8 +72,8 @@ def begin(cfg: Config, starts_run: bool = False, distributed: bool = False) -> S
     processes = process_info()["num_processes"]
     if processes > 1 and not distributed:
         raise RuntimeError(f"this stage runs in one process, not {processes}: start it with python -m, not "
-                           "accelerate launch (only edgerlhf.sft_finetuning and edgerlhf.reward_modeling shard "
-                           "their training)")
+                           "accelerate launch (only edgerlhf.sft_finetuning, edgerlhf.reward_modeling and "
+                           "edgerlhf.ppo_alignment shard their training)")
     root = resolve(cfg.run.root)
     stage = _RUNNING[-1] if _RUNNING else None
     lock = ProjectLock(root / "results", f"stage {stage or 'unknown'} on its own", stage)
