@@ -205,7 +205,8 @@ def test_a_truncated_backbone_loads_without_a_load_report_and_anything_unexpecte
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    loggers = [logging.getLogger("transformers.modeling_utils"), logging.getLogger("edgerlhf.core.reward_scoring")]
+    loggers = [logging.getLogger("transformers.modeling_utils"), logging.getLogger("edgerlhf.core.reward_scoring"),
+               logging.getLogger("transformers.distributed.tensor_parallel")]  # "not sharded": no tensor parallelism
     for logger in loggers:
         logger.addHandler(handler)
     try:

@@ -56,6 +56,13 @@ class RewardModelError(ValueError):
     """A reward-model folder is incomplete or does not match what was asked of it."""
 
 
+class _OnlyErrors(logging.Filter):
+    """Lets through records at ERROR and above only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def load_backbone(location: str, precision: str, device: torch.device | str, num_layers: int | None = None,
                   dtype: torch.dtype | None = None):
     """A one-output sequence-classification model from ``location`` at ``precision``; head in full precision.
@@ -77,9 +84,11 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
         if not 1 <= num_layers <= blocks:
             raise ValueError(f"num_layers={num_layers} (reward.probe_layer) must be in [1, {blocks}] for {location}")
         extra["num_hidden_layers"] = num_layers
-    report = logging.getLogger("transformers.modeling_utils")  # its load report lists every expected key below
-    level = report.level
-    report.setLevel(logging.ERROR)
+    # its load report lists every expected key below: a filter, not a higher level (transformers checks a tensor-
+    # parallel plan, and warns "layers were not sharded", whenever that logger's level is WARNING or above)
+    report = logging.getLogger("transformers.modeling_utils")
+    only_errors = _OnlyErrors()
+    report.addFilter(only_errors)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             location, num_labels=1, dtype=dtype, quantization_config=quantization_config(precision, dtype, [HEAD]),
@@ -87,7 +96,7 @@ def load_backbone(location: str, precision: str, device: torch.device | str, num
             **extra,
         )
     finally:
-        report.setLevel(level)
+        report.removeFilter(only_errors)
 
     def cut(key: str) -> bool:  # a weight of a block left out by num_layers (model.layers.<i>. , transformer.h.<i>.)
         block = re.search(r"\.(\d+)\.", key)
