@@ -364,7 +364,8 @@ def section_ppo(records: dict, figures: Path) -> str:
     first = next(iter(experiments.values()))
     n_seeds = len(first.get("after_by_seed") or [first["after"]])
     seeds = (f" Each arm ran {n_seeds} seeds under common random numbers: the arm − placebo columns pool prompts and "
-             f"seeds, with the t interval across the {n_seeds} seeds' mean differences ({n_seeds - 1} degree"
+             f"seeds, with the t interval across the {n_seeds} seeds' mean differences (for the length-controlled "
+             f"difference, across the seeds' intercepts; {n_seeds - 1} degree"
              f"{'s' if n_seeds > 2 else ''} of freedom) and its t-test; the other columns are the first seed's run "
              f"(seed {first.get('seed')}), and the time is the sum over seeds." if n_seeds > 1 else "")
     return ("## PPO alignment\n\n" + (f"**The answer at this scale.** {r['answer']}\n\n" if r.get("answer") else "")
@@ -376,7 +377,7 @@ def section_ppo(records: dict, figures: Path) -> str:
             "count half). The placebo arm runs the same PPO on random rewards; arm − placebo is the judge's score of the "
             "arm's reply − of the placebo policy's, per prompt (Holm's correction over the arms, t-test), and "
             "length-controlled is that difference at equal reply length (least-squares intercept on the difference in "
-            "tokens, bootstrap interval). Only comparisons get a verdict, and a direction only where every judge "
+            "tokens, bootstrap interval over prompts). Only comparisons get a verdict, and a direction only where every judge "
             "finds it. The implicit-reward column "
             f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
             "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "

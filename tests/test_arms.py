@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgerlhf.core.arms import PLACEBO, length_controlled, net_of_placebo, placebo_scorer
+from edgerlhf.core.arms import PLACEBO, length_controlled, length_controlled_by_seed, net_of_placebo, placebo_scorer
 from edgerlhf.core.hh_rlhf import Pair, parse_pair, read_rows
 
 
@@ -46,6 +46,20 @@ def test_length_control_removes_what_the_length_difference_predicts():
     assert flat["slope"] is None and flat["intercept"] == pytest.approx(0.2)
     with pytest.raises(ValueError):
         length_controlled([1.0, 2.0], [1.0])
+
+
+def test_length_control_over_two_seeds_is_the_t_interval_of_the_per_seed_intercepts():
+    # exact lines: seed 1's intercept is 0.1, seed 2's 0.3, the slope 0.05 in both
+    length = np.array([-4.0, -1.0, 0.0, 2.0, 5.0])
+    out = length_controlled_by_seed([0.1 + 0.05 * length, 0.3 + 0.05 * length], [length, length])
+    half = 12.706204736 * np.std([0.1, 0.3], ddof=1) / np.sqrt(2)  # t_{0.975, 1 df}
+    assert out["intercept"] == pytest.approx(0.2) and out["per_seed"] == pytest.approx([0.1, 0.3])
+    assert out["ci"] == pytest.approx([0.2 - half, 0.2 + half]) and out["interval"] == "t across 2 seeds"
+    assert out["slope"] == pytest.approx(0.05) and out["n"] == 10
+    one = length_controlled_by_seed([0.1 + 0.05 * length], [length])
+    assert one["intercept"] == pytest.approx(0.1) and one["interval"] == "bootstrap over prompts"
+    with pytest.raises(ValueError):
+        length_controlled_by_seed([length], [length, length])
 
 
 def _arm(judge, tokens, before_tokens):

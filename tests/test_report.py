@@ -121,7 +121,8 @@ def test_the_ppo_table_says_how_its_columns_use_two_seeds(tmp_path):
         arm.update(seed=42, after_by_seed=[arm["after"], arm["after"]])
     text = build_report(write_synthetic_run(tmp_path, results)).read_text()
     assert ("Each arm ran 2 seeds under common random numbers: the arm − placebo columns pool prompts and seeds, with "
-            "the t interval across the 2 seeds' mean differences (1 degree of freedom)") in text
+            "the t interval across the 2 seeds' mean differences (for the length-controlled difference, across the seeds' "
+            "intercepts; 1 degree of freedom)") in text
     assert "the first seed's run (seed 42), and the time is the sum over seeds." in text
     one = build_report(write_synthetic_run(tmp_path / "one", stage_results(tmp_path / "one"))).read_text()
     assert "Each arm ran" not in one

@@ -59,6 +59,32 @@ def length_controlled(score_diff, length_diff, seed: int = 0) -> dict:
     return {"intercept": float(a), "ci": ci, "slope": float(slope), "n": int(y.size)}
 
 
+def length_controlled_by_seed(score_by_seed: list, length_by_seed: list, seed: int = 0, level: float = 0.95) -> dict:
+    """:func:`length_controlled` over prompts and seeds, ``score_by_seed[s]`` and ``length_by_seed[s]`` being
+    ``float[P]`` under seed ``s``. One seed: :func:`length_controlled`. ``R >= 2`` seeds: each seed's intercept
+    ``a_s`` carries the training variance, as in :func:`seed_paired`: their mean with the t interval across seeds
+    (``R - 1`` degrees of freedom); the slope is the pooled fit's.
+
+    Returns ``{"intercept", "ci", "slope", "n", "interval", "per_seed"}``. Raises ValueError for lists of
+    different lengths, empty ones, or a seed's arrays of unequal length.
+    """
+    if len(score_by_seed) != len(length_by_seed) or not score_by_seed:
+        raise ValueError(f"length_controlled_by_seed needs one score and one length array per seed, got "
+                         f"{len(score_by_seed)} and {len(length_by_seed)}")
+    each = [length_controlled(y, x, seed) for y, x in zip(score_by_seed, length_by_seed)]
+    if len(each) == 1:
+        return {**each[0], "interval": "bootstrap over prompts", "per_seed": [each[0]["intercept"]]}
+    from scipy.stats import t
+
+    a = np.array([e["intercept"] for e in each])
+    half = float(t.ppf(1 - (1 - level) / 2, len(a) - 1)) * float(a.std(ddof=1)) / np.sqrt(len(a))
+    pooled = length_controlled(np.concatenate([np.asarray(y, float) for y in score_by_seed]),
+                               np.concatenate([np.asarray(x, float) for x in length_by_seed]), seed)
+    return {"intercept": float(a.mean()), "ci": [float(a.mean() - half), float(a.mean() + half)],
+            "slope": pooled["slope"], "n": pooled["n"], "interval": f"t across {len(a)} seeds",
+            "per_seed": a.tolist()}
+
+
 def seed_paired(a_by_seed: list, b_by_seed: list, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of ``a - b`` over prompts and seeds, with common random numbers: ``a_by_seed[s]`` and ``b_by_seed[s]``
     are ``float[P]`` on the same prompts under the same seed ``s``.
@@ -99,7 +125,7 @@ def runs(arm: dict) -> list[dict]:
 def compare_arms(arms: dict[str, dict], names: list[str], reference: str, judges: list[str], seed: int = 0) -> dict:
     """Each of ``names`` against ``reference`` after PPO, per judge: :func:`seed_paired` on the judge's scores, its
     p-value Holm-corrected over ``names`` (one family per judge), and the difference controlled for length
-    (:func:`length_controlled` on the difference in reply tokens, prompts and seeds pooled).
+    (:func:`length_controlled_by_seed` on the difference in reply tokens: per seed, then across seeds).
 
     Returns ``{name: {judge: {...seed_paired, "p_holm", "family_size", "length_controlled"}}}``.
     Raises KeyError: ``reference`` is not an arm.
@@ -111,11 +137,10 @@ def compare_arms(arms: dict[str, dict], names: list[str], reference: str, judges
         for a in names:
             mine = runs(arms[a])
             diff = seed_paired([r[f"{j}_scores"] for r in mine], [r[f"{j}_scores"] for r in ref], seed)
-            score = np.concatenate([np.asarray(x[f"{j}_scores"], float) - np.asarray(y[f"{j}_scores"], float)
-                                    for x, y in zip(mine, ref)])
-            length = np.concatenate([np.asarray(x["tokens"], float) - np.asarray(y["tokens"], float)
-                                     for x, y in zip(mine, ref)])
-            tests.append({**diff, "length_controlled": length_controlled(score, length, seed)})
+            score = [np.asarray(x[f"{j}_scores"], float) - np.asarray(y[f"{j}_scores"], float)
+                     for x, y in zip(mine, ref)]
+            length = [np.asarray(x["tokens"], float) - np.asarray(y["tokens"], float) for x, y in zip(mine, ref)]
+            tests.append({**diff, "length_controlled": length_controlled_by_seed(score, length, seed)})
         for a, test in zip(names, holm_family(tests)):
             out[a][j] = test
     return out
