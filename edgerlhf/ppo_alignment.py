@@ -881,7 +881,8 @@ def run_alignment(cfg: Config) -> dict:
     summary = answer(bon, net, experiments, judge_info, p.steps, movement)
     for e in experiments.values():
         e["rl_fit"] = rl_fits(e["curve"], list(judges))
-    def draw() -> dict[str, str]:
+
+    def draw() -> dict[str, str]:  # the figures, drawn once under accelerate launch
         out = {"curves": str(ppo_curves_figure(experiments, ctx.run_dir / "figures" / "ppo_curves.png",
                                                kl_target=p.adaptive_kl_target if p.adaptive_kl else None)),
                "overoptimisation": str(overoptimisation_figure(experiments,
