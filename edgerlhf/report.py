@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .core import crossfit, plots
+from .core.arms import runs
 from .core.files import atomic_write_text
 from .core.records import STAGE_ORDER, current_run, memory_rows, newest_records, record_paths
 
@@ -362,7 +363,7 @@ def section_ppo(records: dict, figures: Path) -> str:
                          f"each proxy on the test pairs (phi of their correctness): {agree}")
     bon = section_best_of_n(r["best_of_n"], figures) if r.get("best_of_n") else ""
     first = next(iter(experiments.values()))
-    n_seeds = len(first.get("after_by_seed") or [first["after"]])
+    n_seeds = len(runs(first))
     seeds = (f" Each arm ran {n_seeds} seeds under common random numbers: the arm − placebo columns pool prompts and "
              f"seeds, with the t interval across the {n_seeds} seeds' mean differences (for the length-controlled "
              f"difference, across the seeds' intercepts; {n_seeds - 1} degree"
@@ -377,8 +378,8 @@ def section_ppo(records: dict, figures: Path) -> str:
             "count half). The placebo arm runs the same PPO on random rewards; arm − placebo is the judge's score of the "
             "arm's reply − of the placebo policy's, per prompt (Holm's correction over the arms, t-test), and "
             "length-controlled is that difference at equal reply length (least-squares intercept on the difference in "
-            "tokens, bootstrap interval over prompts). Only comparisons get a verdict, and a direction only where every judge "
-            "finds it. The implicit-reward column "
+            "tokens, bootstrap interval over prompts). Only comparisons get a verdict, and a direction only where "
+            "every judge finds it. The implicit-reward column "
             f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
             "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "
             f"nats per reply.{seeds}\n\n"

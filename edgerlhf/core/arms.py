@@ -74,15 +74,22 @@ def length_controlled_by_seed(score_by_seed: list, length_by_seed: list, seed: i
     each = [length_controlled(y, x, seed) for y, x in zip(score_by_seed, length_by_seed)]
     if len(each) == 1:
         return {**each[0], "interval": "bootstrap over prompts", "per_seed": [each[0]["intercept"]]}
-    from scipy.stats import t
-
     a = np.array([e["intercept"] for e in each])
-    half = float(t.ppf(1 - (1 - level) / 2, len(a) - 1)) * float(a.std(ddof=1)) / np.sqrt(len(a))
     pooled = length_controlled(np.concatenate([np.asarray(y, float) for y in score_by_seed]),
                                np.concatenate([np.asarray(x, float) for x in length_by_seed]), seed)
-    return {"intercept": float(a.mean()), "ci": [float(a.mean() - half), float(a.mean() + half)],
-            "slope": pooled["slope"], "n": pooled["n"], "interval": f"t across {len(a)} seeds",
-            "per_seed": a.tolist()}
+    return {"intercept": float(a.mean()), "ci": t_interval(a, level)[0], "slope": pooled["slope"], "n": pooled["n"],
+            "interval": f"t across {len(a)} seeds", "per_seed": a.tolist()}
+
+
+def t_interval(values, level: float = 0.95) -> tuple[list[float], float]:
+    """The t interval of the mean of ``values`` (``float[R]``, R >= 2; ``R - 1`` degrees of freedom) and the
+    standard error of that mean: ``([low, high], se)``."""
+    from scipy.stats import t  # imported on use, like the other scipy.stats users
+
+    values = np.asarray(values, float)
+    se = float(values.std(ddof=1)) / np.sqrt(len(values))
+    half = float(t.ppf(1 - (1 - level) / 2, len(values) - 1)) * se
+    return [float(values.mean() - half), float(values.mean() + half)], se
 
 
 def seed_paired(a_by_seed: list, b_by_seed: list, seed: int = 0, level: float = 0.95) -> dict:
@@ -108,11 +115,8 @@ def seed_paired(a_by_seed: list, b_by_seed: list, seed: int = 0, level: float = 
     from scipy.stats import t  # imported on use, like the other scipy.stats users
 
     r = len(means)
-    sd = float(means.std(ddof=1))
-    se = sd / np.sqrt(r)
-    half = float(t.ppf(1 - (1 - level) / 2, r - 1)) * se
-    return {"mean_difference": float(means.mean()), "ci": [float(means.mean() - half), float(means.mean() + half)],
-            "sd_difference": sd, "n": int(sum(d.size for d in diffs)), "p_value": t_test_p(means),
+    ci, se = t_interval(means, level)
+    return {"mean_difference": float(means.mean()), "ci": ci, "sd_difference": float(means.std(ddof=1)), "n": int(sum(d.size for d in diffs)), "p_value": t_test_p(means),
             "mde": float((t.ppf(1 - ALPHA / 2, r - 1) + t.ppf(POWER, r - 1)) * se), "seeds": r,
             "interval": f"t across {r} seeds", "per_seed": means.tolist()}
 
