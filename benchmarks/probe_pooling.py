@@ -8,7 +8,7 @@ One feature pass of the SFT backbone (``models/sft/model/merged``) over every *t
 side by side) reads every block in ``--layers``; then, for each pooling (``last``, ``mean``,
 ``last+mean``) and block, a linear Bradley-Terry head (:func:`edgerlhf.core.baselines.fit_pairwise_logistic`) is
 cross-validated on the proxies' and the judge's shares of the training pairs exactly as stage 3 splits them
-(:func:`edgerlhf.reward_modeling.split_pairs`), and on the first N training pairs for each N in ``--sizes``.
+(:func:`edgerlhf.core.prefs.split_pairs`), and on the first N training pairs for each N in ``--sizes``.
 Every row reports the head's 5-fold cross-validated log-loss and pairwise accuracy on its training pairs, at the C
 whose log-loss was lowest (the same folds): the held-out test pairs are never read, so the default this justifies
 is not chosen on them.
@@ -30,7 +30,7 @@ from edgerlhf.core.files import atomic_write_text
 from edgerlhf.core.hardware import hardware_report
 from edgerlhf.core.models import load_tokenizer
 from edgerlhf.core.prefs import read_prefs
-from edgerlhf.reward_modeling import split_pairs
+from edgerlhf.core.prefs import split_pairs
 from edgerlhf.core.probe import pair_features
 from edgerlhf.core.reward_scoring import load_backbone
 from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token

@@ -47,11 +47,11 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .core.adapters import compute_dtype, frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
-from .core.arms import (MOVED_KL, PLACEBO, compare_arms, movement_sentence, net_of_placebo, placebo_scorer,
-                         policy_movement)
+from .core.arms import (MOVED_KL, PLACEBO, arm_names, compare_arms, movement_sentence, net_of_placebo, parse_arm,
+                         placebo_scorer, policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
-from .core.distributed import is_main_process, main_process_writes
+from .core.distributed import is_main_process, main_process_writes, process_info
 from .core.files import new_staging, swap_in_dir
 from .core.hardware import resolve_device
 from .core.lm import fit_prompt, pair_logprobs
@@ -61,13 +61,14 @@ from .core.models import load_causal_lm, load_tokenizer
 from .core.plots import best_of_n_figure, overoptimisation_figure, ppo_curves_figure
 from .core.rollout import decode_responses, reference_logprobs, rollout
 from .core.ppo_trainer import build_policy, checkpoint_to_resume, run_signature, train
-from .core.prefs import TEST, TRAIN, check_data_set, read_prefs
+from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, split_pairs
 from .core.provenance import check_reward_inputs, check_reward_set, sft_identity
 from .core.reproducibility import seed_everything
 from .core.reward_scoring import HEAD, JUDGES, backbone_of, load_reward_model, read_info, score, weights_digest
 from .core.stage import begin, cli_main, finish, recorded
 from .core.stats import ALPHA, mde_paired_mean, paired_bootstrap, wilson_interval
 from .core.templates import ensure_chat_template, ppo_pad_token, render_prompt
+from .core.trl_arms import reward_function, train_dpo, train_online
 
 JUDGE = JUDGES[0]  # required; the other judges of :data:`edgerlhf.core.reward_scoring.JUDGES` are used when present
 
@@ -427,11 +428,13 @@ def with_seeds(done: list[dict]) -> dict:
 
 def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, seed: int | None = None,
                    save: bool = True) -> dict:
-    """One arm, a reward-model precision (EXP-1/2/3) or :data:`~edgerlhf.core.arms.PLACEBO` (random rewards on the
-    bf16 proxy's scale; the bf16 proxy still scores its evaluation), under one training ``seed`` (None:
-    ``run.seed``): train PPO, evaluate the held-out prompts after training against the shared SFT replies, with
-    every judge, and the implicit-reward check; returns its results. ``save``: write the policy to
-    ``models/ppo/<arm>`` (the first seed's run); the others checkpoint under ``<arm>-seed<seed>``.
+    """One arm (:func:`edgerlhf.core.arms.arm_names`) under one training ``seed`` (None: ``run.seed``): PPO against a
+    reward-model precision (EXP-1/2/3), :data:`~edgerlhf.core.arms.PLACEBO` (PPO on random rewards on the bf16
+    proxy's scale), RLOO or GRPO against a precision, or DPO on the proxies' training pairs
+    (:mod:`edgerlhf.core.trl_arms`); arms without a reward model of their own are scored by the bf16 proxy. Then
+    evaluate the held-out prompts after training against the shared SFT replies, with every judge, and the
+    implicit-reward check; returns its results. ``save``: write the policy to ``models/ppo/<arm>`` (the first seed's
+    run); the others checkpoint under ``<arm>-seed<seed>``.
 
     Raises:
         ValueError: the trained policy adapter or value head holds NaN or inf; the experiment's last good model
@@ -440,7 +443,9 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
     p = cfg.ppo
     seed = cfg.run.seed if seed is None else seed
     placebo = arm == PLACEBO
-    precision = "bf16" if placebo else arm
+    algorithm, precision = parse_arm(arm)
+    own_reward = precision is not None  # the placebo and DPO train on no reward model; the bf16 proxy scores them
+    precision = precision or "bf16"
     rm_dir = ctx.path(cfg.reward.output_dir)
     rm_folder = rm_dir / (precision if p.reward_mode == "trained" else "bf16")
     for judge in shared["judges"].values():
@@ -466,7 +471,8 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
         prompt_counts, truncation = {}, {}
         queries, prompts = encode_queries(tokenizer, shared["train"], p.max_prompt_length, prompt_counts)
         proxy = reward_scorer(proxy_model, proxy_tok, p, cfg.reward.max_length, counts=truncation)
-        gain, bias = normalisation(policy, value_head, tokenizer, queries, prompts, p, proxy, cfg.run.seed)
+        gain, bias = (normalisation(policy, value_head, tokenizer, queries, prompts, p, proxy, cfg.run.seed)
+                      if algorithm != "dpo" else (1.0, 0.0))
         scorers = {"proxy": proxy, **{name: j["scorer"] for name, j in shared["judges"].items()}}
         proxy_before = proxy(eval_prompts, before["replies"]).tolist()
         # the evaluation curve, checkpointed with the policy so that a resumed run keeps its points
@@ -490,8 +496,17 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
 
         out_dir = ctx.path(p.output_dir)
         checkpoints = checkpoint_folder(out_dir, arm, seed, save)
-        history = train(policy, value_head, tokenizer, queries, prompts, training_reward, p,
-                        checkpoints, seed, on_step, cfg.run.max_oom_backoffs, extra, board)
+        if algorithm == "ppo":
+            history = train(policy, value_head, tokenizer, queries, prompts, training_reward, p,
+                            checkpoints, seed, on_step, cfg.run.max_oom_backoffs, extra, board)
+        elif algorithm == "dpo":
+            pairs = [{"prompt": m, "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in shared["dpo_pairs"]
+                     for m in [fit_prompt(tokenizer, row["prompt"], [""], p.max_prompt_length)[0]] if m is not None]
+            history = train_dpo(policy, tokenizer, pairs, p, seed, checkpoints, ctx.device, cfg.reward.max_length)
+        else:
+            history = train_online(algorithm, policy, tokenizer, prompts, reward_function(training_reward), p, seed,
+                                   checkpoints, ctx.device)
         if board is not None:
             board.close()
         curve = extra["curve"]
@@ -519,8 +534,9 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
             policy.save_pretrained(staging / "adapter")
             save_file(value_head.state_dict(), staging / "value_head.safetensors")
             (staging / "ppo_info.json").write_text(json.dumps(
-                {"sft_model": sft_location, "reward_model": None if placebo else str(rm_folder),
-                 "reward_precision": arm, "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
+                {"sft_model": sft_location, "reward_model": str(rm_folder) if own_reward else None,
+                 "algorithm": algorithm, "reward_precision": precision if own_reward else None,
+                 "policy_precision": p.policy_precision, "steps": p.steps}, indent=2) + "\n")
             swap_in_dir(staging, out_dir / arm)
 
         if save:
@@ -530,8 +546,9 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
         lap("saving_s")
     proxy_name = precision if p.reward_mode == "trained" else ("bf16" if precision == "bf16" else f"{precision}-ptq")
     return {
-        "precision": arm, "reward_model": None if placebo else str(rm_folder), "proxy": proxy_name,
-        "placebo": placebo, "proxy_verdict": None if placebo else shared["verdicts"]["models"].get(proxy_name),
+        "precision": arm, "algorithm": algorithm, "reward_model": str(rm_folder) if own_reward else None,
+        "proxy": proxy_name, "placebo": placebo,
+        "proxy_verdict": shared["verdicts"]["models"].get(proxy_name) if own_reward else None,
         "reward_gain": gain, "reward_bias": bias,
         "before": {"replies": before["replies"], "tokens": before["tokens"], "proxy_scores": proxy_before,
                    "proxy_mean": float(np.mean(proxy_before)), "kl_mean": 0.0, **{f"{name}_scores": before[f"{name}_scores"] for name in shared["judges"]}},
@@ -622,18 +639,25 @@ def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int
         if (e.get("proxy_verdict") or {}).get("learned") is False:
             text += f"; its proxy {e['proxy']} did NOT learn more than length, so this run optimised a length proxy"
         out += [text, implicit_sentence(name, e["implicit_reward"])]
-    precisions = [name for name, e in experiments.items() if name != "bf16" and not e.get("placebo")]
-    if "bf16" in experiments and precisions:
-        judge_names = list(next(iter(experiments.values()))["judges"])
-        versus = compare_arms(experiments, precisions, "bf16", judge_names, seed)
+    by_algorithm: dict[str, dict[str, str]] = {}  # algorithm -> {reward precision: arm}
+    for name, e in experiments.items():
+        if not e.get("placebo") and e.get("algorithm", "ppo") != "dpo":  # arms trained on a reward model
+            algorithm, precision = parse_arm(name)
+            by_algorithm.setdefault(algorithm, {})[precision] = name
+    judge_names = list(next(iter(experiments.values()))["judges"])
+    for algorithm, names in by_algorithm.items():
+        reference, precisions = names.get("bf16"), [n for precision, n in names.items() if precision != "bf16"]
+        if reference is None or not precisions:
+            continue
+        versus = compare_arms(experiments, precisions, reference, judge_names, seed)
         for a in precisions:
             d = experiments[a]["vs_bf16_after"] = versus[a]
             agreed = holm_direction(d)
             verdict = (f"every judge scores the {a}-aligned policy {'higher' if agreed > 0 else 'lower'}" if agreed
                        else "no difference detectable by every judge (minimum detectable " + ", ".join(
                            f"{j} {x['mde']:.3f}" for j, x in d.items()) + ")")
-            out.append(f"{a} vs bf16 after PPO, same prompts ({d[judge_names[0]]['interval']}), Holm over "
-                       f"{len(precisions)} precisions: " + "; ".join(
+            out.append(f"{a} vs {reference} after {algorithm.upper()}, same prompts "
+                       f"({d[judge_names[0]]['interval']}), Holm over {len(precisions)} precisions: " + "; ".join(
                            f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])} (p_Holm {x['p_holm']:.2g})"
                            for j, x in d.items()) + f": {verdict}")
     return out
@@ -721,7 +745,8 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
             effects = "; ".join(f"{a} {x[j]['mean_difference']:+.3f} {_ci(x[j]['ci'])}" for a, x in net.items())
             found = [a for a, x in net.items() if x[j]["p_holm"] < ALPHA]
             seeds = next(iter(net.values()))[j]["seeds"]
-            parts.append(f"PPO ({steps} steps, {seeds} seed{'s' if seeds > 1 else ''}), {j} score net of the "
+            who = "PPO" if all(parse_arm(a)[0] == "ppo" for a in net) else "every arm (PPO unless named)"
+            parts.append(f"{who} ({steps} steps, {seeds} seed{'s' if seeds > 1 else ''}), {j} score net of the "
                          f"placebo arm: {effects}; "
                          + ("detectable after Holm's correction for " + ", ".join(found) if found else
                             "none detectable after Holm's correction"))
@@ -757,7 +782,7 @@ def implicit_sentence(name: str, check: dict) -> str:
 
 
 def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> list[dict]:
-    """The research plan's table with its intervals: arm | proxy | per judge: before -> after, the paired
+    """The research plan's table with its intervals: arm | algorithm | proxy | per judge: before -> after, the paired
     change, its minimum detectable change and win rate, and (with ``net``, :func:`edgerlhf.core.arms.net_of_placebo`)
     the difference from the placebo policy, Holm-adjusted p and length-controlled | reply length change (tokens) |
     implicit-reward share | proxy before -> after with the change's paired interval | KL | time | peak memory. A
@@ -766,8 +791,11 @@ def comparison_table(experiments: dict[str, dict], net: dict | None = None) -> l
     rows = []
     for name, e in experiments.items():
         verdict = e.get("proxy_verdict") or {}
-        row = {"reward_precision": name, "proxy": f"none: random rewards ({e['proxy']} scores)" if e.get("placebo")
-               else e["proxy"], "proxy_learned": verdict.get("learned")}
+        algorithm = e.get("algorithm", "ppo")
+        proxy = (f"none: random rewards ({e['proxy']} scores)" if e.get("placebo") else
+                 f"none: labelled pairs ({e['proxy']} scores)" if algorithm == "dpo" else e["proxy"])
+        row = {"reward_precision": name, "algorithm": algorithm, "proxy": proxy,
+               "proxy_learned": verdict.get("learned")}
         vs_placebo = (net or {}).get(name)
         for j, v in e["judges"].items():
             key = j.replace("-", "_")
@@ -807,6 +835,10 @@ def run_alignment(cfg: Config) -> dict:
         FileNotFoundError: missing SFT model, judge, reward models, their evaluation or preference files.
     """
     p = cfg.ppo
+    others = [a for a in p.algorithms if a != "ppo"]
+    if others and process_info()["num_processes"] > 1:
+        raise ValueError(f"ppo.algorithms={p.algorithms!r}: the {', '.join(others)} arms run in one process; under "
+                         "accelerate launch set ppo.algorithms=[ppo]")
     ctx = begin(cfg, distributed=True)  # under accelerate launch the processes share PPO's rollouts and gradients
     sft_location = str(ctx.path(cfg.sft.output_dir) / "model" / "merged")
     if not Path(sft_location).exists():
@@ -826,7 +858,7 @@ def run_alignment(cfg: Config) -> dict:
                         {k: inputs[k] for k in (f"{TRAIN}_sha256", f"{TEST}_sha256", "sft_weights_sha256")})
     inputs["reward_models_sha256"] = check_reward_set(rm_dir, verdicts)
     ctx.step = "checkpoints"
-    arms, seeds = [*p.experiments, *([PLACEBO] if p.placebo else [])], p.seeds or [cfg.run.seed]
+    arms, seeds = arm_names(p), p.seeds or [cfg.run.seed]
     for arm in arms:  # an unfinished run, or a resume under changed settings: refuse before loading
         for seed in seeds:
             checkpoint_to_resume(checkpoint_folder(ctx.path(p.output_dir), arm, seed, seed == seeds[0]), p.resume,
@@ -859,7 +891,9 @@ def run_alignment(cfg: Config) -> dict:
         for name, judge in judges.items():
             before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
         bon = best_of_n_evaluation(bon_samples, rm_dir, verdicts["models"], judges, cfg, ctx) if bon_rows else None
-        shared = {"train": read_prefs(data_dir / TRAIN), "eval_queries": eval_queries,
+        train_rows = read_prefs(data_dir / TRAIN)
+        shared = {"train": train_rows, "dpo_pairs": split_pairs(train_rows, cfg.reward)["train"],
+                  "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}

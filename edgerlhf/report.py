@@ -369,6 +369,11 @@ def section_ppo(records: dict, figures: Path) -> str:
              f"difference, across the seeds' intercepts; {n_seeds - 1} degree"
              f"{'s' if n_seeds > 2 else ''} of freedom) and its t-test; the other columns are the first seed's run "
              f"(seed {first.get('seed')}), and the time is the sum over seeds." if n_seeds > 1 else "")
+    others = sorted({e.get("algorithm", "ppo") for e in experiments.values()} - {"ppo"})
+    algorithms = (f" Arms other than PPO ({', '.join(others)}) train the same policy LoRA on the same prompts and "
+                  "seeds with TRL's trainers: `rloo-<precision>` and `grpo-<precision>` against that reward model, "
+                  "`dpo` on the proxies' labelled training pairs (no reward model; the bf16 proxy scores it); their "
+                  "arm − placebo columns read them against PPO's placebo arm." if others else "")
     return ("## PPO alignment\n\n" + (f"**The answer at this scale.** {r['answer']}\n\n" if r.get("answer") else "")
             + "**Judges** (every experiment; trained on pairs no proxy saw):\n\n"
             + "\n".join(described) + "\n\n" + bon + ("### PPO\n\n" if bon else "")
@@ -382,7 +387,7 @@ def section_ppo(records: dict, figures: Path) -> str:
             "every judge finds it. The implicit-reward column "
             f"needs no judge: the share of {r['n_implicit_reward_pairs']} held-out labelled pairs on which the policy "
             "raises log π(chosen) − log π(rejected) over the SFT model (Wilson interval). KL to the SFT model in "
-            f"nats per reply.{seeds}\n\n"
+            f"nats per reply.{seeds}{algorithms}\n\n"
             + _table(["arm", "proxy", *(c for j in judges for c in [f"{j} change [95% CI]", *(
                           [f"{j}: arm − placebo [95% CI]"] if net else [])]), "reply length change (tokens)",
                       "implicit reward: share [95% CI]", "proxy before → after, change [95% CI]", "KL", "time (s)",

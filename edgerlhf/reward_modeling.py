@@ -49,7 +49,7 @@ from .core.memory import free_memory, measure
 from .core.metrics import agreement, assess, correct, evaluate_pairs
 from .core.models import load_tokenizer
 from .core.plots import accuracy_figure, margin_figure, reliability_figure
-from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, sft_pairs
+from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, sft_pairs, split_pairs
 from .core.probe import (
     check_saved_probe, choose_probe_layer, crossfit_evaluation, fit_head, probe_features, probe_scores, save_probe,
 )
@@ -386,27 +386,6 @@ def evaluate_probes(models: dict[str, dict], heads: dict[str, dict], features: d
                          pairs_per_second=len(ex["test"]) / cost["seconds"]["test"],
                          blocks_run_when_timed=cost["blocks_run"], peak_memory_scoring=cost["peak_memory_features"],
                          **evaluate_pairs(c, rj, vc - vr), scores_chosen=c.tolist(), scores_rejected=rj.tolist())
-
-
-def split_pairs(rows: list[dict], r: RewardStageConfig) -> dict[str, list[dict]]:
-    """Disjoint slices of the training pairs: the proxies' ``train`` / ``validation`` and the judge's.
-
-    With ``judge`` on, the last ``judge_fraction`` of the pairs go to the judge and no proxy sees them.
-    Each share is cut to ``max_train_samples`` and gives ``validation_fraction`` of its pairs (at
-    least one) to validation (early stopping, temperature fitting).
-
-    Raises:
-        ValueError: ``judge_fraction`` is not in (0, 1).
-    """
-    if r.judge and not 0 < r.judge_fraction < 1:
-        raise ValueError(f"reward.judge_fraction must be in (0, 1), got {r.judge_fraction}")
-    n_judge = int(round(r.judge_fraction * len(rows))) if r.judge else 0
-    out = {}
-    for prefix, share in (("", rows[: len(rows) - n_judge]), ("judge_", rows[len(rows) - n_judge:])):
-        share = share[: r.max_train_samples]
-        n_val = max(1, int(round(r.validation_fraction * len(share)))) if share else 0
-        out[prefix + "validation"], out[prefix + "train"] = share[:n_val], share[n_val:]
-    return out
 
 
 def write_evaluation(out_dir: Path, models: dict[str, dict], assessment: dict, inputs: dict[str, str],

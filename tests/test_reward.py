@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_card
 from edgerlhf import reward_modeling as reward
-from edgerlhf.core import crossfit, probe
+from edgerlhf.core import crossfit, prefs, probe
 from edgerlhf.core.lm import encode_prompt_completion
 from edgerlhf.core.reward_scoring import RewardModelError, load_backbone, load_reward_model, score
 
@@ -450,13 +450,13 @@ def test_a_probe_on_the_first_blocks_is_saved_and_loaded_truncated(rm_cfg):
 def test_the_judge_never_sees_a_proxy_pair(rm_cfg):
     cfg = rm_cfg(**{"reward.judge_fraction": 0.25, "reward.max_train_samples": 100})
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"} for i in range(40)]
-    splits = reward.split_pairs(rows, cfg.reward)
+    splits = prefs.split_pairs(rows, cfg.reward)
     proxy = {r["prompt"][0]["content"] for k in ("train", "validation") for r in splits[k]}
     judge = {r["prompt"][0]["content"] for k in ("judge_train", "judge_validation") for r in splits[k]}
     assert len(judge) == 10 and len(proxy) == 30 and not proxy & judge
     assert sum(len(v) for v in splits.values()) == 40
     with pytest.raises(ValueError, match="judge_fraction"):
-        reward.split_pairs(rows, rm_cfg(**{"reward.judge_fraction": 1.0}).reward)
+        prefs.split_pairs(rows, rm_cfg(**{"reward.judge_fraction": 1.0}).reward)
 
 
 def test_a_judge_with_a_proxys_weights_is_refused(tmp_path):

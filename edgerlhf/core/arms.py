@@ -17,6 +17,26 @@ from .stats import ALPHA, POWER, holm_family, mde_paired_mean, paired_bootstrap,
 PLACEBO = "placebo"
 
 
+def arm_names(p) -> list[str]:
+    """Stage 4's arms in run order from its ``ppo`` section: PPO's, named by precision (``ppo.experiments``); then
+    ``<algorithm>-<precision>`` for RLOO and GRPO (``ppo.trl_experiments``); ``dpo``; the :data:`PLACEBO` last
+    (``ppo.placebo``; it runs PPO, with or without PPO's other arms)."""
+    names = list(p.experiments) if "ppo" in p.algorithms else []
+    for algorithm in ("rloo", "grpo"):
+        if algorithm in p.algorithms:
+            names += [f"{algorithm}-{precision}" for precision in p.trl_experiments]
+    return names + (["dpo"] if "dpo" in p.algorithms else []) + ([PLACEBO] if p.placebo else [])
+
+
+def parse_arm(arm: str) -> tuple[str, str | None]:
+    """``(algorithm, reward-model precision)`` of an arm named by :func:`arm_names`: ``int8`` -> ``("ppo", "int8")``,
+    ``rloo-bf16`` -> ``("rloo", "bf16")``, ``dpo`` -> ``("dpo", None)``, :data:`PLACEBO` -> ``("ppo", None)``."""
+    if arm in (PLACEBO, "dpo"):
+        return ("ppo" if arm == PLACEBO else "dpo"), None
+    algorithm, _, precision = arm.rpartition("-")
+    return algorithm or "ppo", precision
+
+
 def placebo_scorer(mean: float, sd: float, seed: int):
     """The placebo arm's reward: ``scorer(prompts, replies) -> FloatTensor[B]`` of independent draws
     ``mean + sd * z``, ``z ~ N(0, 1)``, from ``numpy.random.default_rng([seed, crc32(replies)])``: the same scale as

@@ -39,6 +39,8 @@ DEFAULT_PROFILE = "quick"
 #: Choices of the enumerated fields, shared with the stage modules that act on them.
 PRECISIONS = ("bf16", "int8", "int4")
 REWARD_METHODS = ("lora", "probe")
+#: Stage 4's alignment algorithms (``ppo.algorithms``): this project's PPO, then TRL's (edgerlhf.core.trl_arms).
+ALGORITHMS = ("ppo", "rloo", "grpo", "dpo")
 #: What a probe's head reads of the reply (:func:`edgerlhf.core.reward_scoring.pool_states`).
 PROBE_POOLINGS = ("last", "mean", "last+mean")
 SFT_STRATEGIES = ("lora", "qlora", "full", "frozen", "distill")
@@ -343,6 +345,26 @@ class PPOStageConfig:
         True, "Also run a placebo arm (bool): the same PPO, seed and prompts with rewards drawn at random on the bf16 "
         "proxy's scale (`edgerlhf.core.arms.placebo_scorer`), so each arm's judge change is read net of the drift "
         "any PPO run causes."
+    )
+    algorithms: list = _f(
+        ["ppo"], "Alignment algorithms run as arms (list of `ppo`, `rloo`, `grpo`, `dpo`): `ppo` - this project's PPO "
+        "against every precision in `experiments` (arms named by the precision); `rloo` / `grpo` - TRL's "
+        "`RLOOTrainer` (Ahmadian et al. 2024) / `GRPOTrainer` (Shao et al. 2024) against every precision in "
+        "`trl_experiments` (arms `rloo-bf16`...); `dpo` - TRL's `DPOTrainer` (Rafailov et al. 2023) on the proxies' "
+        "training pairs, no reward model (arm `dpo`). Every arm trains the same policy LoRA on the same prompts and "
+        "seeds and is evaluated the same way; all are read against PPO's placebo (edgerlhf.core.trl_arms)."
+    )
+    trl_experiments: list = _f(
+        ["bf16", "int8", "int4"], "Reward-model precisions the `rloo` and `grpo` arms align against (list)."
+    )
+    num_generations: int = _f(
+        4, "RLOO / GRPO: completions sampled per prompt (int >= 2; TRL's `num_generations`). A step samples "
+        "`batch_size` completions, as PPO's rollout does, so `batch_size / num_generations` prompts. Ahmadian et al. "
+        "2024: k = 4.", limit=(2, None),
+    )
+    dpo_beta: float = _f(
+        0.1, "DPO's beta (float; TRL's `DPOConfig.beta`), the weight of its implicit KL to the SFT model. Rafailov "
+        "et al. 2023: 0.1.", limit=("above", 0.0),
     )
     reward_mode: str = _f(
         "trained", "`trained` (reward model trained under that precision) or `ptq` (bf16 model quantized on load).",
@@ -685,11 +707,14 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     ``reward.seeds`` entry must lie in :data:`SEED_RANGE` (what ``numpy.random.seed`` accepts); ``ppo.top_p`` in
     (0, 1].
     Cross-field rules: ``sft.max_steps``/``reward.max_steps``/``reward.crossfit_n_jobs`` are -1 or >= 1;
-    ``reward.precisions`` and ``ppo.experiments`` are non-empty lists within :data:`PRECISIONS`; ``reward.seeds`` and
-    ``ppo.seeds`` (unless None) are non-empty lists of distinct int; ``reward.probe_layer_search`` holds ints >= 1;
-    ``ppo.max_prompt_length + ppo.max_new_tokens <= reward.max_length`` (tokens), so every PPO reply fits the
-    reward model; ``ppo.micro_batch_size <= ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key ->
-    where it was set: profile, config file, parameter, command-line flag) is named in the message.
+    ``reward.precisions``, ``ppo.experiments`` and ``ppo.trl_experiments`` are non-empty lists within
+    :data:`PRECISIONS`; ``ppo.algorithms`` a non-empty list of distinct :data:`ALGORITHMS`, and with TRL's arms
+    ``ppo.batch_size`` a multiple of ``ppo.micro_batch_size`` (and of ``ppo.num_generations`` for RLOO / GRPO);
+    ``reward.seeds`` and ``ppo.seeds`` (unless None) are non-empty lists of distinct int;
+    ``reward.probe_layer_search`` holds ints >= 1; ``ppo.max_prompt_length + ppo.max_new_tokens <=
+    reward.max_length`` (tokens), so every PPO reply fits the reward model; ``ppo.micro_batch_size <=
+    ppo.batch_size``; ``ppo.best_of_n`` is 0 or >= 2. ``origins`` (key -> where it was set: profile, config file,
+    parameter, command-line flag) is named in the message.
 
     Raises:
         ValueError: one message listing every offending key with its value, origin and the allowed range.
@@ -717,7 +742,7 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         if value != -1 and value < 1:
             problems.append(f"{key}={value!r} must be -1 ({'no limit' if name == 'max_steps' else 'every core'}) "
                             "or >= 1")
-    for key in ("reward.precisions", "ppo.experiments"):
+    for key in ("reward.precisions", "ppo.experiments", "ppo.trl_experiments"):
         value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
         if not value or any(v not in PRECISIONS for v in value):
             problems.append(f"{key}={value!r} must be a non-empty list within {list(PRECISIONS)}")
@@ -732,6 +757,15 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
         elif len(set(seeds)) < len(seeds):
             problems.append(f"{key}={seeds!r} must not repeat a seed")
     p = cfg.ppo
+    if not p.algorithms or any(a not in ALGORITHMS for a in p.algorithms) or len(set(p.algorithms)) < len(p.algorithms):
+        problems.append(f"ppo.algorithms={p.algorithms!r} must be a non-empty list of distinct names within "
+                        f"{list(ALGORITHMS)}")
+    elif set(p.algorithms) - {"ppo"} and p.batch_size % p.micro_batch_size:
+        problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.micro_batch_size="
+                        f"{p.micro_batch_size} for the {', '.join(a for a in p.algorithms if a != 'ppo')} arms")
+    elif {"rloo", "grpo"} & set(p.algorithms) and p.batch_size % p.num_generations:
+        problems.append(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.num_generations="
+                        f"{p.num_generations} for the rloo / grpo arms")
     if p.max_prompt_length + p.max_new_tokens > cfg.reward.max_length:
         problems.append(f"ppo.max_prompt_length + ppo.max_new_tokens = {p.max_prompt_length} + "
                         f"{p.max_new_tokens} must be <= reward.max_length={cfg.reward.max_length} (tokens), so "

@@ -128,3 +128,25 @@ def sft_pairs(rows: list[dict], max_train: int | None, max_validation: int | Non
     n_val = max_validation if max_validation is not None else max(1, round(0.05 * len(rows)))
     n_val = min(n_val, len(rows) - 1)
     return rows[: len(rows) - n_val][:max_train], rows[len(rows) - n_val:]
+
+
+def split_pairs(rows: list[dict], r) -> dict[str, list[dict]]:
+    """Disjoint slices of the training pairs: the proxies' ``train`` / ``validation`` and the judge's (``r``: the
+    ``reward`` config section). Stage 3 trains on them; stage 4's DPO arm on the proxies' ``train``.
+
+    With ``judge`` on, the last ``judge_fraction`` of the pairs go to the judge and no proxy sees them.
+    Each share is cut to ``max_train_samples`` and gives ``validation_fraction`` of its pairs (at
+    least one) to validation (early stopping, temperature fitting).
+
+    Raises:
+        ValueError: ``judge_fraction`` is not in (0, 1).
+    """
+    if r.judge and not 0 < r.judge_fraction < 1:
+        raise ValueError(f"reward.judge_fraction must be in (0, 1), got {r.judge_fraction}")
+    n_judge = int(round(r.judge_fraction * len(rows))) if r.judge else 0
+    out = {}
+    for prefix, share in (("", rows[: len(rows) - n_judge]), ("judge_", rows[len(rows) - n_judge:])):
+        share = share[: r.max_train_samples]
+        n_val = max(1, int(round(r.validation_fraction * len(share)))) if share else 0
+        out[prefix + "validation"], out[prefix + "train"] = share[:n_val], share[n_val:]
+    return out
