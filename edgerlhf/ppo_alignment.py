@@ -58,7 +58,7 @@ from .core.lm import fit_prompt, pair_logprobs
 from .core.logs import tensorboard_writer
 from .core.memory import MIB, free_memory, measure
 from .core.models import load_causal_lm, load_tokenizer
-from .core.plots import best_of_n_figure, overoptimisation_figure, ppo_curves_figure
+from .core.plots import algorithms_figure, best_of_n_figure, overoptimisation_figure, ppo_curves_figure
 from .core.rollout import decode_responses, reference_logprobs, rollout
 from .core.ppo_trainer import build_policy, checkpoint_to_resume, run_signature, train
 from .core.prefs import TEST, TRAIN, check_data_set, read_prefs, split_pairs
@@ -923,6 +923,8 @@ def run_alignment(cfg: Config) -> dict:
                                                                ctx.run_dir / "figures" / "ppo_overopt.png"))}
         if bon is not None:
             out["best_of_n"] = str(best_of_n_figure(bon, ctx.run_dir / "figures" / "best_of_n.png"))
+        if net is not None:
+            out["algorithms"] = str(algorithms_figure(experiments, net, ctx.run_dir / "figures" / "ppo_algorithms.png"))
         return out
 
     figures = main_process_writes(draw)

@@ -332,6 +332,8 @@ def section_ppo(records: dict, figures: Path) -> str:
     overopt = plots.overoptimisation_figure(experiments, figures / "ppo_overopt.png")
     keys = [j.replace("-", "_") for j in judges]
     net = r.get("net_of_placebo") is not None
+    by_algorithm = (plots.algorithms_figure(experiments, r["net_of_placebo"], figures / "ppo_algorithms.png")
+                    if net else None)
 
     def vs_placebo(t: dict, k: str) -> list[str]:
         if not net:
@@ -394,7 +396,9 @@ def section_ppo(records: dict, figures: Path) -> str:
                       "peak memory (MiB)"], rows)
             + "\n\n**What can be concluded:**\n\n" + "\n".join(f"- {c}" for c in r["conclusions"])
             + f"\n\n![PPO curves]({curves.parent.name}/{curves.name})\n\n"
-            f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\n" + _rl_fits(experiments)
+            f"![over-optimisation]({overopt.parent.name}/{overopt.name})\n\n"
+            + (f"![algorithms and precisions]({by_algorithm.parent.name}/{by_algorithm.name})\n\n" if by_algorithm
+               else "") + _rl_fits(experiments)
             + "Sample replies on held-out prompts:\n\n"
             + _table(["reward model", "prompt", "SFT", "PPO"], samples))
 

@@ -197,3 +197,22 @@ def test_best_of_n_figure_has_a_panel_per_judge_a_line_and_band_per_proxy_and_th
     marks = [line for line in ax.get_lines() if line.get_marker() == "o"]
     assert [m.get_label() for m in marks] == ["bf16", "int8"]
     assert np.allclose(marks[0].get_xdata(), bon["sqrt_kl"])
+
+
+def test_algorithms_figure_puts_each_arm_at_its_sqrt_kl_with_its_interval(tmp_path, figures):
+    kl = {"bf16": 0.25, "int4": 0.36, "rloo-bf16": 0.04, "grpo-bf16": -0.01, "dpo": 1.0}
+    experiments = {name: {"after": {"kl_mean": v}} for name, v in kl.items()}
+    net = {name: {"judge": {"mean_difference": 0.1 * i, "ci": [0.1 * i - 0.05, 0.1 * i + 0.1]},
+                  "judge-tfidf": {"mean_difference": -0.1, "ci": [-0.2, 0.0]},
+                  "length_change": {}, "length_vs_placebo": {}} for i, name in enumerate(kl)}
+    path = plots.algorithms_figure(experiments, net, tmp_path / "algorithms.png")
+    (fig,) = figures
+    check_truthful(fig, path)
+    assert [ax.get_title() for ax in fig.axes] == ["judge", "judge-tfidf"]
+    points = [c for c in fig.axes[0].containers]  # one error bar per arm, in the arms' order
+    assert len(points) == len(kl)
+    for (name, v), bar in zip(kl.items(), points):
+        x, y = bar.lines[0].get_data()
+        assert x[0] == pytest.approx(max(v, 0.0) ** 0.5) and y[0] == pytest.approx(net[name]["judge"]["mean_difference"])
+    markers = [bar.lines[0].get_marker() for bar in points]
+    assert markers == ["o", "o", "s", "^", "D"]  # PPO, PPO, RLOO, GRPO, DPO

@@ -127,6 +127,7 @@ def test_stage4_runs_rloo_grpo_and_dpo_arms_beside_ppo(tmp_path, tiny_cfg, tiny_
     assert set(results["net_of_placebo"]) == set(arms) - {PLACEBO}
     assert any("every arm (PPO unless named)" in part for part in results["answer"].split(";"))
     assert not list((tmp_path / "models" / "ppo" / "checkpoints").glob("*"))
+    assert Path(results["figures"]["algorithms"]).exists()
     # the report's PPO section lists every arm and says how the other algorithms are read
     from edgerlhf.report import section_ppo
 

@@ -260,6 +260,36 @@ def overoptimisation_figure(experiments: dict[str, dict], path: str | Path) -> P
     return save(fig, path)
 
 
+def algorithms_figure(experiments: dict[str, dict], net: dict[str, dict], path: str | Path) -> Path:
+    """Algorithms x precisions (stage 4's arms, :func:`edgerlhf.core.arms.parse_arm`): each judge's score net of the
+    placebo policy (per prompt, with its 95% interval, :func:`edgerlhf.core.arms.net_of_placebo`) against sqrt(KL to
+    the SFT model) after training (first seed; nats per reply, clipped at 0), one panel per judge; marker: algorithm,
+    colour: reward-model precision (grey: none, DPO)."""
+    import numpy as np
+
+    from .arms import parse_arm
+
+    judges = [j for j in next(iter(net.values())) if j not in ("length_change", "length_vs_placebo")]
+    fig = new_figure((4.6 * len(judges), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(judges), squeeze=False)[0])
+    markers, colours = {"ppo": "o", "rloo": "s", "grpo": "^", "dpo": "D"}, {"bf16": "C0", "int8": "C1", "int4": "C2"}
+    for ax, judge in zip(axes, judges):
+        for name, x in net.items():
+            algorithm, precision = parse_arm(name)
+            d = float(np.sqrt(max(experiments[name]["after"]["kl_mean"], 0.0)))
+            m, (lo, hi) = x[judge]["mean_difference"], x[judge]["ci"]
+            ax.errorbar([d], [m], yerr=[[m - lo], [hi - m]], fmt=markers.get(algorithm, "x"), capsize=3,
+                        color=colours.get(precision, "grey"), label=name)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(xlabel="√KL to the SFT model after training (√(nats per reply))",
+               ylabel=f"{judge}: arm − placebo (judge score)", title=judge)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(net), 6), fontsize=7,
+               title="arm (marker: algorithm, colour: reward-model precision)", title_fontsize=7)
+    fig.suptitle("Judge score net of the placebo policy against KL, per algorithm and reward-model precision "
+                 "(95% intervals)", fontsize=10)
+    return save(fig, path)
+
+
 def best_of_n_figure(bon: dict, path: str | Path) -> Path:
     """Best-of-n (:func:`edgerlhf.core.best_of_n.curves`): each judge's gain over the mean SFT reply against
     sqrt(KL_bon), one line per proxy with its 95% bootstrap band over prompts and Gao et al.'s fit
