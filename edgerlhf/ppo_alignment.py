@@ -941,7 +941,8 @@ def run_alignment(cfg: Config) -> dict:
         training_config={k: getattr(p, k) for k in (
             "steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "ppo_epochs", "learning_rate",
             "max_new_tokens", "init_kl_coef", "adaptive_kl", "adaptive_kl_target", "gamma", "lam", "cliprange",
-            "cliprange_value", "vf_coef", "max_grad_norm", "temperature")},
+            "cliprange_value", "vf_coef", "max_grad_norm", "temperature", "algorithms", "trl_experiments",
+            "num_generations", "dpo_beta")},
         data={"train_file": str(data_dir / TRAIN), "test_file": str(data_dir / TEST), **inputs},
     ))
     return results
