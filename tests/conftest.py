@@ -86,6 +86,23 @@ def tiny_sft(tmp_path_factory, models_dir, tiny_data) -> Path:
     return root / "models" / "sft"
 
 
+@pytest.fixture
+def tiny_llama_scorer(models_dir):
+    """A tiny random Llama backbone in eval mode and its tokenizer (chat template, pad token), for ``score``."""
+    from edgerlhf.core.models import load_tokenizer, prepare_base_model
+    from edgerlhf.core.reward_scoring import load_backbone
+    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
+
+    location = prepare_base_model("tiny-llama", models_dir)
+    tok = load_tokenizer(location)
+    ensure_chat_template(tok)
+    ensure_pad_token(tok)
+    model, _ = load_backbone(location, "bf16", "cpu")
+    model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
 def write_card(folder: Path) -> Path:
     """A minimal ``data_card.json`` listing the sha256 of the preference files in ``folder``, as stage 1 writes it
     (later stages refuse a data folder whose files its card does not list)."""

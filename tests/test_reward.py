@@ -124,21 +124,6 @@ def test_reward_model_learns_a_separable_toy_set(rm_cfg, tmp_path):
     assert results["models"]["bf16"]["accuracy"] >= 0.9
 
 
-@pytest.fixture
-def tiny_llama_scorer(models_dir):
-    """A tiny random Llama backbone in eval mode and its tokenizer (chat template, pad token), for ``score``."""
-    from edgerlhf.core.models import load_tokenizer, prepare_base_model
-    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
-
-    location = prepare_base_model("tiny-llama", models_dir)
-    tok = load_tokenizer(location)
-    ensure_chat_template(tok)
-    ensure_pad_token(tok)
-    model, _ = load_backbone(location, "bf16", "cpu")
-    model.config.pad_token_id = tok.pad_token_id
-    model.eval()
-    return model, tok
-
 
 def test_over_long_items_are_cut_from_the_left_and_counted_never_aborting_a_batch(tiny_llama_scorer):
     model, tok = tiny_llama_scorer

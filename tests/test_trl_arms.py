@@ -13,21 +13,13 @@ from edgerlhf.core.arms import PLACEBO, arm_names, parse_arm
 from edgerlhf.core.config import load_config
 
 
-def test_the_reward_function_gives_the_scores_of_score(models_dir):
-    from edgerlhf.core.models import load_tokenizer, prepare_base_model
-    from edgerlhf.core.reward_scoring import load_backbone, score
-    from edgerlhf.core.templates import ensure_chat_template, ensure_pad_token
+def test_the_reward_function_gives_the_scores_of_score(tiny_llama_scorer):
+    from edgerlhf.core.reward_scoring import score
     from edgerlhf.ppo_alignment import reward_scorer
 
-    location = prepare_base_model("tiny-llama", models_dir)
-    tok = load_tokenizer(location)
-    ensure_chat_template(tok)
-    ensure_pad_token(tok)
-    rm, _ = load_backbone(location, "bf16", "cpu")
-    rm.config.pad_token_id = tok.pad_token_id
+    rm, tok = tiny_llama_scorer
     torch.manual_seed(0)
     torch.nn.init.normal_(rm.score.weight)
-    rm.eval()
     p = load_config("tiny").ppo
     prompts = [[{"role": "user", "content": "hi " * (i + 1)}] for i in range(3)]
     replies = ["yes", "no way", "ok then"]
