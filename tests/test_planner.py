@@ -41,9 +41,9 @@ def test_stage_estimates_respond_to_the_settings():
     assert estimate("sft", cfg, config).breakdown["trainable_state"] > 50 * lora.breakdown["trainable_state"]
     cfg.sft.gradient_checkpointing = True
     assert estimate("sft", cfg, config).breakdown["activations"] < lora.breakdown["activations"]
+    probe = estimate("reward", cfg, config)  # the default: no gradients, no optimizer state, the backbone's inference
+    cfg.reward.method = "lora"
     reward = estimate("reward", cfg, config)
-    cfg.reward.method = "probe"  # no gradients, no optimizer state: the frozen backbone's inference
-    probe = estimate("reward", cfg, config)
     assert "trainable_state" not in probe.breakdown and probe.total_mib < reward.total_mib
     assert probe.breakdown["weights"] == reward.breakdown["weights"]
     ppo = estimate("ppo", cfg, config)

@@ -221,14 +221,15 @@ class RewardStageConfig:
 
     precisions: list = _f(["bf16", "int8", "int4"], "Precisions to train under (list of `bf16`, `int8`, `int4`).")
     method: str = _f(
-        "lora",
+        "probe",
         "How each reward model is trained (str): `lora` - TRL `RewardTrainer`, LoRA on the SFT backbone plus a "
         "one-output head, Bradley-Terry loss (Ouyang et al. 2022); `probe` - the backbone frozen at the precision, "
         "each reply's states at block `probe_layer` (or the block `probe_layer_search` chooses) pooled as "
         "`probe_pooling` says, computed once per pair, and the one-output head fitted on them by "
         "L2-regularised logistic regression on chosen - rejected (a linear probe, Alain & Bengio 2016; C by 5-fold "
         "cross-validation). `probe` trains no backbone weights, so it is far cheaper than `lora` on a CPU, and gives "
-        "an ordinary reward model (backbone + `score` head) that PPO loads the same way.", limit=REWARD_METHODS,
+        "an ordinary reward model (backbone + `score` head) that PPO loads the same way. Default `probe`: a bf16 `lora` "
+        "model with these settings did not beat TF-IDF (docs/reward-models.md).", limit=REWARD_METHODS,
     )
     probe_layer: Optional[int] = _f(
         None, "With `probe`: read the state after the first N transformer blocks, through the final norm (int); "
