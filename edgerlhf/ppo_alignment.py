@@ -755,7 +755,8 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
         parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
     if movement and not movement["moved"]:
         lo, hi = (f"{f(x['kl'] for x in movement['arms'].values()):.2f}" for f in (min, max))
-        parts.append(f"PPO did not move every policy {MOVED_KL:g} nat from the SFT model ("
+        trainer = "PPO" if all(parse_arm(a)[0] == "ppo" for a in experiments) else "Training"
+        parts.append(f"{trainer} did not move every policy {MOVED_KL:g} nat from the SFT model ("
                      + (lo if lo == hi else f"{lo} to {hi}") + " nats per reply), so its effects are those of a "
                      "small step")
     if mdes:
