@@ -48,6 +48,7 @@ def test_the_ppo_section_maps_onto_trls_configs(tmp_path):
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps == p.batch_size
         assert args.steps_per_generation == args.gradient_accumulation_steps and args.num_iterations == 1
         assert (args.max_steps, args.learning_rate, args.seed) == (p.steps, p.learning_rate, 43)
+        assert args.lr_scheduler_type == "constant"  # PPO's learning rate does not decay
         assert (args.beta, args.epsilon) == (p.init_kl_coef, p.cliprange)
         assert (args.max_completion_length, args.temperature, args.top_p) == (p.max_new_tokens, p.temperature,
                                                                              p.top_p)

@@ -46,7 +46,7 @@ def reward_function(scorer: Callable, name: str = "proxy") -> Callable:
 def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.device, max_length: int) -> dict:
     """Keyword arguments of TRL's ``RLOOConfig`` / ``GRPOConfig`` / ``DPOConfig`` from the stage's ``ppo`` section.
 
-    Shared: ``max_steps = steps``, ``learning_rate``, ``max_grad_norm``, ``seed``; each optimizer step takes
+    Shared: ``max_steps = steps``, ``learning_rate`` (constant, as PPO's), ``max_grad_norm``, ``seed``; each step takes
     ``batch_size`` sequences as ``micro_batch_size`` per forward pass times ``batch_size / micro_batch_size``
     accumulation steps. RLOO / GRPO: each step samples ``batch_size`` completions, as PPO's rollout does
     (``num_generations`` per prompt, so ``batch_size / num_generations`` prompts), with PPO's ``max_new_tokens``
@@ -71,7 +71,7 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
     args = dict(output_dir=str(output_dir), max_steps=p.steps, learning_rate=p.learning_rate,
                 max_grad_norm=p.max_grad_norm, seed=seed, data_seed=seed,
                 per_device_train_batch_size=p.micro_batch_size,
-                gradient_accumulation_steps=p.batch_size // p.micro_batch_size, lr_scheduler_type="linear",
+                gradient_accumulation_steps=p.batch_size // p.micro_batch_size, lr_scheduler_type="constant",
                 use_cpu=device.type == "cpu", bf16=False, fp16=False, activation_checkpointing=False,
                 save_strategy="no", report_to="none", logging_steps=1, dataloader_num_workers=0)
     if algorithm == "dpo":
