@@ -500,10 +500,8 @@ def run_experiment(arm: str, cfg: Config, ctx, sft_location: str, shared: dict, 
             history = train(policy, value_head, tokenizer, queries, prompts, training_reward, p,
                             checkpoints, seed, on_step, cfg.run.max_oom_backoffs, extra, board)
         elif algorithm == "dpo":
-            pairs = [{"prompt": m, "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                      "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in shared["dpo_pairs"]
-                     for m in [fit_prompt(tokenizer, row["prompt"], [""], p.max_prompt_length)[0]] if m is not None]
-            history = train_dpo(policy, tokenizer, pairs, p, seed, checkpoints, ctx.device, cfg.reward.max_length)
+            history = train_dpo(policy, tokenizer, shared["dpo_pairs"], p, seed, checkpoints, ctx.device,
+                                cfg.reward.max_length)
         else:
             history = train_online(algorithm, policy, tokenizer, prompts, reward_function(training_reward), p, seed,
                                    checkpoints, ctx.device)
@@ -893,8 +891,12 @@ def run_alignment(cfg: Config) -> dict:
             before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
         bon = best_of_n_evaluation(bon_samples, rm_dir, verdicts["models"], judges, cfg, ctx) if bon_rows else None
         train_rows = read_prefs(data_dir / TRAIN)
-        shared = {"train": train_rows, "dpo_pairs": split_pairs(train_rows, cfg.reward)["train"],
-                  "eval_queries": eval_queries,
+        # DPO's data set, once for every seed: the proxies' training pairs, prompts cut as PPO's are
+        dpo_pairs = [{"prompt": m, "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+                     for row in (split_pairs(train_rows, cfg.reward)["train"] if "dpo" in p.algorithms else [])
+                     for m in [fit_prompt(tokenizer, row["prompt"], [""], p.max_prompt_length)[0]] if m is not None]
+        shared = {"train": train_rows, "dpo_pairs": dpo_pairs, "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}
