@@ -709,7 +709,9 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
            steps: int, movement: dict | None = None) -> str:
     """The one paragraph that answers "how does the reward model's precision change alignment?" from this run's
     numbers: best-of-n's gains per precision at ``k = n`` and each precision − bf16 with its interval, Holm-adjusted
-    p and MDE, per judge; PPO's effects net of the placebo per precision; whether PPO moved the policies
+    p and MDE, per judge; every arm's effect net of the placebo; each precision − bf16 after training, per algorithm
+    (:func:`precision_by_algorithm`; call :func:`conclusions` first, which computes it); whether training moved the
+    policies
     (``movement``, :func:`edgerlhf.core.arms.policy_movement`); and the smallest differences this run could have
     detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
     weak = [j for j, v in judges.items() if not v["learned"]]
@@ -751,6 +753,9 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
             mdes += [x[j]["mde"] for x in net.values()]
     elif experiments:
         parts.append("PPO ran without a placebo arm, so its changes are not separated from drift")
+    crossed, more = precision_by_algorithm(experiments)
+    parts += crossed
+    mdes += more
     if movement and not movement["moved"]:
         lo, hi = (f"{f(x['kl'] for x in movement['arms'].values()):.2f}" for f in (min, max))
         trainer = "PPO" if all(parse_arm(a)[0] == "ppo" for a in experiments) else "Training"
@@ -763,6 +768,35 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
                      "difference above) cannot be ruled out" + (", and one PPO seed says nothing about the spread "
                                                                 "across training runs" if one_seed else ""))
     return "; ".join(parts) + "."
+
+
+def precision_by_algorithm(experiments: dict[str, dict]) -> tuple[list[str], list[float]]:
+    """The answer's "precision x algorithm" part: for each algorithm trained on a reward model (PPO, RLOO, GRPO),
+    each precision's judge difference from its bf16 arm after training (``vs_bf16_after``, written by
+    :func:`conclusions`) with its interval, and whether every judge finds one after Holm's correction; the algorithms
+    run at one precision are named as such. Returns the phrases and the comparisons' minimum detectable differences
+    (judge units)."""
+    by_algorithm: dict[str, list[str]] = {}
+    for name in experiments:
+        algorithm, precision = parse_arm(name)
+        if precision is not None:
+            by_algorithm.setdefault(algorithm, []).append(name)
+    phrases, mdes, single = [], [], []
+    for algorithm, names in by_algorithm.items():
+        versus = {n: experiments[n]["vs_bf16_after"] for n in names if "vs_bf16_after" in experiments[n]}
+        if not versus:
+            single.append(f"{algorithm.upper()} ({', '.join(parse_arm(n)[1] for n in names)})")
+            continue
+        diffs = "; ".join(f"{n} " + ", ".join(f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])}" for j, x in d.items())
+                          for n, d in versus.items())
+        found = [f"{n} {'above' if s > 0 else 'below'} bf16" for n, d in versus.items() if (s := holm_direction(d))]
+        mdes += [x["mde"] for d in versus.values() for x in d.values()]
+        phrases.append(f"under {algorithm.upper()}, each precision's judge scores minus bf16's after training: {diffs}; "
+                       + ("every judge finds " + ", ".join(found) if found else
+                          "no precision difference from bf16 found by every judge"))
+    if single:
+        phrases.append("precision was not varied under " + ", ".join(single) + " in this run")
+    return phrases, mdes
 
 
 def implicit_sentence(name: str, check: dict) -> str:

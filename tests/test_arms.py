@@ -147,3 +147,21 @@ def test_the_answer_says_how_far_the_policies_moved_when_not_every_one_reached_o
     assert "from the SFT model (0.04 nats per reply)" in answer(None, None, {}, judges, 1, one)
     assert "from the SFT model (0.04 to 0.30 nats per reply)" in answer(None, None, {}, judges, 1, two)
     assert "did not move" not in answer(None, None, {}, judges, 1, {**two, "moved": True})
+
+
+def test_the_answer_crosses_precision_with_algorithm_from_each_algorithms_bf16_comparisons():
+    from edgerlhf.ppo_alignment import precision_by_algorithm
+
+    def versus(mean, p_holm):
+        return {j: {"mean_difference": mean, "ci": [mean - 0.1, mean + 0.1], "p_holm": p_holm, "mde": 0.2}
+                for j in ("judge", "judge-tfidf")}
+    experiments = {"bf16": {}, "int4": {"vs_bf16_after": versus(-0.3, 0.01)}, "rloo-bf16": {},
+                   "rloo-int4": {"vs_bf16_after": versus(0.05, 0.6)}, "grpo-bf16": {}, "dpo": {}, PLACEBO: {}}
+    phrases, mdes = precision_by_algorithm(experiments)
+    assert phrases[0].startswith("under PPO, each precision's judge scores minus bf16's after training: int4 judge "
+                                 "-0.300 [-0.400, -0.200], judge-tfidf -0.300")
+    assert phrases[0].endswith("every judge finds int4 below bf16")
+    assert phrases[1].startswith("under RLOO") and phrases[1].endswith("no precision difference from bf16 found by "
+                                                                       "every judge")
+    assert phrases[2] == "precision was not varied under GRPO (bf16) in this run"
+    assert mdes == [0.2] * 4

@@ -58,7 +58,9 @@ def test_the_ppo_section_maps_onto_trls_configs(tmp_path):
     assert dpo.per_device_train_batch_size * dpo.gradient_accumulation_steps == p.batch_size
     with pytest.raises(ValueError, match="no TRL trainer for algorithm 'ppo'"):
         trl_arms.trl_arguments("ppo", p, 42, tmp_path, device, 384)
-    odd = load_config("quick", overrides={"ppo.num_generations": 3}).ppo
+    with pytest.raises(ValueError, match="ppo.batch_size=8 must be a multiple of ppo.num_generations=3"):
+        load_config("quick", overrides={"ppo.num_generations": 3})  # the quick profile runs RLOO and GRPO
+    odd = load_config("quick", overrides={"ppo.num_generations": 3, "ppo.algorithms": ["ppo"]}).ppo
     with pytest.raises(ValueError, match="ppo.batch_size=8 must be a multiple of ppo.num_generations=3"):
         trl_arms.trl_arguments("grpo", odd, 42, tmp_path, device, 384)
 

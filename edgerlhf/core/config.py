@@ -548,9 +548,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.learning_rate": 1e-4,
         "ppo.max_new_tokens": 32,
         "ppo.max_prompt_length": 192,
-        # two seeds per arm within the 45-minute budget: 48 prompts and pairs per seed (per arm and seed: 73 s of PPO,
-        # 51 s to sample and score 64 replies in batches of 8, 36 s for 96 pairs' check; docs/measurements.md)
-        "ppo.seeds": [42, 43],
+        # every algorithm once, PPO's precisions and the placebo included, within the 45-minute budget: one seed, 48
+        # prompts and pairs (per arm: 126 s of PPO and its evaluation, 131-179 s for RLOO, GRPO, DPO; two seeds of
+        # every arm would take about 60 minutes; docs/measurements.md). The study profile runs three seeds.
+        "ppo.seeds": [42],
+        "ppo.algorithms": ["ppo", "rloo", "grpo", "dpo"],
+        "ppo.trl_experiments": ["bf16"],
         "ppo.n_eval_prompts": 48,
         "ppo.eval_batch_size": 48,
         "ppo.n_implicit_reward_pairs": 48,  # a sample: each pair costs passes of the policy and the SFT model
@@ -595,7 +598,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.learning_rate": 1e-3,
         "ppo.max_new_tokens": 8,
         "ppo.max_prompt_length": 128,
-        "ppo.seeds": [42, 43],  # as the quick profile: the end-to-end test runs the seeds' comparisons
+        "ppo.seeds": [42, 43],  # two: the end-to-end test runs the comparisons across seeds (t intervals)
         "ppo.n_eval_prompts": 4,
         "ppo.n_implicit_reward_pairs": 4,
         "ppo.best_of_n": 2,
@@ -605,10 +608,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 #: `study`: the quick profile's data and models with the alignment evaluation at the size the alignment issue sets:
-#: best-of-16 on 384 held-out prompts (a between-precision MDE of about 0.05 judge units) and PPO with 3 seeds per arm,
-#: the placebo included, evaluated on 384 prompts. It reuses a quick run's stages 1-3 (`--only 04`).
+#: best-of-16 on 384 held-out prompts (a between-precision MDE of about 0.05 judge units) and every algorithm (PPO,
+#: RLOO, GRPO at every precision; DPO) with 3 seeds per arm, the placebo included, evaluated on 384 prompts. It
+#: reuses a quick run's stages 1-3 (`--only 04`).
 PROFILES["study"] = {**PROFILES["quick"], "ppo.best_of_n": 16, "ppo.best_of_n_prompts": 384, "ppo.seeds": [42, 43, 44],
-                     "ppo.steps": 20, "ppo.n_eval_prompts": 384, "ppo.n_implicit_reward_pairs": 384}
+                     "ppo.steps": 20, "ppo.n_eval_prompts": 384, "ppo.n_implicit_reward_pairs": 384,
+                     "ppo.trl_experiments": ["bf16", "int8", "int4"]}
 
 
 #: Old field names, refused with the new name: each old one meant something else to TRL and CleanRL readers.
