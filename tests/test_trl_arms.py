@@ -56,6 +56,7 @@ def test_the_ppo_section_maps_onto_trls_configs(tmp_path):
     dpo = DPOConfig(**trl_arms.trl_arguments("dpo", p, 42, tmp_path, device, cfg.reward.max_length))
     assert (dpo.beta, dpo.max_length, dpo.max_steps) == (p.dpo_beta, cfg.reward.max_length, p.steps)
     assert dpo.per_device_train_batch_size * dpo.gradient_accumulation_steps == p.batch_size
+    assert dpo.per_device_train_batch_size == p.micro_batch_size // 2  # pairs: micro_batch_size sequences per pass
     with pytest.raises(ValueError, match="no TRL trainer for algorithm 'ppo'"):
         trl_arms.trl_arguments("ppo", p, 42, tmp_path, device, 384)
     with pytest.raises(ValueError, match="ppo.batch_size=8 must be a multiple of ppo.num_generations=3"):

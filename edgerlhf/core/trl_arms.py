@@ -52,8 +52,9 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
     (``num_generations`` per prompt, so ``batch_size / num_generations`` prompts), with PPO's ``max_new_tokens``
     (``max_completion_length``), ``temperature``, ``top_k``, ``top_p`` and ``min_new_tokens``; ``beta`` is PPO's
     ``init_kl_coef`` and ``epsilon`` its ``cliprange``; one optimizer step per generation (``num_iterations = 1``,
-    TRL's default). DPO: ``batch_size`` labelled pairs per step, ``beta = dpo_beta``, sequences cut to
-    ``max_length`` tokens (prompt + reply). TRL's defaults stand for everything else (GRPO's ``loss_type``,
+    TRL's default). DPO: ``batch_size`` labelled pairs per step, ``micro_batch_size / 2`` pairs (at least one) per
+    forward pass, since a pair is two sequences, ``beta = dpo_beta``, sequences cut to ``max_length`` tokens (prompt +
+    reply). TRL's defaults stand for everything else (GRPO's ``loss_type``,
     ``scale_rewards``...). No checkpoints, no gradient checkpointing, no reports.
 
     Args:
@@ -74,8 +75,10 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
                 gradient_accumulation_steps=p.batch_size // p.micro_batch_size, lr_scheduler_type="constant",
                 use_cpu=device.type == "cpu", bf16=False, fp16=False, activation_checkpointing=False,
                 save_strategy="no", report_to="none", logging_steps=1, dataloader_num_workers=0)
-    if algorithm == "dpo":
-        return {**args, "beta": p.dpo_beta, "max_length": max_length}
+    if algorithm == "dpo":  # a pair is two sequences (chosen, rejected) in one forward pass
+        pairs = max(1, p.micro_batch_size // 2)
+        return {**args, "per_device_train_batch_size": pairs, "gradient_accumulation_steps": p.batch_size // pairs,
+                "beta": p.dpo_beta, "max_length": max_length}
     if p.batch_size % p.num_generations:
         raise ValueError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.num_generations="
                          f"{p.num_generations} for the {algorithm} arm")
