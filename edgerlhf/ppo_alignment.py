@@ -789,7 +789,8 @@ def precision_by_algorithm(experiments: dict[str, dict]) -> tuple[list[str], lis
             continue
         diffs = "; ".join(f"{n} " + ", ".join(f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])}" for j, x in d.items())
                           for n, d in versus.items())
-        found = [f"{n} {'above' if s > 0 else 'below'} bf16" for n, d in versus.items() if (s := holm_direction(d))]
+        signs = {n: holm_direction(d) for n, d in versus.items()}
+        found = [f"{n} {'above' if s > 0 else 'below'} bf16" for n, s in signs.items() if s]
         mdes += [x["mde"] for d in versus.values() for x in d.values()]
         phrases.append(f"under {algorithm.upper()}, each precision's judge scores minus bf16's after training: {diffs}; "
                        + ("every judge finds " + ", ".join(found) if found else

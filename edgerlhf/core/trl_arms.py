@@ -9,6 +9,7 @@ as PPO's arms are. :func:`trl_arguments` maps the stage's ``ppo.*`` fields onto 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -52,9 +53,9 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
     (``num_generations`` per prompt, so ``batch_size / num_generations`` prompts), with PPO's ``max_new_tokens``
     (``max_completion_length``), ``temperature``, ``top_k``, ``top_p`` and ``min_new_tokens``; ``beta`` is PPO's
     ``init_kl_coef`` and ``epsilon`` its ``cliprange``; one optimizer step per generation (``num_iterations = 1``,
-    TRL's default). DPO: ``batch_size`` labelled pairs per step, ``micro_batch_size / 2`` pairs (at least one) per
-    forward pass, since a pair is two sequences, ``beta = dpo_beta``, sequences cut to ``max_length`` tokens (prompt +
-    reply). TRL's defaults stand for everything else (GRPO's ``loss_type``,
+    TRL's default). DPO: ``batch_size`` labelled pairs per step, ``micro_batch_size / 2`` pairs per forward pass (a
+    pair is two sequences; at least one, and a divisor of ``batch_size``), ``beta = dpo_beta``, sequences cut to
+    ``max_length`` tokens (prompt + reply). TRL's defaults stand for everything else (GRPO's ``loss_type``,
     ``scale_rewards``...). No checkpoints, no gradient checkpointing, no reports.
 
     Args:
@@ -76,7 +77,7 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
                 use_cpu=device.type == "cpu", bf16=False, fp16=False, activation_checkpointing=False,
                 save_strategy="no", report_to="none", logging_steps=1, dataloader_num_workers=0)
     if algorithm == "dpo":  # a pair is two sequences (chosen, rejected) in one forward pass
-        pairs = max(1, p.micro_batch_size // 2)
+        pairs = math.gcd(p.batch_size, max(1, p.micro_batch_size // 2))  # a divisor of batch_size
         return {**args, "per_device_train_batch_size": pairs, "gradient_accumulation_steps": p.batch_size // pairs,
                 "beta": p.dpo_beta, "max_length": max_length}
     if p.batch_size % p.num_generations:
