@@ -20,6 +20,9 @@ def test_committed_notebooks_are_clean_and_parameterised():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell is not tagged"
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+        # cell ids from the file itself: nbformat.read fills in a missing one, with a warning in papermill's log
+        ids = [c.get("id") for c in json.loads((REPO_ROOT / name).read_text())["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), f"{name}: a cell id is missing or repeated"
 
 
 def noisy_cells(path: Path) -> list[tuple[int, list[str]]]:
