@@ -711,9 +711,8 @@ def answer(bon: dict | None, net: dict | None, experiments: dict[str, dict], jud
     numbers: best-of-n's gains per precision at ``k = n`` and each precision − bf16 with its interval, Holm-adjusted
     p and MDE, per judge; every arm's effect net of the placebo; each precision − bf16 after training, per algorithm
     (:func:`precision_by_algorithm`; call :func:`conclusions` first, which computes it); whether training moved the
-    policies
-    (``movement``, :func:`edgerlhf.core.arms.policy_movement`); and the smallest differences this run could have
-    detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
+    policies (``movement``, :func:`edgerlhf.core.arms.policy_movement`); and the smallest differences this run could
+    have detected. Judges that did not beat the length baseline are named and their numbers not read as alignment."""
     weak = [j for j, v in judges.items() if not v["learned"]]
     parts = ["How does the reward model's precision change alignment? At this run's scale (judges: "
              + ", ".join(judges) + ")"]

@@ -548,9 +548,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ppo.learning_rate": 1e-4,
         "ppo.max_new_tokens": 32,
         "ppo.max_prompt_length": 192,
-        # every algorithm once, PPO's precisions and the placebo included, within the 45-minute budget: one seed, 48
+        # every algorithm once, PPO's precisions and the placebo included, in the 45-minute budget: one seed, 48
         # prompts and pairs (per arm: 126 s of PPO and its evaluation, 131-179 s for RLOO, GRPO, DPO; two seeds of
-        # every arm would take about 60 minutes; docs/measurements.md). The study profile runs three seeds.
+        # every arm would take about 60 minutes; the machine's speed varies: docs/research.md). The study profile
+        # runs three seeds.
         "ppo.seeds": [42],
         "ppo.algorithms": ["ppo", "rloo", "grpo", "dpo"],
         "ppo.trl_experiments": ["bf16"],
