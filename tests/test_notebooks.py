@@ -57,8 +57,10 @@ def test_select():
 
 
 def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
-    # The README's reproducibility check, as CI runs it: notebooks 00 -> 04 twice, records compared.
-    out = subprocess.run([sys.executable, "-m", "edgerlhf.reproduce", "--profile", "tiny", "--root", str(tmp_path)],
+    # The README's reproducibility check, as CI runs it: notebooks 00 -> 04 twice, records compared; with TRL's arms
+    # beside PPO's, as the quick profile runs them
+    out = subprocess.run([sys.executable, "-m", "edgerlhf.reproduce", "--profile", "tiny", "--root", str(tmp_path),
+                          "--set", "ppo.algorithms=[ppo,rloo,grpo,dpo]", "--set", "ppo.trl_experiments=[bf16]"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "REPRODUCED" in out.stdout
@@ -80,8 +82,10 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
         assert entry["html"] == str(run_dir / "notebooks" / entry["notebook"].replace(".ipynb", ".html"))
         assert "<html" in html and ("data:image/png;base64" in html or entry["notebook"] == "00_Setup.ipynb")
     ppo = json.loads((run_dir / "records" / "ppo.json").read_text())["results"]
-    assert [row["reward_precision"] for row in ppo["table"]] == ["bf16", "int8", "int4", "placebo"]
-    assert set(ppo["net_of_placebo"]) == {"bf16", "int8", "int4"}
+    arms = ["bf16", "int8", "int4", "rloo-bf16", "grpo-bf16", "dpo"]
+    assert [row["reward_precision"] for row in ppo["table"]] == arms + ["placebo"]
+    assert set(ppo["net_of_placebo"]) == set(arms)
+    assert [row["algorithm"] for row in ppo["table"]] == ["ppo"] * 3 + ["rloo", "grpo", "dpo", "ppo"]
     for arm in ppo["experiments"].values():  # every arm ran every seed; comparisons are t intervals across them
         assert arm["seed"] == 42 and [r["seed"] for r in arm["seed_runs"]] == [43] and len(arm["after_by_seed"]) == 2
     assert {j["interval"] for a in ppo["net_of_placebo"].values() for j in a.values() if "interval" in j} == {
@@ -93,7 +97,7 @@ def test_all_notebooks_run_twice_with_tiny_profile_and_reproduce(tmp_path):
     # a whole run ends with its report, built from the run's real records
     report = (run_dir / "REPORT.md").read_text()
     assert "## PPO alignment" in report and "| int4 |" in report and "## Memory against" in report
-    assert "### Best-of-n" in report and "| placebo |" in report
+    assert "### Best-of-n" in report and "| placebo |" in report and "| rloo-bf16 |" in report and "| dpo |" in report
     # the run is the current one: a notebook opened by hand afterwards (run_dir=None) joins it
     from edgerlhf.core.records import current_run
 

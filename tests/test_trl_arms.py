@@ -131,3 +131,11 @@ def test_stage4_runs_rloo_grpo_and_dpo_arms_beside_ppo(tmp_path, tiny_cfg, tiny_
     text = section_ppo({"ppo": record}, tmp_path / "figures")
     assert "Arms other than PPO (dpo, grpo, rloo) train the same policy LoRA" in text
     assert all(f"| {arm} |" in text for arm in arms)
+
+
+def test_trls_step_statistics_take_ppos_names_where_the_quantity_is_the_same():
+    logged = [{"step": 1, "loss": 0.1, "reward": -0.3, "completions/mean_length": 12.0, "step_time": 0.4,
+               "kl": 0.01}, {"train_runtime": 9.0, "step": 1}]
+    history = trl_arms._history(logged, beta=0.1)
+    assert history == [{"step": 1, "beta": 0.1, "loss": 0.1, "score": -0.3, "response_length": 12.0,
+                        "time_step_s": 0.4, "kl": 0.01}]  # time_step_s: a timing, which reproduce skips

@@ -92,9 +92,10 @@ def trl_arguments(algorithm: str, p, seed: int, output_dir: Path, device: torch.
 def _history(log_history: list[dict], beta: float) -> list[dict]:
     """One dict per optimizer step from a TRL trainer's ``state.log_history``, under the names of PPO's step
     statistics where the quantity is the same (``score``: mean training reward, ``entropy`` in nats per token,
-    ``response_length`` in tokens, ``clipfrac``), the rest under TRL's names; ``beta`` is fixed."""
+    ``response_length`` in tokens, ``clipfrac``, ``time_step_s`` in seconds), the rest under TRL's names; ``beta`` is
+    fixed."""
     same = {"reward": "score", "entropy": "entropy", "completions/mean_length": "response_length",
-            "clip_ratio/region_mean": "clipfrac"}
+            "clip_ratio/region_mean": "clipfrac", "step_time": "time_step_s"}
     out = []
     for entry in log_history:
         if "loss" not in entry:  # the closing summary (train_runtime...)
