@@ -47,8 +47,8 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .core.adapters import compute_dtype, frozen_dtype, nf4_in_compute_dtype, quantization_config, require_finite
-from .core.arms import (MOVED_KL, PLACEBO, arm_names, compare_arms, movement_sentence, net_of_placebo, parse_arm,
-                         placebo_scorer, policy_movement)
+from .core.arms import (MOVED_KL, PLACEBO, arm_names, arms_by_algorithm, compare_arms, movement_sentence,
+                         net_of_placebo, parse_arm, placebo_scorer, policy_movement)
 from .core.best_of_n import curves, describe, fit_gao
 from .core.config import Config, PPOStageConfig
 from .core.distributed import is_main_process, main_process_writes, process_info
@@ -148,6 +148,19 @@ def encode_queries(tokenizer, rows: list[dict], max_prompt_length: int,
     if counts is not None:
         counts.update(seen)
     return queries, prompts
+
+
+def dpo_pairs(tokenizer, rows: list[dict], max_prompt_length: int) -> list[dict]:
+    """Preference rows as TRL's ``DPOTrainer`` takes them (``prompt``: messages, ``chosen`` / ``rejected``: one
+    assistant message each), the prompt cut to ``max_prompt_length`` tokens as :func:`encode_queries` cuts PPO's; a
+    row whose last user turn alone is longer is left out."""
+    out = []
+    for row in rows:
+        messages, _ = fit_prompt(tokenizer, row["prompt"], [""], max_prompt_length)
+        if messages is not None:
+            out.append({"prompt": messages, "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                        "rejected": [{"role": "assistant", "content": row["rejected"]}]})
+    return out
 
 
 def reward_scorer(model, tokenizer, cfg: PPOStageConfig, max_length: int, gain: float = 1.0, bias: float = 0.0,
@@ -637,13 +650,8 @@ def conclusions(experiments: dict[str, dict], judges: dict[str, dict], seed: int
         if (e.get("proxy_verdict") or {}).get("learned") is False:
             text += f"; its proxy {e['proxy']} did NOT learn more than length, so this run optimised a length proxy"
         out += [text, implicit_sentence(name, e["implicit_reward"])]
-    by_algorithm: dict[str, dict[str, str]] = {}  # algorithm -> {reward precision: arm}
-    for name, e in experiments.items():
-        if not e.get("placebo") and e.get("algorithm", "ppo") != "dpo":  # arms trained on a reward model
-            algorithm, precision = parse_arm(name)
-            by_algorithm.setdefault(algorithm, {})[precision] = name
     judge_names = list(next(iter(experiments.values()))["judges"])
-    for algorithm, names in by_algorithm.items():
+    for algorithm, names in arms_by_algorithm(experiments).items():
         reference, precisions = names.get("bf16"), [n for precision, n in names.items() if precision != "bf16"]
         if reference is None or not precisions:
             continue
@@ -775,16 +783,11 @@ def precision_by_algorithm(experiments: dict[str, dict]) -> tuple[list[str], lis
     :func:`conclusions`) with its interval, and whether every judge finds one after Holm's correction; the algorithms
     run at one precision are named as such. Returns the phrases and the comparisons' minimum detectable differences
     (judge units)."""
-    by_algorithm: dict[str, list[str]] = {}
-    for name in experiments:
-        algorithm, precision = parse_arm(name)
-        if precision is not None:
-            by_algorithm.setdefault(algorithm, []).append(name)
     phrases, mdes, single = [], [], []
-    for algorithm, names in by_algorithm.items():
-        versus = {n: experiments[n]["vs_bf16_after"] for n in names if "vs_bf16_after" in experiments[n]}
+    for algorithm, names in arms_by_algorithm(experiments).items():
+        versus = {n: experiments[n]["vs_bf16_after"] for n in names.values() if "vs_bf16_after" in experiments[n]}
         if not versus:
-            single.append(f"{algorithm.upper()} ({', '.join(parse_arm(n)[1] for n in names)})")
+            single.append(f"{algorithm.upper()} ({', '.join(names)})")
             continue
         diffs = "; ".join(f"{n} " + ", ".join(f"{j} {x['mean_difference']:+.3f} {_ci(x['ci'])}" for j, x in d.items())
                           for n, d in versus.items())
@@ -925,12 +928,10 @@ def run_alignment(cfg: Config) -> dict:
             before[f"{name}_scores"] = judge["scorer"](eval_prompts, before["replies"]).tolist()
         bon = best_of_n_evaluation(bon_samples, rm_dir, verdicts["models"], judges, cfg, ctx) if bon_rows else None
         train_rows = read_prefs(data_dir / TRAIN)
-        # DPO's data set, once for every seed: the proxies' training pairs, prompts cut as PPO's are
-        dpo_pairs = [{"prompt": m, "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                      "rejected": [{"role": "assistant", "content": row["rejected"]}]}
-                     for row in (split_pairs(train_rows, cfg.reward)["train"] if "dpo" in p.algorithms else [])
-                     for m in [fit_prompt(tokenizer, row["prompt"], [""], p.max_prompt_length)[0]] if m is not None]
-        shared = {"train": train_rows, "dpo_pairs": dpo_pairs, "eval_queries": eval_queries,
+        # DPO's data set, once for every seed: the proxies' training pairs
+        dpo = dpo_pairs(tokenizer, split_pairs(train_rows, cfg.reward)["train"], p.max_prompt_length) if (
+            "dpo" in p.algorithms) else []
+        shared = {"train": train_rows, "dpo_pairs": dpo, "eval_queries": eval_queries,
                   "eval_prompts": eval_prompts, "before": before, "judges": judges, "verdicts": verdicts,
                   "labelled": labelled, "sft_margins": sft_margins}
         experiments = {}

@@ -165,3 +165,11 @@ def test_the_answer_crosses_precision_with_algorithm_from_each_algorithms_bf16_c
                                                                        "every judge")
     assert phrases[2] == "precision was not varied under GRPO (bf16) in this run"
     assert mdes == [0.2] * 4
+
+
+def test_arms_are_grouped_by_algorithm_and_reward_precision():
+    from edgerlhf.core.arms import arms_by_algorithm
+
+    names = ["bf16", "int4", "rloo-bf16", "grpo-int8", "dpo", PLACEBO]
+    assert arms_by_algorithm(names) == {"ppo": {"bf16": "bf16", "int4": "int4"}, "rloo": {"bf16": "rloo-bf16"},
+                                        "grpo": {"int8": "grpo-int8"}}

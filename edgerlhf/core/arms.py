@@ -37,6 +37,17 @@ def parse_arm(arm: str) -> tuple[str, str | None]:
     return algorithm or "ppo", precision
 
 
+def arms_by_algorithm(names) -> dict[str, dict[str, str]]:
+    """``{algorithm: {reward-model precision: arm}}`` over ``names`` (:func:`parse_arm`), in their order, for the arms
+    trained on a reward model: the :data:`PLACEBO` and ``dpo`` have no precision and are left out."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        algorithm, precision = parse_arm(name)
+        if precision is not None:
+            out.setdefault(algorithm, {})[precision] = name
+    return out
+
+
 def placebo_scorer(mean: float, sd: float, seed: int):
     """The placebo arm's reward: ``scorer(prompts, replies) -> FloatTensor[B]`` of independent draws
     ``mean + sd * z``, ``z ~ N(0, 1)``, from ``numpy.random.default_rng([seed, crc32(replies)])``: the same scale as
